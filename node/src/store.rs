@@ -1,0 +1,1 @@
+//! The node store (being written).

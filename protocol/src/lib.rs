@@ -1,0 +1,38 @@
+//! Wire types of kaapana-node: identifiers, manifests, their canonical postcard encoding and
+//! the signed envelope [`Signed<T>`].
+//!
+//! This crate owns what two instances must agree on byte for byte. It does no I/O, reads no
+//! clock and spawns nothing: time comes in as [`Timestamp`] arguments, keys as
+//! [`SigningKey`]s. Persistence of keys and certificates is `kaapana-certs`' job; what a
+//! verified message *means* is `kaapana-federation`'s.
+//!
+//! Receiving a message: [`Signed::from_bytes`] (bounded by the type's size limit before any
+//! decoding) → [`Signed::verify`] or [`Signed::verify_fresh`] (domain, signature, version,
+//! validity, time, replay) → [`Verified::payload`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+mod ids;
+mod key;
+mod manifest;
+mod replay;
+mod signed;
+mod time;
+
+pub use error::{DecodeError, EncodeError, ValidationError, VerifyError};
+pub use ids::{ImageDigest, InstanceId, JobId, ManifestId, Sha256Digest, WorkflowId, hex};
+pub use key::{KeyError, SigningKey, verify_ed25519};
+pub use libp2p_identity::PeerId;
+pub use manifest::{
+    BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
+    ExecutorKind, ExitStatus, Gpu, Header, InputBundle, InstanceBundleInfo, ItemToken, JobManifest,
+    JobSpec, JobState, JobTimings, JobUpdate, MAX_NAME_LEN, MAX_TEXT_LEN, Pick, Processing,
+    ResourceLimits, Resources, ResultManifest, RunnerSelector, WorkflowManifest, validate_name,
+    validate_text,
+};
+pub use replay::ReplayWindow;
+pub use signed::{
+    ENVELOPE_FORMAT, ENVELOPE_OVERHEAD, Manifest, ManifestKind, PROTOCOL_VERSION, Signed, Verified,
+    VerifyOptions,
+};
+pub use time::Timestamp;

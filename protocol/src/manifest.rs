@@ -1,0 +1,654 @@
+//! The manifest types: everything that carries intent between instances.
+//!
+//! Every type starts with a [`Header`] whose first field is the protocol version, so that a
+//! receiver can name an unknown version before it tries to decode the rest. Collections are
+//! `Vec`s (never hash maps) so that the encoding is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+use crate::ids::{ImageDigest, InstanceId, JobId, Sha256Digest, WorkflowId};
+use crate::signed::{Manifest, ManifestKind, PROTOCOL_VERSION};
+use crate::time::Timestamp;
+
+/// The fields every manifest starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// The protocol version the payload is written in ([`PROTOCOL_VERSION`]).
+    pub protocol_version: u16,
+    /// When the signer issued it.
+    pub issued_at: Timestamp,
+    /// After this instant receivers reject it.
+    pub expires_at: Timestamp,
+}
+
+impl Header {
+    /// A header for the current protocol version, valid for `lifetime` from `issued_at`.
+    pub fn new(issued_at: Timestamp, lifetime: Duration) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            issued_at,
+            expires_at: issued_at.saturating_add(lifetime),
+        }
+    }
+}
+
+/// Maximum length of names (jobs, datasets, workflows, env variables).
+pub const MAX_NAME_LEN: usize = 128;
+/// Maximum length of free text (display names, reasons).
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Checks an identifier-like name: `[A-Za-z0-9._-]{1,128}`, not starting with `.` or `-`.
+/// Such names are safe as path components (`/input/<job-name>/`).
+pub fn validate_name(field: &'static str, value: &str) -> Result<(), ValidationError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_NAME_LEN
+        && !value.starts_with(['.', '-'])
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::BadName { field, value: value.to_owned(), max: MAX_NAME_LEN })
+    }
+}
+
+/// Checks free text: at most `max` bytes and no control characters.
+pub fn validate_text(field: &'static str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.len() > max {
+        return Err(ValidationError::TooLong { field, len: value.len(), max });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ValidationError::OutOfRange { field, expected: "free of control characters" });
+    }
+    Ok(())
+}
+
+fn validate_count<T>(field: &'static str, items: &[T], max: usize) -> Result<(), ValidationError> {
+    if items.len() > max {
+        Err(ValidationError::TooMany { field, len: items.len(), max })
+    } else {
+        Ok(())
+    }
+}
+
+/// An executor kind a runner offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ExecutorKind {
+    /// Containers on the node's own containerd.
+    Containerd,
+    /// batch/v1 Jobs in the site's Kubernetes cluster.
+    Kubernetes,
+}
+
+/// A dataset as advertised: its name and size, never its contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    /// The dataset's name at that site.
+    pub name: String,
+    /// How many items (DICOM series) it holds.
+    pub items: u64,
+    /// Its total size in bytes.
+    pub bytes: u64,
+}
+
+/// A GPU a site offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    /// The model as the driver names it.
+    pub model: String,
+    /// Its memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Compute a site offers to federated jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU in millicores.
+    pub cpu_millis: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// GPUs.
+    pub gpus: Vec<Gpu>,
+}
+
+/// What an instance can run, pushed to its registered peers on connect and on change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityAd {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// Increases with every change; a receiver keeps the ad with the highest sequence.
+    pub sequence: u64,
+    /// The instance's display name.
+    pub instance_name: String,
+    /// The node software's version.
+    pub node_version: String,
+    /// Executors available.
+    pub executors: Vec<ExecutorKind>,
+    /// Images this instance allows jobs to use.
+    pub allowed_images: Vec<ImageDigest>,
+    /// Workflows this instance allows.
+    pub allowed_workflows: Vec<String>,
+    /// Datasets by name and size.
+    pub datasets: Vec<DatasetSummary>,
+    /// Compute offered.
+    pub resources: Resources,
+}
+
+impl Manifest for CapabilityAd {
+    const KIND: ManifestKind = ManifestKind::CapabilityAd;
+    const MAX_PAYLOAD: usize = 64 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_text("instance_name", &self.instance_name, MAX_TEXT_LEN)?;
+        validate_text("node_version", &self.node_version, MAX_NAME_LEN)?;
+        validate_count("executors", &self.executors, 8)?;
+        validate_count("allowed_images", &self.allowed_images, 1024)?;
+        validate_count("allowed_workflows", &self.allowed_workflows, 1024)?;
+        validate_count("datasets", &self.datasets, 1024)?;
+        validate_count("gpus", &self.resources.gpus, 64)?;
+        for w in &self.allowed_workflows {
+            validate_name("allowed workflow", w)?;
+        }
+        for d in &self.datasets {
+            validate_name("dataset", &d.name)?;
+        }
+        for g in &self.resources.gpus {
+            validate_text("gpu model", &g.model, MAX_NAME_LEN)?;
+        }
+        Ok(())
+    }
+}
+
+/// How many jobs a job spec makes from its dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Processing {
+    /// One job for the whole dataset.
+    Batch,
+    /// One job per dataset item, at most `max_parallel` running at once per runner.
+    SingleFile {
+        /// Concurrency bound per runner (at least 1).
+        max_parallel: u32,
+    },
+}
+
+/// Which of the matching instances a capability query selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pick {
+    /// Every matching instance gets a job.
+    All,
+    /// Only the best match (most free resources, then most dataset items).
+    Best,
+}
+
+/// Runners chosen by what they advertise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityQuery {
+    /// The runner must have a dataset of this name.
+    pub dataset: Option<String>,
+    /// The runner must offer at least one GPU.
+    pub gpu: bool,
+    /// Minimum CPU offered, in millicores.
+    pub min_cpu_millis: u32,
+    /// Minimum memory offered, in bytes.
+    pub min_memory_bytes: u64,
+    /// All matches, or the best one.
+    pub pick: Pick,
+}
+
+/// Where a job spec runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerSelector {
+    /// At the workflow's owner (e.g. the aggregation step).
+    Owner,
+    /// At this instance.
+    Instance(InstanceId),
+    /// At the instances whose capabilities match.
+    Query(CapabilityQuery),
+}
+
+/// An environment variable for a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    /// Its name (`[A-Za-z_][A-Za-z0-9_]*`).
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// Limits for one job's container.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// CPU in millicores (0 = the executor's default).
+    pub cpu_millis: u32,
+    /// Memory in bytes (0 = the executor's default).
+    pub memory_bytes: u64,
+    /// GPUs.
+    pub gpus: u32,
+}
+
+/// One step of a workflow: what to run, where, on which data, after which other steps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The step's name, unique in the workflow; upstream results appear under
+    /// `/input/<name>/`.
+    pub name: String,
+    /// Where it runs.
+    pub runner: RunnerSelector,
+    /// The dataset it reads at the runner, by name.
+    pub dataset: Option<String>,
+    /// Batch or single-file processing.
+    pub processing: Processing,
+    /// The image, by digest.
+    pub image: ImageDigest,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<EnvVar>,
+    /// Resource limits.
+    pub limits: ResourceLimits,
+    /// Wall-clock limit in seconds, after which the job is killed.
+    pub timeout_secs: u32,
+    /// Names of the steps whose results it reads.
+    pub inputs: Vec<String>,
+}
+
+fn validate_job_common(
+    image_env: &[EnvVar],
+    command: &[String],
+    timeout_secs: u32,
+) -> Result<(), ValidationError> {
+    validate_count("command", command, 256)?;
+    validate_count("env", image_env, 256)?;
+    for v in image_env {
+        let ok = v.name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && v.name.len() <= MAX_NAME_LEN
+            && v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(ValidationError::BadName {
+                field: "environment variable",
+                value: v.name.clone(),
+                max: MAX_NAME_LEN,
+            });
+        }
+    }
+    if timeout_secs == 0 {
+        return Err(ValidationError::OutOfRange {
+            field: "timeout_secs",
+            expected: "at least 1 second",
+        });
+    }
+    Ok(())
+}
+
+impl JobSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_name("job name", &self.name)?;
+        if let Some(d) = &self.dataset {
+            validate_name("dataset", d)?;
+        }
+        if let RunnerSelector::Query(q) = &self.runner {
+            if let Some(d) = &q.dataset {
+                validate_name("dataset", d)?;
+            }
+        }
+        if let Processing::SingleFile { max_parallel: 0 } = self.processing {
+            return Err(ValidationError::OutOfRange {
+                field: "max_parallel",
+                expected: "at least 1",
+            });
+        }
+        validate_count("inputs", &self.inputs, 1024)?;
+        validate_job_common(&self.env, &self.command, self.timeout_secs)
+    }
+}
+
+/// A workflow: a DAG of job specs, signed by the instance that owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowManifest {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// Chosen by the owner.
+    pub workflow_id: WorkflowId,
+    /// The instance that owns it and receives the results.
+    pub owner: InstanceId,
+    /// A readable name.
+    pub name: String,
+    /// The steps.
+    pub jobs: Vec<JobSpec>,
+}
+
+impl Manifest for WorkflowManifest {
+    const KIND: ManifestKind = ManifestKind::WorkflowManifest;
+    const MAX_PAYLOAD: usize = 256 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_name("workflow name", &self.name)?;
+        if self.jobs.is_empty() {
+            return Err(ValidationError::OutOfRange {
+                field: "jobs",
+                expected: "at least one job",
+            });
+        }
+        validate_count("jobs", &self.jobs, 1024)?;
+        let mut names = BTreeSet::new();
+        for job in &self.jobs {
+            job.validate()?;
+            if !names.insert(job.name.as_str()) {
+                return Err(ValidationError::DuplicateJob { name: job.name.clone() });
+            }
+        }
+        for job in &self.jobs {
+            for input in &job.inputs {
+                if !names.contains(input.as_str()) {
+                    return Err(ValidationError::UnknownInput {
+                        job: job.name.clone(),
+                        input: input.clone(),
+                    });
+                }
+            }
+        }
+        check_acyclic(&self.jobs)
+    }
+}
+
+/// Kahn's algorithm over the jobs' inputs.
+fn check_acyclic(jobs: &[JobSpec]) -> Result<(), ValidationError> {
+    let mut pending: BTreeMap<&str, usize> =
+        jobs.iter().map(|j| (j.name.as_str(), j.inputs.len())).collect();
+    let mut ready: Vec<&str> =
+        pending.iter().filter(|(_, n)| **n == 0).map(|(name, _)| *name).collect();
+    let mut done = 0;
+    while let Some(name) = ready.pop() {
+        done += 1;
+        for j in jobs {
+            let uses = j.inputs.iter().filter(|i| i.as_str() == name).count();
+            if uses > 0 {
+                if let Some(n) = pending.get_mut(j.name.as_str()) {
+                    *n -= uses;
+                    if *n == 0 {
+                        ready.push(j.name.as_str());
+                    }
+                }
+            }
+        }
+    }
+    if done == jobs.len() {
+        return Ok(());
+    }
+    let stuck = pending.iter().find(|(_, n)| **n > 0).map(|(name, _)| (*name).to_owned());
+    Err(ValidationError::Cycle { job: stuck.unwrap_or_default() })
+}
+
+/// An opaque, per-peer token naming one dataset item without revealing its identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ItemToken(pub [u8; 32]);
+
+/// The data a job reads at its runner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetRef {
+    /// The dataset's name at the runner.
+    pub name: String,
+    /// For single-file processing: the one item the job sees.
+    pub item: Option<ItemToken>,
+}
+
+/// A content-addressed blob (result bundle, log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// SHA-256 of the bytes.
+    pub digest: Sha256Digest,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// An upstream result a job reads under `/input/<job_name>/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputBundle {
+    /// The upstream step's name.
+    pub job_name: String,
+    /// The upstream job.
+    pub job_id: JobId,
+    /// Its result bundle.
+    pub bundle: BlobRef,
+}
+
+/// One run of one job spec at one runner-instance, signed by the workflow's owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobManifest {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// This job.
+    pub job_id: JobId,
+    /// Its workflow.
+    pub workflow_id: WorkflowId,
+    /// The workflow's owner, where results go.
+    pub owner: InstanceId,
+    /// The instance that runs it.
+    pub runner: InstanceId,
+    /// The job spec's name.
+    pub job_name: String,
+    /// 0 for the first attempt, then 1, 2, ... for retries.
+    pub attempt: u32,
+    /// The data it reads.
+    pub dataset: Option<DatasetRef>,
+    /// The image, by digest.
+    pub image: ImageDigest,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<EnvVar>,
+    /// Resource limits.
+    pub limits: ResourceLimits,
+    /// Wall-clock limit in seconds.
+    pub timeout_secs: u32,
+    /// Upstream results.
+    pub inputs: Vec<InputBundle>,
+}
+
+impl Manifest for JobManifest {
+    const KIND: ManifestKind = ManifestKind::JobManifest;
+    const MAX_PAYLOAD: usize = 64 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_name("job name", &self.job_name)?;
+        if let Some(d) = &self.dataset {
+            validate_name("dataset", &d.name)?;
+        }
+        validate_count("inputs", &self.inputs, 1024)?;
+        for i in &self.inputs {
+            validate_name("input job name", &i.job_name)?;
+        }
+        validate_job_common(&self.env, &self.command, self.timeout_secs)
+    }
+}
+
+/// A job's state, in Kaapana's names and order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    /// At the owner, not yet accepted by the runner.
+    Queued,
+    /// Held by the runner; `awaiting_approval` while its policy wants a local decision.
+    Pending {
+        /// Whether a site admin must approve it first.
+        awaiting_approval: bool,
+    },
+    /// Accepted and waiting for resources.
+    Scheduled,
+    /// Its container runs.
+    Running,
+    /// Ended with exit status 0; the result follows.
+    Finished,
+    /// Ended otherwise (an abort is a failure with its reason).
+    Failed,
+}
+
+impl JobState {
+    /// Whether no further transition follows.
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Finished | Self::Failed)
+    }
+}
+
+/// A job's state transition, signed by its runner and pushed to the owner at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// The job.
+    pub job_id: JobId,
+    /// Its workflow.
+    pub workflow_id: WorkflowId,
+    /// Which attempt.
+    pub attempt: u32,
+    /// Increases with every update of this attempt, so the owner can order them.
+    pub sequence: u32,
+    /// The new state.
+    pub state: JobState,
+    /// Why (for failures: the rule or error; for aborts: "aborted by <instance>").
+    pub reason: Option<String>,
+}
+
+impl Manifest for JobUpdate {
+    const KIND: ManifestKind = ManifestKind::JobUpdate;
+    const MAX_PAYLOAD: usize = 4 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(r) = &self.reason {
+            validate_text("reason", r, MAX_TEXT_LEN)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a job's container ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// It was killed after its timeout.
+    TimedOut,
+    /// It was killed for exceeding its memory limit.
+    OutOfMemory,
+    /// It was killed by this signal for another reason.
+    Killed(u8),
+}
+
+/// When a job's phases happened at the runner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTimings {
+    /// When the runner received the job manifest.
+    pub received_at: Timestamp,
+    /// When the container started.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+/// A job's outcome, signed by its runner; the bundle it names follows as a stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultManifest {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// The job.
+    pub job_id: JobId,
+    /// Its workflow.
+    pub workflow_id: WorkflowId,
+    /// Which attempt produced it.
+    pub attempt: u32,
+    /// How the container ended.
+    pub exit: ExitStatus,
+    /// The tar of `/output`.
+    pub bundle: BlobRef,
+    /// The job's log, when the runner's policy releases it to the owner.
+    pub log: Option<BlobRef>,
+    /// Phase times.
+    pub timings: JobTimings,
+}
+
+impl Manifest for ResultManifest {
+    const KIND: ManifestKind = ManifestKind::ResultManifest;
+    const MAX_PAYLOAD: usize = 4 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        let t = &self.timings;
+        if t.started_at < t.received_at || t.finished_at < t.started_at {
+            return Err(ValidationError::OutOfRange {
+                field: "timings",
+                expected: "received_at <= started_at <= finished_at",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Stops a workflow, or one job of it, at every runner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Version, issue and expiry.
+    pub header: Header,
+    /// The workflow.
+    pub workflow_id: WorkflowId,
+    /// One job only, or all of the workflow's jobs.
+    pub job_id: Option<JobId>,
+    /// Why.
+    pub reason: String,
+}
+
+impl Manifest for Cancel {
+    const KIND: ManifestKind = ManifestKind::Cancel;
+    const MAX_PAYLOAD: usize = 4 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_text("reason", &self.reason, MAX_TEXT_LEN)
+    }
+}
+
+/// The signed part of an exchange bundle: who the instance is and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceBundleInfo {
+    /// Version, issue and expiry (the bundle's own validity, not the certificate's).
+    pub header: Header,
+    /// The instance's display name.
+    pub display_name: String,
+    /// Multiaddresses to dial it at.
+    pub listen_addrs: Vec<String>,
+    /// SHA-256 of the certificate's DER, binding the certificate to this signature.
+    pub certificate_sha256: Sha256Digest,
+}
+
+impl Manifest for InstanceBundleInfo {
+    const KIND: ManifestKind = ManifestKind::InstanceBundle;
+    const MAX_PAYLOAD: usize = 16 * 1024;
+    fn header(&self) -> &Header {
+        &self.header
+    }
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_text("display_name", &self.display_name, MAX_TEXT_LEN)?;
+        if self.display_name.is_empty() {
+            return Err(ValidationError::OutOfRange {
+                field: "display_name",
+                expected: "not empty",
+            });
+        }
+        validate_count("listen_addrs", &self.listen_addrs, 32)?;
+        for a in &self.listen_addrs {
+            validate_text("listen address", a, 256)?;
+        }
+        Ok(())
+    }
+}
