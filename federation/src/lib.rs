@@ -1,1 +1,20 @@
-//! placeholder
+//! The federation core of kaapana-node: which instances this one knows, and what each of them
+//! may do here.
+//!
+//! This crate owns the [`Registry`] of registered instances and the per-instance [`Policy`]
+//! (allowed workflows, allowed datasets, automatic execution or local approval, mirroring
+//! Kaapana's `allowed_dags`, `allowed_datasets` and `automatic_workflow_execution`). The
+//! workflow and job state machines will live here too.
+//!
+//! It is sans-IO: no sockets, no files, no clock reads, no threads, no randomness of its own.
+//! Time arrives as [`Timestamp`](kaapana_protocol::Timestamp) arguments and everything else as
+//! values, so the daemon and the simulator run the same code. Persisting a registry is the
+//! node's store's job; parsing certificates is `kaapana-certs`'; wire types are
+//! `kaapana-protocol`'s.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod policy;
+mod registry;
+
+pub use policy::{AllowList, Denial, Execution, Policy};
+pub use registry::{InstanceRef, RegisteredInstance, Registry, RegistryError};

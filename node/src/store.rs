@@ -1,1 +1,708 @@
-//! The node store (being written).
+//! The node's store: registered instances, seen manifest ids and small values, in one redb
+//! file behind a typed API. Nothing outside this module touches redb.
+//!
+//! # Durability
+//!
+//! Every write is committed with redb's default (immediate) durability, which fsyncs the file:
+//! when a write method returns `Ok`, the change is on disk and survives a crash or power loss.
+//! A write that fails with any error but [`StoreError::WriterGone`] changed nothing.
+//!
+//! # Group commit
+//!
+//! One writer thread owns every write transaction. Callers send write requests over a bounded
+//! channel and wait for the answer. The writer takes every request already queued (up to
+//! [`MAX_BATCH`]), applies them all in one transaction with one commit (one fsync), then answers
+//! each request with its own result. So many concurrent writers cost about one fsync per batch
+//! instead of one each. If the batch transaction fails, each of its requests is retried in a
+//! transaction of its own, so one failing request does not fail the others. The operations of
+//! one request ([`Store::write`]) are atomic: all of them are committed or none.
+//!
+//! Writes come in two forms: blocking methods ([`Store::put_instance`], [`Store::write`], ...)
+//! for plain threads such as the CLI (they panic if called from within an async runtime, like
+//! tokio's own blocking calls), and [`Store::write_async`] for async code. Reads use
+//! redb read transactions (MVCC snapshots) directly on the calling thread and never wait for
+//! the writer.
+//!
+//! # Adding a table
+//!
+//! Define its `TableDefinition` next to the others, open it in `Tables::open` (which also
+//! creates it when the store is opened), add [`WriteOp`] variants and apply them in
+//! `Tables::apply`, and add read methods to [`Store`]. Values with a schema get a version
+//! byte in front, as instances do.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kaapana_federation::{RegisteredInstance, Registry};
+use kaapana_protocol::{InstanceId, ManifestId, Timestamp};
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Table, TableDefinition, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+/// Registered instances: `InstanceId` bytes → schema version byte + postcard of
+/// [`RegisteredInstance`].
+const INSTANCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new(INSTANCES_NAME);
+const INSTANCES_NAME: &str = "instances";
+/// Ids of accepted signed messages → their `expires_at` in ms since the epoch.
+const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen_manifest_ids");
+/// Small values by name.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The schema version byte in front of each value of the instances table.
+const INSTANCE_SCHEMA_V1: u8 = 1;
+
+/// The most write requests committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// How many write requests may wait for the writer before senders wait too.
+const QUEUE_CAPACITY: usize = 4 * MAX_BATCH;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The file could not be opened or created.
+    #[error("cannot open the store {}: {source}", path.display())]
+    Open {
+        /// The store file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another process has the file open.
+    #[error("another kaapana-node process is using {}; stop it or use its API", path.display())]
+    Locked {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// A stored value cannot be decoded.
+    #[error(
+        "the store's {table} table holds a value this kaapana-node cannot read ({detail}); was it written by a newer version?"
+    )]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What is wrong with the value.
+        detail: String,
+    },
+    /// redb failed (I/O error, full disk, ...).
+    #[error("the store failed: {0}; check the disk and the file's permissions")]
+    Backend(String),
+    /// The writer thread has stopped, so no write can be made durable.
+    #[error("the store's writer thread has stopped; restart kaapana-node")]
+    WriterGone,
+}
+
+/// One change to the store. A [`Store::write`] request applies its ops in order, atomically.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum WriteOp {
+    /// Inserts or replaces a registered instance (by id). Answers [`WriteOutcome::Done`].
+    PutInstance(Box<RegisteredInstance>),
+    /// Removes a registered instance. Answers [`WriteOutcome::Removed`].
+    RemoveInstance(InstanceId),
+    /// Records message ids with their expiry. Answers [`WriteOutcome::Done`].
+    RecordSeen(Vec<(ManifestId, Timestamp)>),
+    /// Forgets the message ids that expire at or before this instant (as
+    /// [`kaapana_protocol::ReplayWindow::prune`] does). Answers [`WriteOutcome::Pruned`].
+    PruneSeen(Timestamp),
+    /// Sets a small value. Answers [`WriteOutcome::Done`].
+    PutMeta {
+        /// Its name.
+        key: String,
+        /// Its bytes.
+        value: Vec<u8>,
+    },
+}
+
+/// The answer to one [`WriteOp`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum WriteOutcome {
+    /// Done; nothing to report.
+    Done,
+    /// The removed instance, if there was one.
+    Removed(Option<Box<RegisteredInstance>>),
+    /// How many entries were removed.
+    Pruned(usize),
+}
+
+/// A write request on its way to the writer thread.
+struct Request {
+    ops: Vec<WriteOp>,
+    reply: oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
+}
+
+/// The node's store. Cheap to clone: clones share one database and one writer thread.
+///
+/// Dropping the last clone closes the channel; the writer finishes the requests already queued,
+/// then stops, and the drop waits for it, so the file is closed (and its lock released) when
+/// the drop returns.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            // A writer that panicked has answered nothing more; there is nothing left to do.
+            let _ = writer.join();
+        }
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file (and its parent directory) if missing.
+    ///
+    /// Fails with [`StoreError::Locked`] if another process (or another `Store` in this one)
+    /// has it open. After a crash the open repairs the file, which may take a moment.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            fs::create_dir_all(parent).map_err(|e| open_err(e.into()))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.to_owned() },
+            other => open_err(other.into()),
+        })?;
+        // Create the tables, so that read transactions find them all.
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        Tables::open(&txn).map_err(|e| open_err(e.into()))?;
+        txn.commit().map_err(|e| open_err(e.into()))?;
+
+        let db = Arc::new(db);
+        let (requests, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let writer_db = Arc::clone(&db);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(&writer_db, queue))
+            .map_err(|e| open_err(e.into()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                db,
+                requests: Some(requests),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    // ----- writes -----
+
+    /// Applies `ops` atomically and durably, blocking until they are on disk; one outcome per
+    /// op, in order.
+    ///
+    /// # Panics
+    ///
+    /// When called from within an async runtime (blocking there could stall it): use
+    /// [`Store::write_async`] there.
+    pub fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.blocking_send(Request { ops, reply }).map_err(|_| StoreError::WriterGone)?;
+        answer.blocking_recv().map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Applies `ops` atomically and durably; resolves once they are on disk.
+    ///
+    /// The write is not cancelled by dropping the future once the request is queued: it may
+    /// still be committed.
+    pub async fn write_async(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.send(Request { ops, reply }).await.map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Inserts or replaces a registered instance. Durable when it returns `Ok`. The store does
+    /// not check names: [`Registry::add`] does, on [`Store::load_registry`].
+    pub fn put_instance(&self, inst: &RegisteredInstance) -> Result<(), StoreError> {
+        self.write_one(WriteOp::PutInstance(Box::new(inst.clone()))).map(drop)
+    }
+
+    /// Removes a registered instance and returns it, if it was there. Durable when it returns.
+    pub fn remove_instance(
+        &self,
+        id: &InstanceId,
+    ) -> Result<Option<RegisteredInstance>, StoreError> {
+        match self.write_one(WriteOp::RemoveInstance(*id))? {
+            WriteOutcome::Removed(removed) => Ok(removed.map(|b| *b)),
+            other => Err(unexpected("RemoveInstance", &other)),
+        }
+    }
+
+    /// Records accepted message ids with their expiry. Durable when it returns.
+    pub fn record_seen(&self, ids: Vec<(ManifestId, Timestamp)>) -> Result<(), StoreError> {
+        self.write_one(WriteOp::RecordSeen(ids)).map(drop)
+    }
+
+    /// Forgets the message ids that expire at or before `now`; returns how many.
+    pub fn prune_seen(&self, now: Timestamp) -> Result<usize, StoreError> {
+        match self.write_one(WriteOp::PruneSeen(now))? {
+            WriteOutcome::Pruned(n) => Ok(n),
+            other => Err(unexpected("PruneSeen", &other)),
+        }
+    }
+
+    /// Sets a small value. Durable when it returns.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write_one(WriteOp::PutMeta { key: key.to_owned(), value: value.to_vec() }).map(drop)
+    }
+
+    fn write_one(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        self.write(vec![op])?.pop().ok_or(StoreError::Backend("the writer gave no answer".into()))
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Request>, StoreError> {
+        self.inner.requests.as_ref().ok_or(StoreError::WriterGone)
+    }
+
+    // ----- reads -----
+
+    /// The registered instance with this id.
+    pub fn instance(&self, id: &InstanceId) -> Result<Option<RegisteredInstance>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(INSTANCES).map_err(backend)?;
+        let key = id.to_bytes();
+        match table.get(key.as_slice()).map_err(backend)? {
+            Some(value) => decode_instance(&key, value.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every registered instance, ordered by id bytes.
+    pub fn instances(&self) -> Result<Vec<RegisteredInstance>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(INSTANCES).map_err(backend)?;
+        let mut out =
+            Vec::with_capacity(usize::try_from(table.len().map_err(backend)?).unwrap_or(0));
+        for entry in table.iter().map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            out.push(decode_instance(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The registry of every stored instance. Fails with [`StoreError::Corrupt`] if two stored
+    /// instances have the same name.
+    pub fn load_registry(&self) -> Result<Registry, StoreError> {
+        let mut registry = Registry::new();
+        for inst in self.instances()? {
+            registry.add(inst).map_err(|e| StoreError::Corrupt {
+                table: INSTANCES_NAME,
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(registry)
+    }
+
+    /// Every recorded message id with its expiry, ordered by id (to restore a
+    /// [`kaapana_protocol::ReplayWindow`]).
+    pub fn seen_ids(&self) -> Result<Vec<(ManifestId, Timestamp)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(SEEN).map_err(backend)?;
+        let mut out =
+            Vec::with_capacity(usize::try_from(table.len().map_err(backend)?).unwrap_or(0));
+        for entry in table.iter().map_err(backend)? {
+            let (id, expires_at) = entry.map_err(backend)?;
+            out.push((ManifestId(*id.value()), Timestamp::from_millis(expires_at.value())));
+        }
+        Ok(out)
+    }
+
+    /// A small value, if set.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(META).map_err(backend)?;
+        Ok(table.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
+    }
+}
+
+fn backend(e: impl fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn unexpected(op: &str, outcome: &WriteOutcome) -> StoreError {
+    StoreError::Backend(format!("internal error: {op} was answered with {outcome:?}"))
+}
+
+fn encode_instance(inst: &RegisteredInstance) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(inst, vec![INSTANCE_SCHEMA_V1])
+        .map_err(|e| StoreError::Backend(format!("cannot encode instance {}: {e}", inst.name)))
+}
+
+fn decode_instance(key: &[u8], value: &[u8]) -> Result<RegisteredInstance, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { table: INSTANCES_NAME, detail };
+    let inst: RegisteredInstance = match value.split_first() {
+        Some((&INSTANCE_SCHEMA_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| corrupt(format!("instance record: {e}")))?
+        }
+        Some((version, _)) => {
+            return Err(corrupt(format!(
+                "instance record of schema version {version}, this version reads {INSTANCE_SCHEMA_V1}"
+            )));
+        }
+        None => return Err(corrupt("empty instance record".into())),
+    };
+    if inst.instance_id.to_bytes() != key {
+        return Err(corrupt(format!("instance record of {} under another key", inst.instance_id)));
+    }
+    Ok(inst)
+}
+
+/// The writer thread: group commit until every [`Store`] handle is gone.
+fn run_writer(db: &Database, mut queue: mpsc::Receiver<Request>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        commit_batch(db, batch);
+    }
+}
+
+/// Commits `batch` in one transaction and answers each request. If that fails, retries each
+/// request in its own transaction, so that only the failing ones fail.
+fn commit_batch(db: &Database, batch: Vec<Request>) {
+    let ops: Vec<&[WriteOp]> = batch.iter().map(|r| r.ops.as_slice()).collect();
+    match apply_and_commit(db, &ops) {
+        Ok(outcomes) => {
+            for (request, outcome) in batch.into_iter().zip(outcomes) {
+                // A caller that stopped waiting still had its write committed.
+                let _ = request.reply.send(Ok(outcome));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(request) = batch.into_iter().next() {
+                let _ = request.reply.send(Err(e));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(
+                requests = batch.len(),
+                error = %e,
+                "group commit failed; retrying each request on its own"
+            );
+            for request in batch {
+                let result =
+                    apply_and_commit(db, &[request.ops.as_slice()]).and_then(|mut outcomes| {
+                        outcomes.pop().ok_or(StoreError::Backend("no outcome for a request".into()))
+                    });
+                let _ = request.reply.send(result);
+            }
+        }
+    }
+}
+
+/// Applies every request's ops in one write transaction and commits it (durably).
+fn apply_and_commit(
+    db: &Database,
+    requests: &[&[WriteOp]],
+) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    let mut outcomes = Vec::with_capacity(requests.len());
+    {
+        let mut tables = Tables::open(&txn)?;
+        for ops in requests {
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in *ops {
+                answers.push(tables.apply(op)?);
+            }
+            outcomes.push(answers);
+        }
+    }
+    // Default durability is `Immediate`: the commit returns once the file is fsynced. On any
+    // error above, dropping `txn` aborts it.
+    txn.commit().map_err(backend)?;
+    Ok(outcomes)
+}
+
+/// The tables of one write transaction.
+struct Tables<'txn> {
+    instances: Table<'txn, &'static [u8], &'static [u8]>,
+    seen: Table<'txn, &'static [u8; 32], u64>,
+    meta: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    /// Opens (creating if needed) every table.
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            instances: txn.open_table(INSTANCES).map_err(backend)?,
+            seen: txn.open_table(SEEN).map_err(backend)?,
+            meta: txn.open_table(META).map_err(backend)?,
+        })
+    }
+
+    fn apply(&mut self, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        match op {
+            WriteOp::PutInstance(inst) => {
+                let value = encode_instance(inst)?;
+                let key = inst.instance_id.to_bytes();
+                self.instances.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::RemoveInstance(id) => {
+                let key = id.to_bytes();
+                let removed = match self.instances.remove(key.as_slice()).map_err(backend)? {
+                    Some(old) => Some(Box::new(decode_instance(&key, old.value())?)),
+                    None => None,
+                };
+                Ok(WriteOutcome::Removed(removed))
+            }
+            WriteOp::RecordSeen(ids) => {
+                for (id, expires_at) in ids {
+                    self.seen.insert(id.as_bytes(), expires_at.as_millis()).map_err(backend)?;
+                }
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PruneSeen(now) => {
+                let now = now.as_millis();
+                let before = self.seen.len().map_err(backend)?;
+                self.seen.retain(|_, expires_at| expires_at > now).map_err(backend)?;
+                let after = self.seen.len().map_err(backend)?;
+                Ok(WriteOutcome::Pruned(
+                    usize::try_from(before.saturating_sub(after)).unwrap_or(usize::MAX),
+                ))
+            }
+            WriteOp::PutMeta { key, value } => {
+                self.meta.insert(key.as_str(), value.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    use std::thread::{self, Thread};
+
+    use kaapana_federation::{AllowList, Execution, Policy};
+
+    use super::*;
+
+    fn id(n: u16) -> InstanceId {
+        let mut bytes = vec![0x12, 0x20];
+        bytes.extend_from_slice(&n.to_be_bytes());
+        bytes.extend_from_slice(&[7; 30]);
+        InstanceId::from_bytes(&bytes).unwrap()
+    }
+
+    fn inst(n: u16) -> RegisteredInstance {
+        RegisteredInstance {
+            instance_id: id(n),
+            name: format!("site-{n}"),
+            certificate_der: vec![0x30, 0x82, 1, 2, 3],
+            fingerprint: [9; 32],
+            listen_addrs: vec!["/ip4/10.0.0.1/udp/4433/quic-v1".into()],
+            certificate_not_after: Timestamp::from_millis(2_000_000_000_000),
+            registered_at: Timestamp::from_millis(1_700_000_000_000 + u64::from(n)),
+            policy: Policy {
+                allowed_workflows: AllowList::only(["totalsegmentator"]),
+                allowed_datasets: AllowList::Any,
+                execution: Execution::Automatic,
+                share_logs: true,
+            },
+        }
+    }
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("sub/dir/node.redb")).unwrap();
+        (dir, store)
+    }
+
+    /// Writes a raw value into the instances table, bypassing the encoder.
+    fn put_raw(store: &Store, key: &[u8], value: &[u8]) {
+        let txn = store.inner.db.begin_write().unwrap();
+        txn.open_table(INSTANCES).unwrap().insert(key, value).unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn instances_round_trip_and_survive_reopen() {
+        let (dir, store) = temp_store();
+        let path = store.path().to_owned();
+        assert_eq!(store.instances().unwrap(), vec![]);
+        store.put_instance(&inst(1)).unwrap();
+        store.put_instance(&inst(2)).unwrap();
+        assert_eq!(store.instance(&id(1)).unwrap(), Some(inst(1)));
+        assert_eq!(store.instance(&id(3)).unwrap(), None);
+        assert_eq!(store.remove_instance(&id(2)).unwrap(), Some(inst(2)));
+        assert_eq!(store.remove_instance(&id(2)).unwrap(), None);
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.instances().unwrap(), vec![inst(1)]);
+        let registry = store.load_registry().unwrap();
+        assert_eq!(registry.len(), 1);
+        assert!(registry.is_registered(&id(1)));
+        drop(dir);
+    }
+
+    #[test]
+    fn second_open_is_refused_as_locked() {
+        let (_dir, store) = temp_store();
+        let err = Store::open(store.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("another kaapana-node process is using "), "{err}");
+        // A clone shares the open database.
+        let clone = store.clone();
+        clone.put_meta("k", b"v").unwrap();
+        assert_eq!(store.meta("k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(store.meta("missing").unwrap(), None);
+    }
+
+    #[test]
+    fn seen_ids_are_recorded_and_pruned() {
+        let (_dir, store) = temp_store();
+        let t = Timestamp::from_millis;
+        let m = |n: u8| ManifestId([n; 32]);
+        store.record_seen(vec![(m(1), t(100)), (m(2), t(200)), (m(3), t(300))]).unwrap();
+        assert_eq!(store.seen_ids().unwrap(), vec![(m(1), t(100)), (m(2), t(200)), (m(3), t(300))]);
+        assert_eq!(store.prune_seen(t(99)).unwrap(), 0);
+        // Expiring exactly at `now` counts as expired, as in ReplayWindow::prune.
+        assert_eq!(store.prune_seen(t(200)).unwrap(), 2);
+        assert_eq!(store.seen_ids().unwrap(), vec![(m(3), t(300))]);
+    }
+
+    #[test]
+    fn undecodable_values_are_reported_as_corrupt() {
+        let (_dir, store) = temp_store();
+        let key = id(5).to_bytes();
+        put_raw(&store, &key, &[9, 1, 2, 3]);
+        let err = store.instance(&id(5)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { table: "instances", .. }), "{err:?}");
+        assert!(err.to_string().contains("schema version 9"), "{err}");
+        assert!(store.load_registry().is_err());
+        // A record stored under another instance's key is refused too.
+        let mut value = vec![INSTANCE_SCHEMA_V1];
+        value.extend(postcard::to_allocvec(&inst(6)).unwrap());
+        put_raw(&store, &key, &value);
+        assert!(matches!(store.instances(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_failing_request_does_not_fail_its_batch() {
+        let (_dir, store) = temp_store();
+        put_raw(&store, &id(5).to_bytes(), &[]);
+        let mut answers = Vec::new();
+        let batch = [
+            vec![WriteOp::PutInstance(Box::new(inst(1)))],
+            // Removing the undecodable record fails; the put before it in the same request
+            // must be rolled back with it.
+            vec![WriteOp::PutInstance(Box::new(inst(2))), WriteOp::RemoveInstance(id(5))],
+            vec![WriteOp::PutMeta { key: "k".into(), value: b"v".to_vec() }],
+        ]
+        .into_iter()
+        .map(|ops| {
+            let (reply, answer) = oneshot::channel();
+            answers.push(answer);
+            Request { ops, reply }
+        })
+        .collect();
+        commit_batch(&store.inner.db, batch);
+        let results: Vec<_> = answers.into_iter().map(|a| a.blocking_recv().unwrap()).collect();
+        assert_eq!(results[0].as_ref().unwrap(), &vec![WriteOutcome::Done]);
+        assert!(matches!(results[1], Err(StoreError::Corrupt { .. })), "{:?}", results[1]);
+        assert_eq!(results[2].as_ref().unwrap(), &vec![WriteOutcome::Done]);
+        assert_eq!(store.instance(&id(1)).unwrap(), Some(inst(1)));
+        assert_eq!(store.instance(&id(2)).unwrap(), None);
+        assert!(store.instance(&id(5)).is_err(), "the failed removal changed nothing");
+        assert_eq!(store.meta("k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn concurrent_writers_are_all_committed() {
+        let (_dir, store) = temp_store();
+        let threads: Vec<_> = (0..16u16)
+            .map(|t| {
+                let store = store.clone();
+                thread::spawn(move || {
+                    for i in 0..20 {
+                        store.put_instance(&inst(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(store.instances().unwrap().len(), 16 * 20);
+        assert_eq!(store.load_registry().unwrap().len(), 16 * 20);
+    }
+
+    /// Polls a future to completion on this thread (the node has no runtime in its tests).
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        struct Unpark(Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            thread::park();
+        }
+    }
+
+    #[test]
+    fn async_writes_are_atomic_requests() {
+        let (_dir, store) = temp_store();
+        let outcomes = block_on(store.write_async(vec![
+            WriteOp::PutInstance(Box::new(inst(1))),
+            WriteOp::RecordSeen(vec![(ManifestId([1; 32]), Timestamp::from_millis(10))]),
+            WriteOp::RemoveInstance(id(1)),
+            WriteOp::PruneSeen(Timestamp::from_millis(10)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                WriteOutcome::Done,
+                WriteOutcome::Done,
+                WriteOutcome::Removed(Some(Box::new(inst(1)))),
+                WriteOutcome::Pruned(1),
+            ]
+        );
+        assert!(store.instances().unwrap().is_empty());
+    }
+}
