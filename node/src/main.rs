@@ -1,1 +1,314 @@
-fn main() {}
+//! `kaapana-node`: the command line of a Kaapana instance's federation node.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kaapana_federation::{AllowList, Execution, InstanceRef, Policy, RegisteredInstance};
+use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
+use kaapana_node::data_dir::DataDir;
+use kaapana_protocol::Timestamp;
+
+/// Federated peer-to-peer runner for Kaapana: instance identity, certificate exchange between
+/// sites, and (soon) signed workflows and jobs that run where the data is.
+#[derive(Debug, Parser)]
+#[command(name = "kaapana-node", version, propagate_version = true)]
+struct Cli {
+    /// The node's data directory (key, certificate, configuration, store).
+    #[arg(long, global = true, env = "KAAPANA_NODE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create this instance: Ed25519 key (mode 0600), self-signed instance certificate,
+    /// commented config.toml and API token.
+    Init {
+        /// The instance's name, shown to other sites and written into its certificate (CN).
+        #[arg(long)]
+        name: String,
+        /// A multiaddress to listen on (repeatable); default: TCP and QUIC on port 7400.
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<String>,
+        /// An address peers should dial, written into exported bundles (repeatable);
+        /// default: the listen addresses.
+        #[arg(long, value_name = "MULTIADDR")]
+        advertise: Vec<String>,
+        /// Address of the local HTTP API; default 127.0.0.1:7401.
+        #[arg(long, value_name = "ADDR")]
+        api_listen: Option<String>,
+        /// Validity of the instance certificate in days.
+        #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
+        valid_days: u32,
+    },
+    /// Show this instance's name, id, certificate fingerprint and validity.
+    Info,
+    /// Register other instances by certificate exchange, list and remove them.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Run a federation CA, for consortia that provision instance certificates centrally.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCommand {
+    /// Write this instance's exchange bundle (certificate, name, addresses, signed) for
+    /// another site's admin to `instance add`.
+    Export {
+        /// The file to write; default: standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Register another instance from its exchange bundle. Confirm the printed fingerprint
+    /// with the other site's admin by phone (or pass --expect-fingerprint). Both sites must
+    /// register each other before they can connect.
+    Add {
+        /// The bundle file the other site exported.
+        file: PathBuf,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Refuse the bundle unless its certificate has this fingerprint (as confirmed out of
+        /// band; spaces and colons are ignored).
+        #[arg(long, value_name = "FINGERPRINT")]
+        expect_fingerprint: Option<String>,
+    },
+    /// List the registered instances and their policies.
+    List,
+    /// Unregister an instance, by name or instance id.
+    Remove {
+        /// Name or instance id (PeerId).
+        instance: String,
+    },
+}
+
+/// What a registered instance may do here. Without flags it may do nothing.
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// A workflow this instance may run here (repeatable).
+    #[arg(long, value_name = "WORKFLOW")]
+    allow_workflow: Vec<String>,
+    /// Allow every workflow.
+    #[arg(long, conflicts_with = "allow_workflow")]
+    allow_any_workflow: bool,
+    /// A dataset this instance's jobs may read here (repeatable).
+    #[arg(long, value_name = "DATASET")]
+    allow_dataset: Vec<String>,
+    /// Allow every dataset.
+    #[arg(long, conflicts_with = "allow_dataset")]
+    allow_any_dataset: bool,
+    /// Run this instance's jobs without local approval (default: each job waits for
+    /// `job approve`).
+    #[arg(long)]
+    auto_execute: bool,
+    /// Send job logs back to this instance with its results.
+    #[arg(long)]
+    share_logs: bool,
+}
+
+impl PolicyArgs {
+    fn to_policy(&self) -> anyhow::Result<Policy> {
+        let list = |any: bool, names: &[String], what: &'static str| -> anyhow::Result<AllowList> {
+            if any {
+                return Ok(AllowList::Any);
+            }
+            for n in names {
+                kaapana_protocol::validate_name(what, n)?;
+            }
+            Ok(AllowList::Only(names.iter().cloned().collect::<BTreeSet<_>>()))
+        };
+        Ok(Policy {
+            allowed_workflows: list(self.allow_any_workflow, &self.allow_workflow, "workflow")?,
+            allowed_datasets: list(self.allow_any_dataset, &self.allow_dataset, "dataset")?,
+            execution: if self.auto_execute { Execution::Automatic } else { Execution::Approval },
+            share_logs: self.share_logs,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a federation CA (ca.key, mode 0600, and ca.crt) in a directory.
+    Create {
+        /// The CA's name (CN).
+        #[arg(long)]
+        name: String,
+        /// The directory to write to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        valid_days: u32,
+    },
+    /// Re-issue this instance's certificate from a federation CA (same key and name) and
+    /// trust that CA from now on: peers' certificates must then be issued by it too.
+    Sign {
+        /// The CA's directory (as written by `ca create`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Validity of the new instance certificate in days.
+        #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
+        valid_days: u32,
+    },
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain of causes, without a backtrace: these are messages for admins.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
+    match cli.command {
+        Command::Init { name, listen, advertise, api_listen, valid_days } => {
+            let opts = InitOptions {
+                name: name.clone(),
+                listen: if listen.is_empty() { None } else { Some(listen) },
+                advertise,
+                api_listen,
+                valid_days,
+            };
+            let report = admin::init(&dir, &opts, now())?;
+            println!("Initialised instance {name} in {}", dir.root().display());
+            println!("  instance id:  {}", report.instance_id);
+            println!("  fingerprint:  {}", report.fingerprint);
+            println!("  valid until:  {}", report.not_after);
+            println!(
+                "Next: `kaapana-node instance export --out {name}.bundle` and send it to the other sites."
+            );
+        }
+        Command::Info => {
+            let node = admin::NodeFiles::open(&dir)?;
+            let c = &node.certificate;
+            println!("name:         {}", c.name());
+            println!("instance id:  {}", c.instance_id());
+            println!("fingerprint:  {}", c.fingerprint());
+            println!(
+                "issuer:       {}",
+                if c.is_self_signed() { "self-signed".to_owned() } else { c.issuer_name() }
+            );
+            println!("valid:        {} to {}", c.not_before(), c.not_after());
+            println!("data dir:     {}", dir.root().display());
+        }
+        Command::Instance(cmd) => instance_command(&dir, cmd)?,
+        Command::Ca(CaCommand::Create { name, out, valid_days }) => {
+            let ca = admin::ca_create(&out, &name, valid_days, now())?;
+            println!("Created federation CA {name} in {}", out.display());
+            println!("  fingerprint:  {}", ca.certificate().fingerprint());
+        }
+        Command::Ca(CaCommand::Sign { ca, valid_days }) => {
+            let cert = admin::ca_sign(&dir, &ca, valid_days, now())?;
+            println!("Instance certificate re-issued by {}", cert.issuer_name());
+            println!("  fingerprint:  {}", cert.fingerprint());
+            println!("  valid until:  {}", cert.not_after());
+            println!(
+                "Export a new bundle: peers registered with the old certificate must re-add it."
+            );
+        }
+    }
+    Ok(())
+}
+
+fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
+    match cmd {
+        InstanceCommand::Export { out } => {
+            let (text, fingerprint) = admin::export_bundle(dir, now())?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &text)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    println!("Wrote {}", path.display());
+                    println!("  fingerprint:  {fingerprint}");
+                }
+                None => {
+                    std::io::stdout().write_all(text.as_bytes())?;
+                    eprintln!("fingerprint: {fingerprint}");
+                }
+            }
+        }
+        InstanceCommand::Add { file, policy, expect_fingerprint } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read bundle {}", file.display()))?;
+            let inst = admin::add_instance(
+                dir,
+                &text,
+                policy.to_policy()?,
+                expect_fingerprint.as_deref(),
+                now(),
+            )?;
+            println!("Registered instance {} ({})", inst.name, inst.instance_id);
+            println!("  fingerprint:  {}", kaapana_certs::Fingerprint(inst.fingerprint));
+            if expect_fingerprint.is_none() {
+                println!(
+                    "  Confirm this fingerprint with {}'s admin out of band (e.g. by phone).",
+                    inst.name
+                );
+            }
+            print_policy(&inst);
+        }
+        InstanceCommand::List => {
+            let all = admin::list_instances(dir)?;
+            if all.is_empty() {
+                println!("No instances registered. Add one with `kaapana-node instance add FILE`.");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<54} {:<11} {:<10} {:<20} {:<20} CERT EXPIRES",
+                "NAME", "INSTANCE ID", "FINGERPRINT", "EXECUTION", "WORKFLOWS", "DATASETS"
+            );
+            for i in &all {
+                let fp = kaapana_certs::Fingerprint(i.fingerprint).to_string();
+                println!(
+                    "{:<20} {:<54} {:<11} {:<10} {:<20} {:<20} {}",
+                    i.name,
+                    i.instance_id.to_string(),
+                    fp.get(..9).unwrap_or(&fp),
+                    execution_word(i.policy.execution),
+                    i.policy.allowed_workflows.to_string(),
+                    i.policy.allowed_datasets.to_string(),
+                    i.certificate_not_after,
+                );
+            }
+        }
+        InstanceCommand::Remove { instance } => {
+            let which: InstanceRef = instance.parse()?;
+            let removed = admin::remove_instance(dir, &which)?;
+            println!("Removed instance {} ({})", removed.name, removed.instance_id);
+        }
+    }
+    Ok(())
+}
+
+fn execution_word(e: Execution) -> &'static str {
+    match e {
+        Execution::Automatic => "automatic",
+        Execution::Approval => "approval",
+    }
+}
+
+fn print_policy(inst: &RegisteredInstance) {
+    let p = &inst.policy;
+    println!("  may run workflows: {}", p.allowed_workflows);
+    println!("  on datasets:       {}", p.allowed_datasets);
+    println!("  execution:         {}", execution_word(p.execution));
+    println!("  logs shared:       {}", if p.share_logs { "yes" } else { "no" });
+}

@@ -291,10 +291,8 @@ impl JobSpec {
         if let Some(d) = &self.dataset {
             validate_name("dataset", d)?;
         }
-        if let RunnerSelector::Query(q) = &self.runner {
-            if let Some(d) = &q.dataset {
-                validate_name("dataset", d)?;
-            }
+        if let RunnerSelector::Query(CapabilityQuery { dataset: Some(d), .. }) = &self.runner {
+            validate_name("dataset", d)?;
         }
         if let Processing::SingleFile { max_parallel: 0 } = self.processing {
             return Err(ValidationError::OutOfRange {
@@ -369,12 +367,13 @@ fn check_acyclic(jobs: &[JobSpec]) -> Result<(), ValidationError> {
         done += 1;
         for j in jobs {
             let uses = j.inputs.iter().filter(|i| i.as_str() == name).count();
-            if uses > 0 {
-                if let Some(n) = pending.get_mut(j.name.as_str()) {
-                    *n -= uses;
-                    if *n == 0 {
-                        ready.push(j.name.as_str());
-                    }
+            if uses == 0 {
+                continue;
+            }
+            if let Some(n) = pending.get_mut(j.name.as_str()) {
+                *n -= uses;
+                if *n == 0 {
+                    ready.push(j.name.as_str());
                 }
             }
         }

@@ -1,0 +1,204 @@
+//! The node's configuration: one TOML file written by `kaapana-node init`.
+//!
+//! Every key is documented here and in the file `init` writes. Unknown keys are an error, so a
+//! typo is reported instead of silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("cannot access configuration file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("configuration file {path} is invalid: {detail}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        detail: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this instance is.
+    pub instance: InstanceConfig,
+    /// The peer-to-peer network.
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// The local HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Which certificates are trusted.
+    #[serde(default)]
+    pub trust: TrustConfig,
+}
+
+/// `[instance]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// The display name other instances see (and the certificate's CN).
+    pub name: String,
+}
+
+/// `[network]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Multiaddresses the daemon listens on: TCP (TLS 1.3 + yamux) and QUIC.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Addresses written into exported bundles for peers to dial; empty = `listen`.
+    #[serde(default)]
+    pub advertise: Vec<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self { listen: default_listen(), advertise: Vec::new() }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/7400".into(), "/ip4/0.0.0.0/udp/7400/quic-v1".into()]
+}
+
+impl NetworkConfig {
+    /// The addresses peers should dial.
+    pub fn advertised(&self) -> &[String] {
+        if self.advertise.is_empty() { &self.listen } else { &self.advertise }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the local HTTP API (loopback by default).
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: default_api_listen() }
+    }
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:7401".into()
+}
+
+/// `[trust]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// PEM file of a federation CA. When set, every instance certificate (this node's and the
+    /// ones `instance add` imports) must be issued by it; when unset, instances use
+    /// self-signed certificates pinned by their fingerprint.
+    #[serde(default)]
+    pub federation_ca: Option<PathBuf>,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the name.
+    pub fn new(name: &str) -> Self {
+        Self {
+            instance: InstanceConfig { name: name.to_owned() },
+            network: NetworkConfig::default(),
+            api: ApiConfig::default(),
+            trust: TrustConfig::default(),
+        }
+    }
+
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { path: path.to_owned(), detail: e.to_string() })
+    }
+
+    /// The file `init` writes: every key with a comment saying what it does.
+    pub fn to_commented_toml(&self) -> String {
+        let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        let ca = match &self.trust.federation_ca {
+            Some(p) => format!("federation_ca = {:?}", p.display().to_string()),
+            None => "# federation_ca = \"/path/to/federation-ca.crt\"".to_owned(),
+        };
+        format!(
+            r#"# kaapana-node configuration, written by `kaapana-node init`.
+# Unknown keys are rejected. Flags and KAAPANA_NODE_* environment variables override values.
+
+[instance]
+# The display name other instances see; also the CN of this instance's certificate.
+name = {name:?}
+
+[network]
+# Multiaddresses the daemon listens on: TCP (TLS 1.3 + yamux) and QUIC.
+listen = [{listen}]
+# Addresses written into exported bundles for peers to dial; empty means `listen`.
+# Set this when peers must use another address (a public name, a NAT mapping).
+advertise = [{advertise}]
+
+[api]
+# The local HTTP API (CLI, dashboard, /metrics). Keep it on loopback: it is protected only by
+# the bearer token in the data directory's `api-token` file.
+listen = {api:?}
+
+[trust]
+# A federation CA (PEM). When set, every instance certificate must be issued by it;
+# when unset, instances present self-signed certificates pinned by fingerprint.
+{ca}
+"#,
+            name = self.instance.name,
+            listen = list(&self.network.listen),
+            advertise = list(&self.network.advertise),
+            api = self.api.listen,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commented_file_parses_back() {
+        let mut c = Config::new("site-a");
+        c.network.advertise = vec!["/ip4/10.0.0.1/tcp/7400".into()];
+        c.trust.federation_ca = Some(PathBuf::from("/etc/ca.crt"));
+        let text = c.to_commented_toml();
+        assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c);
+        let plain = Config::new("b");
+        assert_eq!(Config::parse(&plain.to_commented_toml(), Path::new("x")).unwrap(), plain);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("[instance]\nname = \"a\"\nnmae = \"b\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nmae"), "{err}");
+        assert!(err.contains("c.toml"), "{err}");
+    }
+}
