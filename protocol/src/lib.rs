@@ -18,6 +18,7 @@ mod manifest;
 mod replay;
 mod signed;
 mod time;
+mod wire;
 
 pub use error::{DecodeError, EncodeError, ValidationError, VerifyError};
 pub use ids::{ImageDigest, InstanceId, JobId, ManifestId, Sha256Digest, WorkflowId, hex};
@@ -36,3 +37,7 @@ pub use signed::{
     VerifyOptions,
 };
 pub use time::Timestamp;
+pub use wire::{
+    AnySigned, AnyVerified, Delivery, FED_PROTOCOL, FedRequest, FedResponse, MAX_BATCH,
+    MAX_FED_REQUEST, MAX_FED_RESPONSE, RejectReason, peek_kind,
+};

@@ -356,32 +356,35 @@ impl Manifest for WorkflowManifest {
     }
 }
 
-/// Kahn's algorithm over the jobs' inputs.
+/// Kahn's algorithm over the jobs' inputs, in O(jobs + inputs). Job names are unique and every
+/// input names a job (checked before).
 fn check_acyclic(jobs: &[JobSpec]) -> Result<(), ValidationError> {
-    let mut pending: BTreeMap<&str, usize> =
-        jobs.iter().map(|j| (j.name.as_str(), j.inputs.len())).collect();
-    let mut ready: Vec<&str> =
-        pending.iter().filter(|(_, n)| **n == 0).map(|(name, _)| *name).collect();
-    let mut done = 0;
-    while let Some(name) = ready.pop() {
-        done += 1;
-        for j in jobs {
-            let uses = j.inputs.iter().filter(|i| i.as_str() == name).count();
-            if uses == 0 {
-                continue;
+    let index: BTreeMap<&str, usize> =
+        jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
+    let mut pending: Vec<usize> = jobs.iter().map(|j| j.inputs.len()).collect();
+    let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+    for (i, j) in jobs.iter().enumerate() {
+        for input in &j.inputs {
+            if let Some(&producer) = index.get(input.as_str()) {
+                consumers[producer].push(i);
             }
-            if let Some(n) = pending.get_mut(j.name.as_str()) {
-                *n -= uses;
-                if *n == 0 {
-                    ready.push(j.name.as_str());
-                }
+        }
+    }
+    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| pending[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = ready.pop() {
+        done += 1;
+        for &c in &consumers[i] {
+            pending[c] -= 1;
+            if pending[c] == 0 {
+                ready.push(c);
             }
         }
     }
     if done == jobs.len() {
         return Ok(());
     }
-    let stuck = pending.iter().find(|(_, n)| **n > 0).map(|(name, _)| (*name).to_owned());
+    let stuck = (0..jobs.len()).find(|&i| pending[i] > 0).map(|i| jobs[i].name.clone());
     Err(ValidationError::Cycle { job: stuck.unwrap_or_default() })
 }
 

@@ -61,6 +61,13 @@ impl ReplayWindow {
         }
     }
 
+    /// Forgets one id, e.g. when recording the message it belongs to failed.
+    pub fn forget(&mut self, id: &ManifestId) {
+        if let Some(expires_at) = self.seen.remove(id) {
+            self.by_expiry.remove(&(expires_at, *id));
+        }
+    }
+
     /// Forgets the ids whose messages expired at or before `now`; returns them, so that a
     /// durable copy can be pruned too.
     pub fn prune(&mut self, now: Timestamp) -> Vec<ManifestId> {

@@ -278,6 +278,16 @@ impl<T: Manifest> Signed<T> {
         if !rest.is_empty() {
             return Err(DecodeError::TrailingBytes { what: "envelope", extra: rest.len() });
         }
+        let canonical_len = 1
+            + varint_len(head.domain.len())
+            + head.domain.len()
+            + varint_len(head.signer.len())
+            + head.signer.len()
+            + varint_len(head.payload.len())
+            + head.payload.len();
+        if canonical_len != signed_len {
+            return Err(non_canonical("envelope"));
+        }
         let kind =
             ManifestKind::from_domain(head.domain).ok_or_else(|| DecodeError::Malformed {
                 what: "envelope",
@@ -400,6 +410,28 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     crate::ids::Sha256Digest::of(data).0
 }
 
+/// Reads the domain an envelope declares, checking only the format byte and the tag.
+pub(crate) fn peek_kind(bytes: &[u8]) -> Result<ManifestKind, DecodeError> {
+    match bytes.first() {
+        None => {
+            return Err(DecodeError::Malformed {
+                what: "envelope",
+                detail: "empty message".into(),
+            });
+        }
+        Some(&f) if f != ENVELOPE_FORMAT => {
+            return Err(DecodeError::UnsupportedFormat { found: f, supported: ENVELOPE_FORMAT });
+        }
+        Some(_) => {}
+    }
+    let (domain, _) = postcard::take_from_bytes::<&str>(&bytes[1..])
+        .map_err(|e| DecodeError::Malformed { what: "envelope", detail: e.to_string() })?;
+    ManifestKind::from_domain(domain).ok_or_else(|| DecodeError::Malformed {
+        what: "envelope",
+        detail: format!("unknown signature domain {domain:?}"),
+    })
+}
+
 /// Decodes a payload: version first (so an unknown version is named as such), then the
 /// whole value, which must use every byte.
 fn decode_payload<T: Manifest>(payload: &[u8]) -> Result<T, DecodeError> {
@@ -417,7 +449,30 @@ fn decode_payload<T: Manifest>(payload: &[u8]) -> Result<T, DecodeError> {
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes { what: T::KIND.name(), extra: rest.len() });
     }
+    // postcard accepts overlong varints; a value's canonical encoding is its shortest, so any
+    // other encoding of the same value is longer. One content, one id.
+    if postcard::experimental::serialized_size(&value).ok() != Some(payload.len()) {
+        return Err(non_canonical(T::KIND.name()));
+    }
     Ok(value)
+}
+
+fn non_canonical(what: &'static str) -> DecodeError {
+    DecodeError::Malformed {
+        what,
+        detail: "non-canonical encoding (overlong length or integer)".into(),
+    }
+}
+
+/// Bytes postcard uses for the varint of `n`.
+const fn varint_len(n: usize) -> usize {
+    let mut len = 1;
+    let mut n = n >> 7;
+    while n > 0 {
+        len += 1;
+        n >>= 7;
+    }
+    len
 }
 
 /// A signed message that passed [`Signed::verify`]: the only way to its payload.
