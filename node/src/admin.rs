@@ -246,20 +246,30 @@ impl NodeFiles {
     pub fn store(&self) -> Result<Store, AdminError> {
         Ok(Store::open(&self.dir.store_path())?)
     }
+
+    /// This instance's exchange bundle with these dial addresses, and its fingerprint.
+    pub fn bundle(
+        &self,
+        identity: &Identity,
+        addrs: Vec<String>,
+        now: Timestamp,
+    ) -> Result<(String, Fingerprint), AdminError> {
+        let text = ExchangeBundle::create(
+            identity,
+            &self.certificate,
+            &self.config.instance.name,
+            addrs,
+            now,
+        )?;
+        Ok((text, self.certificate.fingerprint()))
+    }
 }
 
 /// `instance export`: this instance's exchange bundle (PEM text) and its fingerprint.
 pub fn export_bundle(dir: &DataDir, now: Timestamp) -> Result<(String, Fingerprint), AdminError> {
     let node = NodeFiles::open(dir)?;
-    let identity = node.identity()?;
-    let text = ExchangeBundle::create(
-        &identity,
-        &node.certificate,
-        &node.config.instance.name,
-        node.config.network.advertised().to_vec(),
-        now,
-    )?;
-    Ok((text, node.certificate.fingerprint()))
+    let addrs = node.config.network.advertised().to_vec();
+    node.bundle(&node.identity()?, addrs, now)
 }
 
 /// Normalises a fingerprint as people type it: hex digits only, uppercase.
@@ -267,16 +277,15 @@ fn normalise_fingerprint(s: &str) -> String {
     s.chars().filter(char::is_ascii_hexdigit).map(|c| c.to_ascii_uppercase()).collect()
 }
 
-/// `instance add`: verifies a bundle against the configured trust and registers the instance
-/// with `policy`. Durable before it returns.
-pub fn add_instance(
-    dir: &DataDir,
+/// Verifies a bundle against the node's trust anchor and makes the registration record
+/// (nothing is stored yet): the shared first half of `instance add`, offline and in the daemon.
+pub fn verify_bundle(
+    node: &NodeFiles,
     bundle_text: &str,
     policy: Policy,
     expect_fingerprint: Option<&str>,
     now: Timestamp,
 ) -> Result<RegisteredInstance, AdminError> {
-    let node = NodeFiles::open(dir)?;
     let bundle = ExchangeBundle::parse_and_verify(bundle_text, now, &node.trust()?)?;
     if bundle.instance_id() == node.certificate.instance_id() {
         return Err(AdminError::OwnBundle { id: bundle.instance_id().to_string() });
@@ -291,7 +300,7 @@ pub fn add_instance(
         });
     }
     let certificate = bundle.certificate();
-    let instance = RegisteredInstance {
+    Ok(RegisteredInstance {
         instance_id: bundle.instance_id(),
         name: certificate.name().to_owned(),
         certificate_der: certificate.der().to_vec(),
@@ -300,7 +309,20 @@ pub fn add_instance(
         certificate_not_after: certificate.not_after(),
         registered_at: now,
         policy,
-    };
+    })
+}
+
+/// `instance add` without a running daemon: verifies a bundle and registers the instance with
+/// `policy`. Durable before it returns.
+pub fn add_instance(
+    dir: &DataDir,
+    bundle_text: &str,
+    policy: Policy,
+    expect_fingerprint: Option<&str>,
+    now: Timestamp,
+) -> Result<RegisteredInstance, AdminError> {
+    let node = NodeFiles::open(dir)?;
+    let instance = verify_bundle(&node, bundle_text, policy, expect_fingerprint, now)?;
     let store = node.store()?;
     let mut registry = store.load_registry()?;
     registry.add(instance.clone())?;
@@ -310,8 +332,12 @@ pub fn add_instance(
 
 /// `instance list`: every registered instance, by name.
 pub fn list_instances(dir: &DataDir) -> Result<Vec<RegisteredInstance>, AdminError> {
-    let node = NodeFiles::open(dir)?;
-    let mut all = node.store()?.instances()?;
+    list_instances_in(&NodeFiles::open(dir)?.store()?)
+}
+
+/// Every instance registered in `store`, by name.
+pub fn list_instances_in(store: &Store) -> Result<Vec<RegisteredInstance>, AdminError> {
+    let mut all = store.instances()?;
     all.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(all)
 }

@@ -1,14 +1,20 @@
 //! The kaapana-node daemon and CLI: everything that does I/O for one Kaapana instance.
 //!
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
-//! store ([`store`], redb behind a small typed API) and the administrative commands
-//! ([`admin`]); the network, the executors and the HTTP API come with the daemon. It drives
+//! store ([`store`], redb behind a small typed API), the administrative commands
+//! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
+//! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); executors come next. It drives
 //! `kaapana-federation`'s sans-IO core and must not re-implement its rules (registry, policy,
 //! state machines), nor the wire format of `kaapana-protocol` or the certificate checks of
 //! `kaapana-certs`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod data_dir;
+pub mod metrics;
+pub mod net;
 pub mod store;

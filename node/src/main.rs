@@ -7,8 +7,10 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use kaapana_federation::{AllowList, Execution, InstanceRef, Policy, RegisteredInstance};
+use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
+use kaapana_node::api::{AddInstanceRequest, InstanceView};
+use kaapana_node::client::ApiClient;
 use kaapana_node::data_dir::DataDir;
 use kaapana_protocol::Timestamp;
 
@@ -46,6 +48,9 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
         valid_days: u32,
     },
+    /// Run the node daemon: the peer-to-peer network with the registered instances, the
+    /// outbox, and the local HTTP API. Stops gracefully on SIGINT or SIGTERM.
+    Run,
     /// Show this instance's name, id, certificate fingerprint and validity.
     Info,
     /// Register other instances by certificate exchange, list and remove them.
@@ -196,6 +201,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "Next: `kaapana-node instance export --out {name}.bundle` and send it to the other sites."
             );
         }
+        Command::Run => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("kaapana-node")
+                .build()?;
+            runtime.block_on(async {
+                let daemon = kaapana_node::daemon::Daemon::start(&dir).await?;
+                println!(
+                    "kaapana-node {} running; API on {}; stop with Ctrl-C",
+                    daemon.state().name,
+                    daemon.api_addr()
+                );
+                daemon.run_until_signal().await?;
+                anyhow::Ok(())
+            })?;
+        }
         Command::Info => {
             let node = admin::NodeFiles::open(&dir)?;
             let c = &node.certificate;
@@ -229,9 +250,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
+    // With a daemon running, changes go through it (it holds the store and the connections).
+    let daemon = ApiClient::connect(dir);
     match cmd {
         InstanceCommand::Export { out } => {
-            let (text, fingerprint) = admin::export_bundle(dir, now())?;
+            let (text, fingerprint) = match &daemon {
+                Some(api) => {
+                    let text = api.get_text("/v1/bundle")?;
+                    (text, admin::NodeFiles::open(dir)?.certificate.fingerprint())
+                }
+                None => admin::export_bundle(dir, now())?,
+            };
             match out {
                 Some(path) => {
                     std::fs::write(&path, &text)
@@ -248,54 +277,131 @@ fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
         InstanceCommand::Add { file, policy, expect_fingerprint } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read bundle {}", file.display()))?;
-            let inst = admin::add_instance(
-                dir,
-                &text,
-                policy.to_policy()?,
-                expect_fingerprint.as_deref(),
-                now(),
-            )?;
-            println!("Registered instance {} ({})", inst.name, inst.instance_id);
-            println!("  fingerprint:  {}", kaapana_certs::Fingerprint(inst.fingerprint));
+            let policy = policy.to_policy()?;
+            let view = match &daemon {
+                Some(api) => api.add_instance(&AddInstanceRequest {
+                    bundle: text,
+                    policy,
+                    expect_fingerprint: expect_fingerprint.clone(),
+                })?,
+                None => {
+                    let inst = admin::add_instance(
+                        dir,
+                        &text,
+                        policy,
+                        expect_fingerprint.as_deref(),
+                        now(),
+                    )?;
+                    InstanceView::new(&inst, None, 0)
+                }
+            };
+            println!("Registered instance {} ({})", view.name, view.instance_id);
+            println!("  fingerprint:  {}", view.fingerprint);
             if expect_fingerprint.is_none() {
                 println!(
                     "  Confirm this fingerprint with {}'s admin out of band (e.g. by phone).",
-                    inst.name
+                    view.name
                 );
             }
-            print_policy(&inst);
+            print_policy(&view.policy);
+            println!(
+                "  Registration is mutual: {} must also add this instance's bundle.",
+                view.name
+            );
         }
         InstanceCommand::List => {
-            let all = admin::list_instances(dir)?;
+            let all = match &daemon {
+                Some(api) => api.instances()?,
+                None => {
+                    let node = admin::NodeFiles::open(dir)?;
+                    let store = node.store()?;
+                    let mut views = Vec::new();
+                    for i in admin::list_instances_in(&store)? {
+                        views.push(InstanceView::new(
+                            &i,
+                            None,
+                            store.outbox_depth(&i.instance_id)?,
+                        ));
+                    }
+                    views
+                }
+            };
             if all.is_empty() {
                 println!("No instances registered. Add one with `kaapana-node instance add FILE`.");
                 return Ok(());
             }
-            println!(
-                "{:<20} {:<54} {:<11} {:<10} {:<20} {:<20} CERT EXPIRES",
-                "NAME", "INSTANCE ID", "FINGERPRINT", "EXECUTION", "WORKFLOWS", "DATASETS"
-            );
-            for i in &all {
-                let fp = kaapana_certs::Fingerprint(i.fingerprint).to_string();
-                println!(
-                    "{:<20} {:<54} {:<11} {:<10} {:<20} {:<20} {}",
-                    i.name,
-                    i.instance_id.to_string(),
-                    fp.get(..9).unwrap_or(&fp),
-                    execution_word(i.policy.execution),
-                    i.policy.allowed_workflows.to_string(),
-                    i.policy.allowed_datasets.to_string(),
-                    i.certificate_not_after,
-                );
+            for (n, v) in all.iter().enumerate() {
+                if n > 0 {
+                    println!();
+                }
+                print_instance(v);
             }
         }
         InstanceCommand::Remove { instance } => {
-            let which: InstanceRef = instance.parse()?;
-            let removed = admin::remove_instance(dir, &which)?;
+            let removed = match &daemon {
+                Some(api) => api.remove_instance(&instance)?,
+                None => {
+                    let which: InstanceRef = instance.parse()?;
+                    InstanceView::new(&admin::remove_instance(dir, &which)?, None, 0)
+                }
+            };
             println!("Removed instance {} ({})", removed.name, removed.instance_id);
         }
     }
     Ok(())
+}
+
+fn print_instance(v: &InstanceView) {
+    println!("{}  {}", v.name, v.instance_id);
+    let mut status = format!("  status:        {}", v.status);
+    if let Some(seen) = &v.last_seen {
+        status.push_str(&format!("; last seen {seen}"));
+    }
+    if let Some(rtt) = v.rtt_ms {
+        status.push_str(&format!("; round trip {rtt:.2} ms"));
+    }
+    println!("{status}");
+    println!("  fingerprint:   {}", v.fingerprint);
+    println!("  certificate:   valid until {}", v.certificate_not_after);
+    let p = &v.policy;
+    println!(
+        "  policy:        workflows {}; datasets {}; execution {}; logs {}",
+        p.allowed_workflows,
+        p.allowed_datasets,
+        execution_word(p.execution),
+        if p.share_logs { "shared" } else { "not shared" }
+    );
+    match &v.capabilities {
+        Some(c) => {
+            let datasets = if c.datasets.is_empty() {
+                "none".to_owned()
+            } else {
+                c.datasets
+                    .iter()
+                    .map(|(n, items, _)| format!("{n} ({items} items)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "  capabilities:  node {}; executors {}; workflows {}; datasets {}; {} CPUs, {:.1} GiB memory, {} GPUs",
+                c.node_version,
+                if c.executors.is_empty() { "none".to_owned() } else { c.executors.join(", ") },
+                if c.allowed_workflows.is_empty() {
+                    "none".to_owned()
+                } else {
+                    c.allowed_workflows.join(", ")
+                },
+                datasets,
+                f64::from(c.cpu_millis) / 1000.0,
+                c.memory_bytes as f64 / f64::from(1u32 << 30),
+                c.gpus
+            );
+        }
+        None => println!("  capabilities:  not received"),
+    }
+    if v.outbox_depth > 0 {
+        println!("  outbox:        {} message(s) waiting", v.outbox_depth);
+    }
 }
 
 fn execution_word(e: Execution) -> &'static str {
@@ -305,8 +411,7 @@ fn execution_word(e: Execution) -> &'static str {
     }
 }
 
-fn print_policy(inst: &RegisteredInstance) {
-    let p = &inst.policy;
+fn print_policy(p: &Policy) {
     println!("  may run workflows: {}", p.allowed_workflows);
     println!("  on datasets:       {}", p.allowed_datasets);
     println!("  execution:         {}", execution_word(p.execution));

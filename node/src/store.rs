@@ -50,6 +50,12 @@ const INSTANCES_NAME: &str = "instances";
 const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen_manifest_ids");
 /// Small values by name.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Accepted messages in the order they were received: sequence → postcard of [`InboxRecord`].
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+/// The latest signed capability ad of each peer: `InstanceId` bytes → envelope bytes.
+const PEER_CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer_capabilities");
+/// Messages waiting for delivery: [`outbox_key`] (peer, sequence) → envelope bytes.
+const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
@@ -116,6 +122,62 @@ pub enum WriteOp {
         /// Its bytes.
         value: Vec<u8>,
     },
+    /// Appends accepted messages to the inbox. Answers [`WriteOutcome::Done`].
+    AppendInbox(Vec<InboxRecord>),
+    /// Keeps a peer's latest signed capability ad. Answers [`WriteOutcome::Done`].
+    PutPeerCapabilities {
+        /// The peer.
+        peer: InstanceId,
+        /// The ad's envelope bytes.
+        envelope: Vec<u8>,
+    },
+    /// Queues envelopes for `peer` after the ones already queued. Answers
+    /// [`WriteOutcome::Done`].
+    EnqueueOutbox {
+        /// The receiver.
+        peer: InstanceId,
+        /// Envelope bytes, in delivery order.
+        envelopes: Vec<Vec<u8>>,
+    },
+    /// Removes delivered outbox entries. Answers [`WriteOutcome::Done`].
+    AckOutbox {
+        /// The receiver.
+        peer: InstanceId,
+        /// The entries' sequence numbers.
+        seqs: Vec<u64>,
+    },
+    /// Drops everything kept for a peer that is no longer registered (its outbox and its
+    /// capability ad). Answers [`WriteOutcome::Done`].
+    ForgetPeer(InstanceId),
+}
+
+/// An accepted message as kept in the inbox.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InboxRecord {
+    /// The verified signer.
+    pub from: InstanceId,
+    /// When it was accepted.
+    pub received_at: Timestamp,
+    /// The exact envelope bytes.
+    pub envelope: Vec<u8>,
+}
+
+/// An outbox key: peer id length, peer id bytes, sequence (big-endian, so keys sort by it).
+fn outbox_key(peer: &InstanceId, seq: u64) -> Vec<u8> {
+    let id = peer.to_bytes();
+    let mut key = Vec::with_capacity(1 + id.len() + 8);
+    key.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+    key.extend_from_slice(&id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn outbox_seq(key: &[u8]) -> u64 {
+    let mut seq = [0u8; 8];
+    if let Some(tail) = key.len().checked_sub(8).map(|start| &key[start..]) {
+        seq.copy_from_slice(tail);
+    }
+    u64::from_be_bytes(seq)
 }
 
 /// The answer to one [`WriteOp`].
@@ -342,6 +404,69 @@ impl Store {
         let table = txn.open_table(META).map_err(backend)?;
         Ok(table.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
     }
+
+    /// Up to `limit` inbox records with a sequence number above `after`, in order.
+    pub fn inbox(&self, after: u64, limit: usize) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(INBOX).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.range(after.saturating_add(1)..).map_err(backend)?.take(limit) {
+            let (seq, value) = entry.map_err(backend)?;
+            let record = postcard::from_bytes(value.value())
+                .map_err(|e| StoreError::Corrupt { table: "inbox", detail: e.to_string() })?;
+            out.push((seq.value(), record));
+        }
+        Ok(out)
+    }
+
+    /// Every peer's latest capability ad (envelope bytes, verified when it was stored).
+    pub fn peer_capabilities(&self) -> Result<Vec<(InstanceId, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(PEER_CAPS).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            let peer = InstanceId::from_bytes(key.value()).map_err(|e| StoreError::Corrupt {
+                table: "peer_capabilities",
+                detail: e.to_string(),
+            })?;
+            out.push((peer, value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The oldest outbox entries for `peer`: at most `limit` of them and, beyond the first,
+    /// at most `max_bytes` in all.
+    pub fn outbox_peek(
+        &self,
+        peer: &InstanceId,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(OUTBOX).map_err(backend)?;
+        let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in table.range(start.as_slice()..=end.as_slice()).map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            bytes += value.value().len();
+            if out.len() >= limit || (!out.is_empty() && bytes > max_bytes) {
+                break;
+            }
+            out.push((outbox_seq(key.value()), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// How many entries wait for `peer`.
+    pub fn outbox_depth(&self, peer: &InstanceId) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(OUTBOX).map_err(backend)?;
+        let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
+        let n = table.range(start.as_slice()..=end.as_slice()).map_err(backend)?.count();
+        Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
 }
 
 fn backend(e: impl fmt::Display) -> StoreError {
@@ -451,6 +576,9 @@ struct Tables<'txn> {
     instances: Table<'txn, &'static [u8], &'static [u8]>,
     seen: Table<'txn, &'static [u8; 32], u64>,
     meta: Table<'txn, &'static str, &'static [u8]>,
+    inbox: Table<'txn, u64, &'static [u8]>,
+    peer_caps: Table<'txn, &'static [u8], &'static [u8]>,
+    outbox: Table<'txn, &'static [u8], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -460,6 +588,9 @@ impl<'txn> Tables<'txn> {
             instances: txn.open_table(INSTANCES).map_err(backend)?,
             seen: txn.open_table(SEEN).map_err(backend)?,
             meta: txn.open_table(META).map_err(backend)?,
+            inbox: txn.open_table(INBOX).map_err(backend)?,
+            peer_caps: txn.open_table(PEER_CAPS).map_err(backend)?,
+            outbox: txn.open_table(OUTBOX).map_err(backend)?,
         })
     }
 
@@ -496,6 +627,52 @@ impl<'txn> Tables<'txn> {
             }
             WriteOp::PutMeta { key, value } => {
                 self.meta.insert(key.as_str(), value.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::AppendInbox(records) => {
+                let first = match self.inbox.last().map_err(backend)? {
+                    Some((seq, _)) => seq.value() + 1,
+                    None => 1,
+                };
+                for (seq, r) in (first..).zip(records) {
+                    let value = postcard::to_allocvec(r).map_err(backend)?;
+                    self.inbox.insert(seq, value.as_slice()).map_err(backend)?;
+                }
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutPeerCapabilities { peer, envelope } => {
+                let key = peer.to_bytes();
+                self.peer_caps.insert(key.as_slice(), envelope.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::EnqueueOutbox { peer, envelopes } => {
+                let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
+                let last = self
+                    .outbox
+                    .range(start.as_slice()..=end.as_slice())
+                    .map_err(backend)?
+                    .next_back()
+                    .transpose()
+                    .map_err(backend)?
+                    .map(|(k, _)| outbox_seq(k.value()));
+                for (seq, e) in (last.map_or(1, |s| s + 1)..).zip(envelopes) {
+                    let key = outbox_key(peer, seq);
+                    self.outbox.insert(key.as_slice(), e.as_slice()).map_err(backend)?;
+                }
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::AckOutbox { peer, seqs } => {
+                for seq in seqs {
+                    self.outbox.remove(outbox_key(peer, *seq).as_slice()).map_err(backend)?;
+                }
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::ForgetPeer(peer) => {
+                let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
+                self.outbox
+                    .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)
+                    .map_err(backend)?;
+                self.peer_caps.remove(peer.to_bytes().as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
         }

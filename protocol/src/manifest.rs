@@ -114,6 +114,25 @@ pub struct Resources {
     pub gpus: Vec<Gpu>,
 }
 
+/// A set of names that may also be "all of them".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NameScope {
+    /// Every name.
+    Any,
+    /// Only these.
+    Only(Vec<String>),
+}
+
+impl NameScope {
+    /// Whether `name` is in the scope.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
 /// What an instance can run, pushed to its registered peers on connect and on change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapabilityAd {
@@ -129,8 +148,8 @@ pub struct CapabilityAd {
     pub executors: Vec<ExecutorKind>,
     /// Images this instance allows jobs to use.
     pub allowed_images: Vec<ImageDigest>,
-    /// Workflows this instance allows.
-    pub allowed_workflows: Vec<String>,
+    /// Workflows this instance allows the receiver to run here.
+    pub allowed_workflows: NameScope,
     /// Datasets by name and size.
     pub datasets: Vec<DatasetSummary>,
     /// Compute offered.
@@ -148,12 +167,14 @@ impl Manifest for CapabilityAd {
         validate_text("node_version", &self.node_version, MAX_NAME_LEN)?;
         validate_count("executors", &self.executors, 8)?;
         validate_count("allowed_images", &self.allowed_images, 1024)?;
-        validate_count("allowed_workflows", &self.allowed_workflows, 1024)?;
+        if let NameScope::Only(names) = &self.allowed_workflows {
+            validate_count("allowed_workflows", names, 1024)?;
+            for w in names {
+                validate_name("allowed workflow", w)?;
+            }
+        }
         validate_count("datasets", &self.datasets, 1024)?;
         validate_count("gpus", &self.resources.gpus, 64)?;
-        for w in &self.allowed_workflows {
-            validate_name("allowed workflow", w)?;
-        }
         for d in &self.datasets {
             validate_name("dataset", &d.name)?;
         }

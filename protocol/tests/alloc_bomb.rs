@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::{NOW, key, opts, varint};
 use kaapana_protocol::{
     CapabilityAd, DatasetSummary, DecodeError, ExecutorKind, JobManifest, Manifest, ManifestKind,
-    Resources, Signed, VerifyError, WorkflowManifest,
+    NameScope, Resources, Signed, VerifyError, WorkflowManifest,
 };
 
 struct Counting;
@@ -90,7 +90,7 @@ fn huge_declared_lengths_fail_fast_without_allocating() {
         node_version: String::new(),
         executors: vec![ExecutorKind::Containerd, ExecutorKind::Kubernetes],
         allowed_images: vec![],
-        allowed_workflows: vec![],
+        allowed_workflows: NameScope::Only(vec![]),
         datasets: vec![DatasetSummary { name: "a".into(), items: 0, bytes: 0 }],
         resources: Resources::default(),
     };
@@ -98,7 +98,7 @@ fn huge_declared_lengths_fail_fast_without_allocating() {
     let mut ad_executors = header_bytes();
     ad_executors.extend_from_slice(&[0, 0, 0]); // sequence, instance_name, node_version
     assert!(honest_ad.starts_with(&[&ad_executors[..], &[2]].concat()));
-    let ad_datasets = [&ad_executors[..], &[2, 0, 1, 0, 0]].concat(); // .., images, workflows
+    let ad_datasets = [&ad_executors[..], &[2, 0, 1, 0, 1, 0]].concat(); // .., images, workflows (Only(empty))
     assert!(honest_ad.starts_with(&[&ad_datasets[..], &[1]].concat()));
 
     let w = common::typical_workflow();

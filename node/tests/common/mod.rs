@@ -106,3 +106,244 @@ impl Site {
         ]);
     }
 }
+
+// ----- running daemons -----
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use kaapana_node::api::InstanceView;
+use kaapana_node::client::ApiClient;
+use kaapana_node::daemon::Event;
+
+/// A TCP port on 127.0.0.1 that is free for TCP and UDP right now (for TCP and QUIC
+/// listeners that must keep their address across restarts).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Site {
+    /// `init`s a site listening on a fixed loopback port (TCP and QUIC) and an API on a
+    /// port chosen by the OS.
+    pub fn init_networked(root: &Path, name: &str) -> Self {
+        let site = Self::new(root, name);
+        let port = free_port();
+        site.ok(&[
+            "init",
+            "--name",
+            name,
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+            "--listen",
+            &format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+            "--api-listen",
+            "127.0.0.1:0",
+        ]);
+        site
+    }
+
+    /// Starts `kaapana-node run` and waits until it says it runs (it prints its API address).
+    pub fn start(&self) -> Daemon {
+        let log = self.dir.join("daemon.log");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut child = kaapana_node()
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "info,kaapana_node=debug")
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("API on ").nth(1) {
+                    let addr = rest.split(';').next().unwrap_or_default().trim().to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            child: Some(child),
+            api: None,
+            log,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => {
+                let token = std::fs::read_to_string(self.dir.join("api-token")).unwrap();
+                daemon.api = Some(ApiClient::new(&addr, token.trim()));
+            }
+            Err(_) => panic!("{} did not start:\n{}", self.name, daemon.log_text()),
+        }
+        daemon
+    }
+}
+
+/// A running `kaapana-node run` process; killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The instance's name.
+    pub name: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    api: Option<ApiClient>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// The API client.
+    pub fn api(&self) -> &ApiClient {
+        self.api.as_ref().unwrap()
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Registered instances as the daemon shows them.
+    pub fn instances(&self) -> Vec<InstanceView> {
+        self.api().instances().unwrap()
+    }
+
+    /// One registered instance by name.
+    pub fn instance(&self, name: &str) -> Option<InstanceView> {
+        self.instances().into_iter().find(|i| i.name == name)
+    }
+
+    /// `/metrics`.
+    pub fn metrics(&self) -> String {
+        let addr = self.api_addr();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        use std::io::{Read, Write};
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// A metric's value (0 when absent), e.g. `kaapana_node_rejections_total{reason="expired"}`.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    fn api_addr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api-address")).unwrap()
+    }
+
+    /// Events after `after`, waiting up to `wait` for the first.
+    pub fn events(&self, after: u64, wait: Duration) -> Vec<Event> {
+        self.api().get(&format!("/v1/events?after={after}&wait_ms={}", wait.as_millis())).unwrap()
+    }
+
+    /// The sequence number of the latest event (to wait for what happens after it).
+    pub fn last_event(&self) -> u64 {
+        self.events(0, Duration::ZERO).last().map_or(0, |e| e.seq)
+    }
+
+    /// Waits, event by event, until `cond` holds; panics after `timeout` with the log.
+    pub fn wait_until(&self, what: &str, timeout: Duration, cond: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        loop {
+            if cond(self) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: timed out waiting for {what}\n{}",
+                self.name,
+                self.log_text()
+            );
+            // Long-poll: returns as soon as anything happens at the daemon.
+            if let Some(e) = self.events(seen, left.min(Duration::from_secs(1))).last() {
+                seen = e.seq;
+            }
+        }
+    }
+
+    /// Waits for an event after `after` that satisfies `pred`; returns it.
+    pub fn wait_for_event(
+        &self,
+        after: u64,
+        timeout: Duration,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Event {
+        let deadline = Instant::now() + timeout;
+        let mut seen = after;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: timed out waiting for an event\n{}",
+                self.name,
+                self.log_text()
+            );
+            for e in self.events(seen, left.min(Duration::from_secs(5))) {
+                seen = e.seq;
+                if pred(&e) {
+                    return e;
+                }
+            }
+        }
+    }
+
+    /// Whether the daemon shows `peer` as connected.
+    pub fn is_connected_to(&self, peer: &str) -> bool {
+        self.instance(peer).and_then(|i| i.connected).unwrap_or(false)
+    }
+
+    /// SIGTERM, then waits for the process; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        child.wait().unwrap().success()
+    }
+
+    /// SIGKILL, then waits for the process.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sites that registered each other (every pair, both ways) through the CLI, not running.
+pub fn federation(root: &Path, names: &[&str]) -> Vec<Site> {
+    let sites: Vec<Site> = names.iter().map(|n| Site::init_networked(root, n)).collect();
+    let bundles: Vec<PathBuf> = sites.iter().map(|s| s.export(root)).collect();
+    for (i, s) in sites.iter().enumerate() {
+        for (j, other) in sites.iter().enumerate() {
+            if i != j {
+                s.register(other, &bundles[j]);
+            }
+        }
+    }
+    sites
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use kaapana_protocol::{
     BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
     ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InputBundle, InstanceBundleInfo,
-    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate,
+    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate, NameScope,
     PROTOCOL_VERSION, Pick, Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector,
     Sha256Digest, SigningKey, Timestamp, VerifyOptions, WorkflowId, WorkflowManifest,
 };
@@ -299,7 +299,7 @@ pub fn capability_ad() -> impl Strategy<Value = CapabilityAd> {
         "\\PC{0,30}",
         vec(executor_kind(), 0..3),
         vec(image_digest(), 0..4),
-        vec(name(), 0..4),
+        prop_oneof![Just(NameScope::Any), vec(name(), 0..4).prop_map(NameScope::Only)],
         vec(dataset_summary(), 0..4),
         resources(),
     )

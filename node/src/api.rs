@@ -1,0 +1,431 @@
+//! The local HTTP/JSON API of a running daemon (axum), used by the CLI, the dashboard and
+//! scrapers. It listens on loopback; every `/v1` route needs `Authorization: Bearer <token>`
+//! with the token from the data directory's `api-token` file. `/healthz` and `/metrics` are
+//! open.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | `ok` |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/info` | this instance |
+//! | `GET /v1/bundle` | this instance's exchange bundle (PEM) |
+//! | `GET /v1/instances` | registered instances with connection state and capabilities |
+//! | `POST /v1/instances` | register one from a bundle ([`AddInstanceRequest`]) |
+//! | `DELETE /v1/instances/{name-or-id}` | unregister one; its connections close at once |
+//! | `POST /v1/messages` | sign a message and queue it for an instance ([`SendRequest`]) |
+//! | `GET /v1/inbox?after=N&limit=M` | accepted messages in arrival order |
+//! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kaapana_federation::{InstanceRef, Policy, RegisteredInstance};
+use kaapana_protocol::{AnySigned, Cancel, CapabilityAd, Header, JobId, NameScope, WorkflowId};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminError};
+use crate::daemon::{Event, NodeState, PeerStatus, now};
+
+/// A failed API call: the HTTP status and a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong and what to do.
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        use kaapana_federation::RegistryError;
+        let status = match &e {
+            AdminError::Registry(RegistryError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            AdminError::Registry(_) => StatusCode::CONFLICT,
+            AdminError::Cert(_)
+            | AdminError::OwnBundle { .. }
+            | AdminError::FingerprintMismatch { .. }
+            | AdminError::BadArgument(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `GET /v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InfoView {
+    /// Instance name.
+    pub name: String,
+    /// Instance id (PeerId).
+    pub instance_id: String,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+    /// Addresses the swarm listens on, with `/p2p/<id>`.
+    pub listen_addrs: Vec<String>,
+}
+
+/// A registered instance as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// Its name.
+    pub name: String,
+    /// Its id.
+    pub instance_id: String,
+    /// Its certificate's fingerprint.
+    pub fingerprint: String,
+    /// Where it is dialed.
+    pub listen_addrs: Vec<String>,
+    /// Its certificate's expiry.
+    pub certificate_not_after: String,
+    /// What it may do here.
+    pub policy: Policy,
+    /// Whether a connection is up (`None` when no daemon runs).
+    pub connected: Option<bool>,
+    /// `connected`, or why not.
+    pub status: String,
+    /// When it was last heard from.
+    pub last_seen: Option<String>,
+    /// The last ping round trip in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Messages waiting for it.
+    pub outbox_depth: u64,
+    /// What it advertised to this instance.
+    pub capabilities: Option<CapabilitiesView>,
+}
+
+/// A peer's capability ad, readable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CapabilitiesView {
+    /// Increases with each change.
+    pub sequence: u64,
+    /// Its node version.
+    pub node_version: String,
+    /// Executors it offers.
+    pub executors: Vec<String>,
+    /// Workflows it allows this instance (`any` = all).
+    pub allowed_workflows: Vec<String>,
+    /// Images it allows.
+    pub allowed_images: Vec<String>,
+    /// Datasets: name, items, bytes.
+    pub datasets: Vec<(String, u64, u64)>,
+    /// CPU in millicores.
+    pub cpu_millis: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// GPU count.
+    pub gpus: usize,
+    /// When the ad expires.
+    pub expires_at: String,
+}
+
+impl From<&CapabilityAd> for CapabilitiesView {
+    fn from(ad: &CapabilityAd) -> Self {
+        Self {
+            sequence: ad.sequence,
+            node_version: ad.node_version.clone(),
+            executors: ad.executors.iter().map(|e| format!("{e:?}").to_lowercase()).collect(),
+            allowed_workflows: match &ad.allowed_workflows {
+                NameScope::Any => vec!["any".to_owned()],
+                NameScope::Only(names) => names.clone(),
+            },
+            allowed_images: ad.allowed_images.iter().map(ToString::to_string).collect(),
+            datasets: ad.datasets.iter().map(|d| (d.name.clone(), d.items, d.bytes)).collect(),
+            cpu_millis: ad.resources.cpu_millis,
+            memory_bytes: ad.resources.memory_bytes,
+            gpus: ad.resources.gpus.len(),
+            expires_at: ad.header.expires_at.to_string(),
+        }
+    }
+}
+
+impl InstanceView {
+    /// The view of a registered instance; `status` is `None` when no daemon runs.
+    pub fn new(inst: &RegisteredInstance, status: Option<&PeerStatus>, outbox_depth: u64) -> Self {
+        let connected = status.map(|s| s.connections > 0);
+        let status_text = match (status, connected) {
+            (None, _) => "unknown: the daemon is not running".to_owned(),
+            (Some(_), Some(true)) => "connected".to_owned(),
+            (Some(s), _) => match &s.last_error {
+                Some(e) => format!("not connected: {e}"),
+                None => "not connected yet".to_owned(),
+            },
+        };
+        Self {
+            name: inst.name.clone(),
+            instance_id: inst.instance_id.to_string(),
+            fingerprint: kaapana_certs::Fingerprint(inst.fingerprint).to_string(),
+            listen_addrs: inst.listen_addrs.clone(),
+            certificate_not_after: inst.certificate_not_after.to_string(),
+            policy: inst.policy.clone(),
+            connected,
+            status: status_text,
+            last_seen: status.and_then(|s| s.last_seen).map(|t| t.to_string()),
+            rtt_ms: status.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
+            outbox_depth,
+            capabilities: status.and_then(|s| s.capabilities.as_ref()).map(CapabilitiesView::from),
+        }
+    }
+}
+
+/// `POST /v1/instances`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddInstanceRequest {
+    /// The exchange bundle's text.
+    pub bundle: String,
+    /// What the instance may do here.
+    pub policy: Policy,
+    /// Refuse unless the certificate has this fingerprint.
+    pub expect_fingerprint: Option<String>,
+}
+
+/// `POST /v1/messages`: a message for one instance, signed by this node and queued durably.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// The receiving instance, by name or id.
+    pub to: String,
+    /// A cancellation, for now the only message a user sends directly (workflows send the
+    /// rest).
+    pub cancel: CancelRequest,
+}
+
+/// The content of a [`Cancel`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// The workflow (32 hex digits).
+    pub workflow_id: String,
+    /// One job of it (32 hex digits), or all.
+    pub job_id: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// The answer to [`SendRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendResponse {
+    /// The message id.
+    pub id: String,
+}
+
+/// One inbox entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// Arrival order.
+    pub seq: u64,
+    /// Message id.
+    pub id: String,
+    /// Message type.
+    pub kind: String,
+    /// Signer's id.
+    pub from: String,
+    /// When it was accepted.
+    pub received_at: String,
+    /// The payload, for people.
+    pub summary: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct AfterQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+/// Serves the API until `cancel` fires.
+pub async fn serve(
+    state: Arc<NodeState>,
+    listener: tokio::net::TcpListener,
+    token: String,
+    cancel: CancellationToken,
+) {
+    let v1 = Router::new()
+        .route("/info", get(info))
+        .route("/bundle", get(bundle))
+        .route("/instances", get(list_instances).post(add_instance))
+        .route("/instances/{which}", axum::routing::delete(remove_instance))
+        .route("/messages", post(send_message))
+        .route("/inbox", get(inbox))
+        .route("/events", get(events))
+        .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .with_state(state);
+    let shutdown = cancel.clone();
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "the API server failed");
+    }
+}
+
+async fn require_token(
+    State(token): State<Arc<String>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the token's length.
+    let ok = given.len() == token.len()
+        && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see the data directory's api-token file)",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+async fn metrics(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+async fn info(State(state): State<Arc<NodeState>>) -> Json<InfoView> {
+    Json(InfoView {
+        name: state.name.clone(),
+        instance_id: state.instance_id.to_string(),
+        fingerprint: state.files.certificate.fingerprint().to_string(),
+        listen_addrs: state.listen_addrs().await,
+    })
+}
+
+async fn bundle(State(state): State<Arc<NodeState>>) -> ApiResult<String> {
+    Ok(state.bundle().await?)
+}
+
+async fn list_instances(State(state): State<Arc<NodeState>>) -> ApiResult<Json<Vec<InstanceView>>> {
+    let mut all: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::with_capacity(all.len());
+    for inst in &all {
+        let depth = state.store.outbox_depth(&inst.instance_id).map_err(AdminError::from)?;
+        out.push(InstanceView::new(inst, Some(&state.peer_status(&inst.instance_id)), depth));
+    }
+    Ok(Json(out))
+}
+
+async fn add_instance(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<AddInstanceRequest>,
+) -> ApiResult<(StatusCode, Json<InstanceView>)> {
+    let inst = admin::verify_bundle(
+        &state.files,
+        &req.bundle,
+        req.policy,
+        req.expect_fingerprint.as_deref(),
+        now(),
+    )?;
+    state.add_instance(inst.clone()).await?;
+    Ok((StatusCode::CREATED, Json(InstanceView::new(&inst, Some(&PeerStatus::default()), 0))))
+}
+
+async fn remove_instance(
+    State(state): State<Arc<NodeState>>,
+    Path(which): Path<String>,
+) -> ApiResult<Json<InstanceView>> {
+    let which: InstanceRef =
+        which.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e}")))?;
+    let inst = state.remove_instance(&which).await?;
+    Ok(Json(InstanceView::new(&inst, None, 0)))
+}
+
+async fn send_message(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<SendRequest>,
+) -> ApiResult<(StatusCode, Json<SendResponse>)> {
+    let bad = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
+    let to: InstanceRef = req.to.parse().map_err(|e| bad(&e))?;
+    let peer = state.registry().resolve(&to).map(|i| i.instance_id).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no registered instance {to}"))
+    })?;
+    let cancel = Cancel {
+        header: Header::new(now(), Duration::from_secs(7 * 24 * 3600)),
+        workflow_id: req.cancel.workflow_id.parse::<WorkflowId>().map_err(|e| bad(&e))?,
+        job_id: req.cancel.job_id.map(|j| j.parse::<JobId>()).transpose().map_err(|e| bad(&e))?,
+        reason: req.cancel.reason,
+    };
+    let signed = state.sign(&cancel).map_err(|e| bad(&e))?;
+    let id = signed.id().to_string();
+    state.enqueue(peer, vec![AnySigned::from(signed)]).await.map_err(AdminError::from)?;
+    Ok((StatusCode::ACCEPTED, Json(SendResponse { id })))
+}
+
+async fn inbox(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<AfterQuery>,
+) -> ApiResult<Json<Vec<InboxEntry>>> {
+    let records = state
+        .store
+        .inbox(q.after, q.limit.unwrap_or(1000).min(10_000))
+        .map_err(AdminError::from)?;
+    let entries = records
+        .into_iter()
+        .map(|(seq, r)| {
+            let (id, kind, summary) = match AnySigned::from_bytes(&r.envelope) {
+                Ok(m) => {
+                    // Recorded after verification; verified again only to show the payload.
+                    let summary = m
+                        .verify(r.received_at, &state.verify_options)
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_else(|e| format!("(no longer verifiable: {e})"));
+                    (m.id().to_string(), m.kind().name().to_owned(), summary)
+                }
+                Err(e) => (String::new(), "unreadable".to_owned(), e.to_string()),
+            };
+            InboxEntry {
+                seq,
+                id,
+                kind,
+                from: r.from.to_string(),
+                received_at: r.received_at.to_string(),
+                summary,
+            }
+        })
+        .collect();
+    Ok(Json(entries))
+}
+
+async fn events(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<AfterQuery>,
+) -> Json<Vec<Event>> {
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(30_000));
+    Json(state.events.after(q.after, wait).await)
+}

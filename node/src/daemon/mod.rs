@@ -1,0 +1,649 @@
+//! The daemon: `kaapana-node run`.
+//!
+//! One [`CancellationToken`] and one [`JoinSet`]: the swarm task, the driver (which turns
+//! [`NetEvent`]s into state changes), one outbox worker per registered instance, the periodic
+//! worker (capability refresh, replay-window pruning) and the HTTP API. Stopping cancels the
+//! token and joins every task with a deadline. Shared state lives in [`NodeState`]; its locks
+//! are never held across an `.await`.
+
+mod events;
+mod inbound;
+mod outbox;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use kaapana_certs::Identity;
+use kaapana_federation::{AllowList, RegisteredInstance, Registry};
+use kaapana_protocol::{
+    AnySigned, CapabilityAd, FedRequest, FedResponse, Header, InstanceId, NameScope, ReplayWindow,
+    Resources, Signed, Timestamp, VerifyOptions,
+};
+use libp2p::Multiaddr;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use events::{Event, EventLog};
+
+use crate::admin::{AdminError, NodeFiles};
+use crate::data_dir::DataDir;
+use crate::metrics::Metrics;
+use crate::net::{self, FedFrame, NetEvent, NetworkHandle, SwarmLoop};
+use crate::store::{Store, StoreError, WriteOp};
+
+/// How long a capability ad is valid; it is refreshed well before.
+const CAPABILITY_LIFETIME: Duration = Duration::from_secs(3600);
+/// How often ads are re-sent and expired replay ids pruned.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(600);
+/// The longest wait between two dial attempts to a registered instance.
+const MAX_REDIAL: Duration = Duration::from_secs(30);
+/// A connection that the peer closes sooner than this after the handshake, before any message
+/// went through, is taken as the peer refusing us.
+const REFUSED_WITHIN: Duration = Duration::from_secs(2);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Reading the data directory failed.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The network.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// The API could not bind.
+    #[error("cannot start the local API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The current time as a [`Timestamp`].
+pub fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+/// What the node knows about one registered instance's connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerStatus {
+    /// Live connections.
+    pub connections: u32,
+    /// When the current connection came up.
+    pub connected_since: Option<Timestamp>,
+    /// The last time anything was heard from it.
+    pub last_seen: Option<Timestamp>,
+    /// The last ping round trip.
+    pub rtt: Option<Duration>,
+    /// Why it is not connected, as far as this node can tell.
+    pub last_error: Option<String>,
+    /// Its latest verified capability ad.
+    pub capabilities: Option<CapabilityAd>,
+    /// Whether anything was received on the current connection.
+    pub heard_on_connection: bool,
+    /// Failed dials since the last connection (for backoff).
+    pub failures: u32,
+}
+
+/// State shared by the daemon's tasks and the API.
+#[derive(Debug)]
+pub struct NodeState {
+    /// This instance's name.
+    pub name: String,
+    /// This instance's id.
+    pub instance_id: InstanceId,
+    identity: Identity,
+    /// The node's files and configuration.
+    pub files: NodeFiles,
+    /// The store.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The network.
+    pub net: NetworkHandle,
+    /// Observed events.
+    pub events: EventLog,
+    /// Time limits for inbound messages.
+    pub verify_options: VerifyOptions,
+    registry: Mutex<Registry>,
+    peers: Mutex<BTreeMap<InstanceId, PeerStatus>>,
+    replay: Mutex<ReplayWindow>,
+    outbox_wakers: Mutex<HashMap<InstanceId, Arc<Notify>>>,
+    capability_sequence: Mutex<u64>,
+    cancel: CancellationToken,
+    tasks: Mutex<Option<mpsc::UnboundedSender<InstanceId>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl NodeState {
+    /// A snapshot of the registry.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
+    }
+
+    /// A snapshot of every peer's status.
+    pub fn peer_status(&self, id: &InstanceId) -> PeerStatus {
+        lock(&self.peers).get(id).cloned().unwrap_or_default()
+    }
+
+    /// Whether `id` has a live connection.
+    pub fn is_connected(&self, id: &InstanceId) -> bool {
+        lock(&self.peers).get(id).is_some_and(|p| p.connections > 0)
+    }
+
+    fn peer_mut<R>(&self, id: &InstanceId, f: impl FnOnce(&mut PeerStatus) -> R) -> R {
+        f(lock(&self.peers).entry(*id).or_default())
+    }
+
+    fn name_of(&self, id: &InstanceId) -> String {
+        self.registry().get(id).map_or_else(|| id.to_string(), |i| i.name.clone())
+    }
+
+    fn event(&self, kind: &'static str, peer: Option<&InstanceId>, detail: impl Into<String>) {
+        self.events.push(now(), kind, peer.map(|p| self.name_of(p)), detail.into());
+    }
+
+    fn wake_outbox(&self, id: &InstanceId) {
+        if let Some(n) = lock(&self.outbox_wakers).get(id) {
+            n.notify_one();
+        }
+    }
+
+    /// The capability ad this node shows `peer`: what that peer may use here.
+    fn capability_ad(&self, peer: &RegisteredInstance) -> CapabilityAd {
+        let now = now();
+        let sequence = {
+            let mut seq = lock(&self.capability_sequence);
+            *seq = (*seq + 1).max(now.as_millis());
+            *seq
+        };
+        let allowed_workflows = match &peer.policy.allowed_workflows {
+            AllowList::Any => NameScope::Any,
+            AllowList::Only(names) => NameScope::Only(names.iter().cloned().collect()),
+        };
+        CapabilityAd {
+            header: Header::new(now, CAPABILITY_LIFETIME),
+            sequence,
+            instance_name: self.name.clone(),
+            node_version: env!("CARGO_PKG_VERSION").to_owned(),
+            executors: Vec::new(),
+            allowed_images: Vec::new(),
+            allowed_workflows,
+            datasets: Vec::new(),
+            resources: local_resources(),
+        }
+    }
+
+    /// Signs and sends this node's capability ad to `peer` (if connected).
+    async fn push_capabilities(self: &Arc<Self>, peer: InstanceId) {
+        let Some(inst) = self.registry().get(&peer).cloned() else { return };
+        let ad = self.capability_ad(&inst);
+        let signed = match Signed::sign(self.identity.signing_key(), &ad) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign the capability ad");
+                return;
+            }
+        };
+        let frame = FedFrame::Batch(FedRequest { messages: vec![signed.into_bytes()] });
+        match self.net.request(peer.peer_id(), frame).await {
+            Ok(FedResponse::Results(r))
+                if r.first() == Some(&kaapana_protocol::Delivery::Accepted) =>
+            {
+                self.metrics.messages_out.get_or_create(&kind_label("CapabilityAd")).inc();
+            }
+            Ok(other) => tracing::warn!(peer = %inst.name, ?other, "capability ad not accepted"),
+            Err(e) => tracing::debug!(peer = %inst.name, error = %e, "capability ad not sent"),
+        }
+    }
+
+    /// Queues `messages` for `peer`, durably, and wakes its outbox worker.
+    pub async fn enqueue(
+        &self,
+        peer: InstanceId,
+        messages: Vec<AnySigned>,
+    ) -> Result<(), StoreError> {
+        let n = messages.len();
+        let envelopes = messages.into_iter().map(|m| m.as_bytes().to_vec()).collect();
+        self.store.write_async(vec![WriteOp::EnqueueOutbox { peer, envelopes }]).await?;
+        self.metrics.outbox_depth.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        self.wake_outbox(&peer);
+        Ok(())
+    }
+
+    /// Signs `payload` with this instance's key.
+    pub fn sign<T: kaapana_protocol::Manifest>(
+        &self,
+        payload: &T,
+    ) -> Result<Signed<T>, kaapana_protocol::EncodeError> {
+        Signed::sign(self.identity.signing_key(), payload)
+    }
+
+    /// Registers an instance at runtime: durable first, then admitted and dialed.
+    pub async fn add_instance(
+        self: &Arc<Self>,
+        inst: RegisteredInstance,
+    ) -> Result<(), AdminError> {
+        self.registry().clone().add(inst.clone())?;
+        self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
+        self.registry().add(inst.clone())?;
+        self.metrics.instances_registered.inc();
+        self.event("instance_added", Some(&inst.instance_id), inst.fingerprint_text());
+        self.admit(&inst).await;
+        Ok(())
+    }
+
+    /// Unregisters an instance at runtime: durable first, then its connections are closed.
+    pub async fn remove_instance(
+        self: &Arc<Self>,
+        which: &kaapana_federation::InstanceRef,
+    ) -> Result<RegisteredInstance, AdminError> {
+        let inst = self.registry().clone().remove(which)?;
+        let id = inst.instance_id;
+        self.store.write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id)]).await?;
+        let _ = self.registry().remove(which);
+        self.metrics.instances_registered.dec();
+        // Disallowing closes the live connections at once.
+        let _ = self.net.disallow(id.peer_id()).await;
+        if let Some(n) = lock(&self.outbox_wakers).remove(&id) {
+            n.notify_one();
+        }
+        lock(&self.peers).remove(&id);
+        self.event("instance_removed", Some(&id), inst.name.clone());
+        Ok(inst)
+    }
+
+    /// Admits a registered instance to the swarm, starts its outbox worker and dials it.
+    async fn admit(self: &Arc<Self>, inst: &RegisteredInstance) {
+        let addrs = inst.listen_addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()).collect();
+        let _ = self.net.allow(inst.instance_id.peer_id(), addrs).await;
+        lock(&self.outbox_wakers)
+            .entry(inst.instance_id)
+            .or_insert_with(|| Arc::new(Notify::new()));
+        if let Some(tx) = lock(&self.tasks).as_ref() {
+            let _ = tx.send(inst.instance_id);
+        }
+        let _ = self.net.dial(inst.instance_id.peer_id()).await;
+    }
+
+    fn redial_later(self: &Arc<Self>, id: InstanceId) {
+        let failures = self.peer_mut(&id, |p| {
+            p.failures = p.failures.saturating_add(1);
+            p.failures
+        });
+        let delay =
+            Duration::from_millis(250u64.saturating_mul(1 << failures.min(8))).min(MAX_REDIAL);
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = state.cancel.cancelled() => {}
+                () = tokio::time::sleep(delay) => {
+                    if state.registry().is_registered(&id) && !state.is_connected(&id) {
+                        let _ = state.net.dial(id.peer_id()).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// This instance's exchange bundle: the configured advertised addresses, or else the
+    /// addresses the swarm actually listens on.
+    pub async fn bundle(&self) -> Result<String, AdminError> {
+        let advertise = &self.files.config.network.advertise;
+        let addrs =
+            if advertise.is_empty() { self.listen_addrs().await } else { advertise.clone() };
+        self.files.bundle(&self.identity, addrs, now()).map(|(text, _)| text)
+    }
+
+    /// This node's listen addresses as the swarm reports them.
+    pub async fn listen_addrs(&self) -> Vec<String> {
+        let own = self.instance_id.peer_id();
+        self.net
+            .listen_addrs()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.with_p2p(own).unwrap_or_else(|a| a).to_string())
+            .collect()
+    }
+}
+
+trait FingerprintText {
+    fn fingerprint_text(&self) -> String;
+}
+
+impl FingerprintText for RegisteredInstance {
+    fn fingerprint_text(&self) -> String {
+        kaapana_certs::Fingerprint(self.fingerprint).to_string()
+    }
+}
+
+fn kind_label(kind: &str) -> crate::metrics::KindLabel {
+    crate::metrics::KindLabel { kind: kind.to_owned() }
+}
+
+/// CPU and memory of this machine.
+fn local_resources() -> Resources {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    Resources {
+        cpu_millis: u32::try_from(cpus * 1000).unwrap_or(u32::MAX),
+        memory_bytes,
+        gpus: Vec::new(),
+    }
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    state: Arc<NodeState>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    api_addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts the daemon for the instance in `dir`: network, outbox workers and API.
+    pub async fn start(dir: &DataDir) -> Result<Self, DaemonError> {
+        // libp2p brings aws-lc-rs and kube brings ring: pick one provider for the process, or
+        // the first plain rustls config panics.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let files = NodeFiles::open(dir)?;
+        let identity = files.identity()?;
+        let store = files.store()?;
+        let registry = store.load_registry()?;
+        let now = now();
+
+        let mut replay = ReplayWindow::default();
+        for (id, expires_at) in store.seen_ids()? {
+            if expires_at > now {
+                replay.restore(id, expires_at);
+            }
+        }
+        let mut peers = BTreeMap::new();
+        let verify_options = VerifyOptions::default();
+        for (peer, envelope) in store.peer_capabilities()? {
+            // Stored ads were verified on arrival; re-check signature and expiry on restart.
+            let ad = Signed::<CapabilityAd>::from_bytes(&envelope)
+                .ok()
+                .and_then(|s| s.verify(now, &verify_options).ok())
+                .filter(|v| v.signer() == peer)
+                .map(|v| v.into_payload());
+            if let Some(ad) = ad {
+                peers.insert(peer, PeerStatus { capabilities: Some(ad), ..PeerStatus::default() });
+            }
+        }
+
+        let swarm = net::build_swarm(identity.libp2p_keypair())?;
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let (swarm_loop, net) = SwarmLoop::new(swarm, events_tx);
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(swarm_loop.run(cancel.clone()));
+
+        let metrics = Metrics::new();
+        metrics.instances_registered.set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
+        let mut depth = 0;
+        for inst in registry.iter() {
+            depth += store.outbox_depth(&inst.instance_id)?;
+        }
+        metrics.outbox_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+
+        let (spawn_tx, spawn_rx) = mpsc::unbounded_channel();
+        let state = Arc::new(NodeState {
+            name: files.config.instance.name.clone(),
+            instance_id: identity.instance_id(),
+            identity,
+            store,
+            metrics,
+            net: net.clone(),
+            events: EventLog::new(),
+            verify_options,
+            registry: Mutex::new(registry),
+            peers: Mutex::new(peers),
+            replay: Mutex::new(replay),
+            outbox_wakers: Mutex::new(HashMap::new()),
+            capability_sequence: Mutex::new(0),
+            cancel: cancel.clone(),
+            tasks: Mutex::new(Some(spawn_tx)),
+            files,
+        });
+
+        for addr in &state.files.config.network.listen {
+            let parsed: Multiaddr = addr.parse().map_err(|e: libp2p::multiaddr::Error| {
+                net::NetError::BadAddress { addr: addr.clone(), detail: e.to_string() }
+            })?;
+            net.listen(parsed).await?;
+        }
+
+        tasks.spawn(drive(Arc::clone(&state), events_rx));
+        tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
+        tasks.spawn(periodic(Arc::clone(&state)));
+        let registered: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
+        for inst in &registered {
+            state.admit(inst).await;
+        }
+
+        let api_listen = state.files.config.api.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&api_listen)
+            .await
+            .map_err(|source| DaemonError::Api { addr: api_listen.clone(), source })?;
+        let api_addr = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Api { addr: api_listen.clone(), source })?;
+        let token = std::fs::read_to_string(state.files.dir.api_token_path())
+            .map_err(|source| DaemonError::Api { addr: api_listen, source })?;
+        tasks.spawn(crate::api::serve(
+            Arc::clone(&state),
+            listener,
+            token.trim().to_owned(),
+            cancel.clone(),
+        ));
+        crate::client::write_api_address(&state.files.dir, api_addr)
+            .map_err(|source| DaemonError::Api { addr: api_addr.to_string(), source })?;
+        tracing::info!(
+            instance = %state.name, id = %state.instance_id, api = %api_addr,
+            peers = registered.len(), "kaapana-node running"
+        );
+        Ok(Self { state, cancel, tasks, api_addr })
+    }
+
+    /// The shared state (for in-process tests and benchmarks).
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// The local API's address.
+    pub const fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// Runs until SIGINT or SIGTERM, then stops gracefully.
+    pub async fn run_until_signal(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops accepting API requests and connections, lets queued store writes finish, closes
+    /// every connection and joins every task (10 s at most).
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        lock(&self.state.tasks).take();
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => {
+                    tracing::warn!(left = self.tasks.len(), "tasks did not stop in time; aborting them");
+                    self.tasks.abort_all();
+                    break;
+                }
+                next = self.tasks.join_next() => if next.is_none() { break },
+            }
+        }
+        crate::client::remove_api_address(&self.state.files.dir);
+        tracing::info!("stopped");
+    }
+}
+
+/// Turns network events into state changes.
+async fn drive(state: Arc<NodeState>, mut events: mpsc::Receiver<NetEvent>) {
+    loop {
+        let ev = tokio::select! {
+            biased;
+            () = state.cancel.cancelled() => return,
+            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+        };
+        on_net_event(&state, ev);
+    }
+}
+
+fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
+    let now = now();
+    match ev {
+        NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
+        NetEvent::Connected { peer, addr, inbound, connections } => {
+            let id = InstanceId::from_peer_id(peer);
+            state.peer_mut(&id, |p| {
+                p.connections = connections;
+                p.last_seen = Some(now);
+                p.failures = 0;
+                p.last_error = None;
+                if connections == 1 {
+                    p.connected_since = Some(now);
+                    p.heard_on_connection = false;
+                }
+            });
+            if connections == 1 {
+                state.metrics.peers_connected.inc();
+                state.event(
+                    "peer_connected",
+                    Some(&id),
+                    format!("{} {addr}", if inbound { "from" } else { "to" }),
+                );
+                let s = Arc::clone(state);
+                tokio::spawn(async move { s.push_capabilities(id).await });
+                state.wake_outbox(&id);
+            }
+        }
+        NetEvent::Disconnected { peer, remaining, cause } => {
+            let id = InstanceId::from_peer_id(peer);
+            let registered = state.registry().is_registered(&id);
+            let refused = state.peer_mut(&id, |p| {
+                p.connections = remaining;
+                let quick = p
+                    .connected_since
+                    .is_some_and(|since| now.duration_since(since) < REFUSED_WITHIN);
+                quick && !p.heard_on_connection
+            });
+            if remaining == 0 {
+                state.metrics.peers_connected.dec();
+                let why = if refused {
+                    format!(
+                        "{} closed the connection right after the handshake: this instance is probably not registered there (its admin must `kaapana-node instance add` this instance's bundle)",
+                        state.name_of(&id)
+                    )
+                } else {
+                    cause.unwrap_or_else(|| "connection closed".to_owned())
+                };
+                state.peer_mut(&id, |p| p.last_error = Some(why.clone()));
+                state.event("peer_disconnected", Some(&id), why);
+                if registered {
+                    state.redial_later(id);
+                }
+            }
+        }
+        NetEvent::Denied { peer, addr, reason } => {
+            state.metrics.connections_denied.inc();
+            tracing::warn!(?peer, %addr, %reason, "connection denied");
+            let detail = format!(
+                "{} from {addr}: {reason}",
+                peer.map_or_else(|| "unknown peer".to_owned(), |p| p.to_string())
+            );
+            state.events.push(now, "connection_denied", peer.map(|p| p.to_string()), detail);
+        }
+        NetEvent::DialFailed { peer, error } => {
+            if let Some(peer) = peer {
+                let id = InstanceId::from_peer_id(peer);
+                if state.registry().is_registered(&id) && !state.is_connected(&id) {
+                    state.peer_mut(&id, |p| {
+                        p.last_error = Some(format!("cannot reach it: {error}"))
+                    });
+                    state.event("dial_failed", Some(&id), error);
+                    state.redial_later(id);
+                }
+            }
+        }
+        NetEvent::Request { peer, frame, channel } => {
+            let id = InstanceId::from_peer_id(peer);
+            state.peer_mut(&id, |p| {
+                p.last_seen = Some(now);
+                p.heard_on_connection = true;
+            });
+            let s = Arc::clone(state);
+            tokio::spawn(async move {
+                let response = inbound::handle(&s, id, frame).await;
+                let _ = s.net.respond(channel, response).await;
+            });
+        }
+        NetEvent::Rtt { peer, rtt } => {
+            let id = InstanceId::from_peer_id(peer);
+            state.peer_mut(&id, |p| {
+                p.rtt = Some(rtt);
+                p.last_seen = Some(now);
+                p.heard_on_connection = true;
+            });
+        }
+    }
+}
+
+/// Re-sends capability ads before they expire and prunes expired replay ids.
+async fn periodic(state: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now();
+        let dropped = lock(&state.replay).prune(now).len();
+        if dropped > 0 {
+            let _ = state.store.write_async(vec![WriteOp::PruneSeen(now)]).await;
+        }
+        let connected: Vec<InstanceId> = lock(&state.peers)
+            .iter()
+            .filter(|(_, p)| p.connections > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in connected {
+            state.push_capabilities(id).await;
+        }
+    }
+}

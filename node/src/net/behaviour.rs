@@ -1,0 +1,24 @@
+//! The swarm's behaviours (the derive generates `BehaviourEvent`, one variant per field).
+#![allow(missing_docs)]
+
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{connection_limits, ping, request_response};
+
+use super::FedCodec;
+
+/// The behaviours, in gating order: the allow list first, so that a stranger is refused
+/// before any other behaviour creates a handler for its connection.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub(super) allowed: allow_block_list::Behaviour<AllowedPeers>,
+    pub(super) limits: connection_limits::Behaviour,
+    pub(super) fed: request_response::Behaviour<FedCodec>,
+    pub(super) ping: ping::Behaviour,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour").finish_non_exhaustive()
+    }
+}
