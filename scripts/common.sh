@@ -7,6 +7,7 @@ kn_require_packages() {
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
             echo "missing packages: ${missing[*]}; run as root or install them first" >&2

@@ -26,7 +26,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kaapana_federation::{InstanceRef, Policy, RegisteredInstance};
-use kaapana_protocol::{AnySigned, Cancel, CapabilityAd, Header, JobId, NameScope, WorkflowId};
+use kaapana_protocol::{
+    AnySigned, AnyVerified, Cancel, CapabilityAd, Header, JobId, NameScope, WorkflowId,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -403,7 +405,7 @@ async fn inbox(
                     // Recorded after verification; verified again only to show the payload.
                     let summary = m
                         .verify(r.received_at, &state.verify_options)
-                        .map(|v| format!("{v:?}"))
+                        .map(|v| summarize(&v))
                         .unwrap_or_else(|e| format!("(no longer verifiable: {e})"));
                     (m.id().to_string(), m.kind().name().to_owned(), summary)
                 }
@@ -428,4 +430,39 @@ async fn events(
 ) -> Json<Vec<Event>> {
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(30_000));
     Json(state.events.after(q.after, wait).await)
+}
+
+/// One line about a message, for people.
+fn summarize(m: &AnyVerified) -> String {
+    match m {
+        AnyVerified::Cancel(c) => {
+            let p = c.payload();
+            let job = p.job_id.map(|j| format!(" job {j}")).unwrap_or_default();
+            format!("cancel workflow {}{job}: {}", p.workflow_id, p.reason)
+        }
+        AnyVerified::JobManifest(j) => {
+            let p = j.payload();
+            format!(
+                "job {} ({}) of workflow {}, attempt {}, image {}",
+                p.job_name, p.job_id, p.workflow_id, p.attempt, p.image
+            )
+        }
+        AnyVerified::JobUpdate(u) => {
+            let p = u.payload();
+            let why = p.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            format!("job {} attempt {} is {:?}{why}", p.job_id, p.attempt, p.state)
+        }
+        AnyVerified::ResultManifest(r) => {
+            let p = r.payload();
+            format!(
+                "result of job {} attempt {}: {:?}, bundle {} ({} bytes)",
+                p.job_id, p.attempt, p.exit, p.bundle.digest, p.bundle.size
+            )
+        }
+        AnyVerified::WorkflowManifest(w) => {
+            let p = w.payload();
+            format!("workflow {} ({}) with {} job(s)", p.name, p.workflow_id, p.jobs.len())
+        }
+        AnyVerified::CapabilityAd(a) => format!("capabilities, sequence {}", a.payload().sequence),
+    }
 }

@@ -56,6 +56,9 @@ const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const PEER_CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer_capabilities");
 /// Messages waiting for delivery: [`outbox_key`] (peer, sequence) → envelope bytes.
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
+/// The last outbox sequence number used per peer, so that numbers only grow even when the
+/// outbox empties (delivery workers keep a cursor).
+const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
@@ -159,7 +162,32 @@ pub struct InboxRecord {
     /// When it was accepted.
     pub received_at: Timestamp,
     /// The exact envelope bytes.
+    #[serde(with = "serde_bytes_vec")]
     pub envelope: Vec<u8>,
+}
+
+/// A `Vec<u8>` as one byte string (same postcard layout as the derived one, without per-byte
+/// visitor calls).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
 }
 
 /// An outbox key: peer id length, peer id bytes, sequence (big-endian, so keys sort by it).
@@ -435,17 +463,18 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest outbox entries for `peer`: at most `limit` of them and, beyond the first,
-    /// at most `max_bytes` in all.
+    /// The oldest outbox entries for `peer` with a sequence number above `after`: at most
+    /// `limit` of them and, beyond the first, at most `max_bytes` in all.
     pub fn outbox_peek(
         &self,
         peer: &InstanceId,
+        after: u64,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
         let table = txn.open_table(OUTBOX).map_err(backend)?;
-        let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
+        let (start, end) = (outbox_key(peer, after.saturating_add(1)), outbox_key(peer, u64::MAX));
         let mut out = Vec::new();
         let mut bytes = 0;
         for entry in table.range(start.as_slice()..=end.as_slice()).map_err(backend)? {
@@ -579,6 +608,7 @@ struct Tables<'txn> {
     inbox: Table<'txn, u64, &'static [u8]>,
     peer_caps: Table<'txn, &'static [u8], &'static [u8]>,
     outbox: Table<'txn, &'static [u8], &'static [u8]>,
+    outbox_seq: Table<'txn, &'static [u8], u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -591,6 +621,7 @@ impl<'txn> Tables<'txn> {
             inbox: txn.open_table(INBOX).map_err(backend)?,
             peer_caps: txn.open_table(PEER_CAPS).map_err(backend)?,
             outbox: txn.open_table(OUTBOX).map_err(backend)?,
+            outbox_seq: txn.open_table(OUTBOX_SEQ).map_err(backend)?,
         })
     }
 
@@ -646,18 +677,17 @@ impl<'txn> Tables<'txn> {
                 Ok(WriteOutcome::Done)
             }
             WriteOp::EnqueueOutbox { peer, envelopes } => {
-                let (start, end) = (outbox_key(peer, 0), outbox_key(peer, u64::MAX));
-                let last = self
-                    .outbox
-                    .range(start.as_slice()..=end.as_slice())
-                    .map_err(backend)?
-                    .next_back()
-                    .transpose()
-                    .map_err(backend)?
-                    .map(|(k, _)| outbox_seq(k.value()));
-                for (seq, e) in (last.map_or(1, |s| s + 1)..).zip(envelopes) {
+                let id = peer.to_bytes();
+                let last = self.outbox_seq.get(id.as_slice()).map_err(backend)?.map(|v| v.value());
+                let first = last.map_or(1, |s| s + 1);
+                let mut next = first;
+                for (seq, e) in (first..).zip(envelopes) {
                     let key = outbox_key(peer, seq);
                     self.outbox.insert(key.as_slice(), e.as_slice()).map_err(backend)?;
+                    next = seq;
+                }
+                if !envelopes.is_empty() {
+                    self.outbox_seq.insert(id.as_slice(), next).map_err(backend)?;
                 }
                 Ok(WriteOutcome::Done)
             }
@@ -673,6 +703,7 @@ impl<'txn> Tables<'txn> {
                     .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)
                     .map_err(backend)?;
                 self.peer_caps.remove(peer.to_bytes().as_slice()).map_err(backend)?;
+                self.outbox_seq.remove(peer.to_bytes().as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
         }
@@ -881,5 +912,34 @@ mod tests {
             ]
         );
         assert!(store.instances().unwrap().is_empty());
+    }
+
+    #[test]
+    fn outbox_keeps_order_and_sequence_numbers_only_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (a, b) = (id(1), id(2));
+        let env = |n: u8| vec![n; 3];
+        store
+            .write(vec![
+                WriteOp::EnqueueOutbox { peer: a, envelopes: vec![env(1), env(2), env(3)] },
+                WriteOp::EnqueueOutbox { peer: b, envelopes: vec![env(9)] },
+            ])
+            .unwrap();
+        let peek = store.outbox_peek(&a, 0, 10, 1 << 20).unwrap();
+        assert_eq!(peek, vec![(1, env(1)), (2, env(2)), (3, env(3))]);
+        assert_eq!(store.outbox_peek(&a, 1, 1, 1 << 20).unwrap(), vec![(2, env(2))]);
+        assert_eq!(store.outbox_depth(&b).unwrap(), 1);
+        store.write(vec![WriteOp::AckOutbox { peer: a, seqs: vec![1, 2, 3] }]).unwrap();
+        assert_eq!(store.outbox_depth(&a).unwrap(), 0);
+        // An emptied outbox does not reuse numbers: a delivery cursor stays valid.
+        store.write(vec![WriteOp::EnqueueOutbox { peer: a, envelopes: vec![env(4)] }]).unwrap();
+        assert_eq!(store.outbox_peek(&a, 3, 10, 1 << 20).unwrap(), vec![(4, env(4))]);
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        assert_eq!(store.outbox_peek(&a, 0, 10, 1 << 20).unwrap(), vec![(4, env(4))]);
+        store.write(vec![WriteOp::ForgetPeer(a)]).unwrap();
+        assert_eq!(store.outbox_depth(&a).unwrap(), 0);
+        assert_eq!(store.outbox_depth(&b).unwrap(), 1);
     }
 }

@@ -30,7 +30,81 @@ pub const MAX_BATCH: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FedRequest {
     /// The envelopes' exact bytes.
+    #[serde(with = "byte_vecs")]
     pub messages: Vec<Vec<u8>>,
+}
+
+/// `Vec<Vec<u8>>` as a sequence of byte strings. postcard writes a byte string exactly like a
+/// sequence of `u8` (length, then the bytes), so the wire format is the same as the derived
+/// one; only the per-byte visitor calls are gone.
+mod byte_vecs {
+    use std::fmt;
+
+    use serde::de::{SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes each inner vector with `serialize_bytes`.
+    pub(super) fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for bytes in v {
+            seq.serialize_element(&BytesRef(bytes))?;
+        }
+        seq.end()
+    }
+
+    /// Deserializes a sequence of byte strings.
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        struct Outer;
+        impl<'de> Visitor<'de> for Outer {
+            type Value = Vec<Vec<u8>>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence of byte strings")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                // The length comes from the peer: grow as elements arrive, not up front.
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(ByteBuf(b)) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Outer)
+    }
+
+    /// A borrowed byte string that serializes with `serialize_bytes`.
+    #[derive(Debug)]
+    struct BytesRef<'a>(&'a [u8]);
+
+    impl serde::Serialize for BytesRef<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    /// An owned byte string read with `deserialize_byte_buf`.
+    #[derive(Debug)]
+    struct ByteBuf(Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for ByteBuf {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = ByteBuf;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a byte string")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v.to_vec()))
+                }
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
 }
 
 /// The receiver's answer to a [`FedRequest`].
@@ -281,3 +355,24 @@ macro_rules! any_signed {
 }
 
 any_signed!(CapabilityAd, WorkflowManifest, JobManifest, JobUpdate, ResultManifest, Cancel);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_string_encoding_matches_the_derived_layout() {
+        #[derive(Serialize)]
+        struct Derived {
+            messages: Vec<Vec<u8>>,
+        }
+        let messages = vec![vec![1, 2, 3], vec![], vec![0xff; 300]];
+        let ours = postcard::to_allocvec(&FedRequest { messages: messages.clone() }).unwrap();
+        let derived = postcard::to_allocvec(&Derived { messages: messages.clone() }).unwrap();
+        assert_eq!(ours, derived);
+        let back: FedRequest = postcard::from_bytes(&ours).unwrap();
+        assert_eq!(back.messages, messages);
+        // A length field far beyond the input fails without allocating it.
+        assert!(postcard::from_bytes::<FedRequest>(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1]).is_err());
+    }
+}

@@ -114,30 +114,73 @@ enum Verdict {
     Rejected(RejectReason, String),
 }
 
-/// Verifies each message in order. After a transient failure the rest are not processed, so
+/// Below this many messages a request is verified on one thread.
+const PARALLEL_FROM: usize = 32;
+
+/// Verifies each message: signatures on every core (they are independent), then the replay
+/// window in the request's order. After a transient failure the rest are not processed, so
 /// that the sender's retry keeps the order.
 fn verify_all(state: &NodeState, peer: InstanceId, messages: &[Vec<u8>]) -> Vec<Verdict> {
     let now = now();
-    let mut out = Vec::with_capacity(messages.len());
-    let mut stop = false;
-    for bytes in messages {
-        if stop {
-            out.push(Verdict::Rejected(
-                RejectReason::Overloaded,
-                "not processed: an earlier message of this request failed transiently".into(),
-            ));
-            continue;
-        }
-        let verdict = verify_one(state, peer, bytes, now);
-        if let Verdict::Rejected(reason, _) = &verdict {
-            stop = reason.is_transient();
-        }
-        out.push(verdict);
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(8);
+    let checked: Vec<Verdict> = if threads > 1 && messages.len() >= PARALLEL_FROM {
+        let chunk = messages.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = messages
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter().map(|m| check_one(state, peer, m, now)).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        vec![Verdict::Rejected(RejectReason::Internal, "verifier panicked".into())]
+                    })
+                })
+                .collect()
+        })
+    } else {
+        messages.iter().map(|m| check_one(state, peer, m, now)).collect()
+    };
+    if checked.len() != messages.len() {
+        return messages
+            .iter()
+            .map(|_| Verdict::Rejected(RejectReason::Internal, "verification failed".into()))
+            .collect();
     }
-    out
+
+    let mut window = lock(&state.replay);
+    let mut stop = false;
+    checked
+        .into_iter()
+        .map(|verdict| {
+            if stop {
+                return Verdict::Rejected(
+                    RejectReason::Overloaded,
+                    "not processed: an earlier message of this request failed transiently".into(),
+                );
+            }
+            let verdict = match verdict {
+                Verdict::Accepted(m) => match window.insert(m.id(), m.expires_at(), now) {
+                    Ok(()) => Verdict::Accepted(m),
+                    Err(e) => Verdict::Rejected(RejectReason::from(&e), e.to_string()),
+                },
+                rejected => rejected,
+            };
+            if let Verdict::Rejected(reason, _) = &verdict {
+                stop = reason.is_transient();
+            }
+            verdict
+        })
+        .collect()
 }
 
-fn verify_one(
+/// Everything but the replay window: size, signer, domain, signature, version, time.
+fn check_one(
     state: &NodeState,
     peer: InstanceId,
     bytes: &[u8],
@@ -155,14 +198,15 @@ fn verify_one(
             format!("signed by {signer}, which is neither the sender nor a registered instance"),
         );
     }
-    let verified = match signed.verify(now, &state.verify_options) {
-        Ok(v) => v,
-        Err(e) => return reject(&e, RejectReason::from(&e)),
-    };
-    if let Err(e) = lock(&state.replay).insert(verified.id(), verified.expires_at(), now) {
-        return reject(&e, RejectReason::from(&e));
+    // A message already recorded is not verified again.
+    if lock(&state.replay).contains(&signed.id()) {
+        let e = kaapana_protocol::VerifyError::Replayed { id: signed.id() };
+        return reject(&e, RejectReason::Replayed);
     }
-    Verdict::Accepted(Box::new(verified))
+    match signed.verify(now, &state.verify_options) {
+        Ok(v) => Verdict::Accepted(Box::new(v)),
+        Err(e) => reject(&e, RejectReason::from(&e)),
+    }
 }
 
 /// Counts, logs and applies one verdict; returns what the sender is told.

@@ -186,7 +186,9 @@ impl NodeState {
         }
     }
 
-    /// Signs and sends this node's capability ad to `peer` (if connected).
+    /// Signs and sends this node's capability ad to `peer` (if connected). A send that fails
+    /// while the peer is still connected (it went out on a connection that closed, e.g. the
+    /// loser of two simultaneous dials) is retried a few times.
     async fn push_capabilities(self: &Arc<Self>, peer: InstanceId) {
         let Some(inst) = self.registry().get(&peer).cloned() else { return };
         let ad = self.capability_ad(&inst);
@@ -198,14 +200,38 @@ impl NodeState {
             }
         };
         let frame = FedFrame::Batch(FedRequest { messages: vec![signed.into_bytes()] });
-        match self.net.request(peer.peer_id(), frame).await {
-            Ok(FedResponse::Results(r))
-                if r.first() == Some(&kaapana_protocol::Delivery::Accepted) =>
-            {
-                self.metrics.messages_out.get_or_create(&kind_label("CapabilityAd")).inc();
+        for attempt in 0..4 {
+            if attempt > 0 {
+                tokio::select! {
+                    () = self.cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(250 << attempt)) => {}
+                }
+                if !self.is_connected(&peer) {
+                    return;
+                }
             }
-            Ok(other) => tracing::warn!(peer = %inst.name, ?other, "capability ad not accepted"),
-            Err(e) => tracing::debug!(peer = %inst.name, error = %e, "capability ad not sent"),
+            match self.net.request(peer.peer_id(), frame.clone()).await {
+                Ok(FedResponse::Results(r))
+                    if r.first().is_some_and(|d| {
+                        matches!(
+                            d,
+                            kaapana_protocol::Delivery::Accepted
+                                | kaapana_protocol::Delivery::Rejected {
+                                    reason: kaapana_protocol::RejectReason::Replayed,
+                                    ..
+                                }
+                        )
+                    }) =>
+                {
+                    self.metrics.messages_out.get_or_create(&kind_label("CapabilityAd")).inc();
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(peer = %inst.name, ?other, "capability ad not accepted");
+                    return;
+                }
+                Err(e) => tracing::debug!(peer = %inst.name, error = %e, "capability ad not sent"),
+            }
         }
     }
 
@@ -348,8 +374,26 @@ fn local_resources() -> Resources {
     Resources {
         cpu_millis: u32::try_from(cpus * 1000).unwrap_or(u32::MAX),
         memory_bytes,
-        gpus: Vec::new(),
+        gpus: nvidia_gpus(),
     }
+}
+
+/// NVIDIA GPUs as the driver lists them under `/proc/driver/nvidia/gpus/*/information`.
+fn nvidia_gpus() -> Vec<kaapana_protocol::Gpu> {
+    let Ok(dirs) = std::fs::read_dir("/proc/driver/nvidia/gpus") else { return Vec::new() };
+    let mut gpus: Vec<kaapana_protocol::Gpu> = dirs
+        .filter_map(Result::ok)
+        .filter_map(|d| std::fs::read_to_string(d.path().join("information")).ok())
+        .map(|info| kaapana_protocol::Gpu {
+            model: info
+                .lines()
+                .find_map(|l| l.strip_prefix("Model:"))
+                .map_or_else(|| "NVIDIA GPU".to_owned(), |m| m.trim().to_owned()),
+            memory_bytes: 0,
+        })
+        .collect();
+    gpus.truncate(64);
+    gpus
 }
 
 /// A running daemon.
@@ -533,7 +577,8 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
             state.peer_mut(&id, |p| {
                 p.connections = connections;
                 p.last_seen = Some(now);
-                p.failures = 0;
+                // `failures` is reset once the peer answers (below): a peer that closes each
+                // connection right after the handshake must not reset the redial backoff.
                 p.last_error = None;
                 if connections == 1 {
                     p.connected_since = Some(now);
@@ -605,6 +650,7 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
             state.peer_mut(&id, |p| {
                 p.last_seen = Some(now);
                 p.heard_on_connection = true;
+                p.failures = 0;
             });
             let s = Arc::clone(state);
             tokio::spawn(async move {
@@ -618,6 +664,7 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 p.rtt = Some(rtt);
                 p.last_seen = Some(now);
                 p.heard_on_connection = true;
+                p.failures = 0;
             });
         }
     }

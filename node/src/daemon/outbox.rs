@@ -18,9 +18,9 @@ use crate::net::FedFrame;
 use crate::store::WriteOp;
 
 /// Entries per request at most.
-const BATCH: usize = 512;
+const BATCH: usize = kaapana_protocol::MAX_BATCH;
 /// Bytes per request at most (beyond the first entry).
-const BATCH_BYTES: usize = 2 * 1024 * 1024;
+const BATCH_BYTES: usize = 3 * 1024 * 1024;
 /// The longest wait before a retry.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -54,14 +54,21 @@ pub(super) async fn supervise(
 }
 
 /// Delivers `peer`'s outbox until the peer is unregistered or the node stops.
+///
+/// `cursor` is the last entry the peer settled: the next request starts after it while the
+/// removal of the settled entries is still being committed, so that the store's fsync and the
+/// next round trip overlap. Entries whose removal failed are sent again after a restart and
+/// answered `Replayed`.
 async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -> InstanceId {
     let mut failures: u32 = 0;
+    let mut cursor = 0u64;
+    let mut acks: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if state.cancel.is_cancelled() || !state.registry().is_registered(&peer) {
-            return peer;
+            break;
         }
         let batch = if state.is_connected(&peer) {
-            match state.store.outbox_peek(&peer, BATCH, BATCH_BYTES) {
+            match state.store.outbox_peek(&peer, cursor, BATCH, BATCH_BYTES) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox");
@@ -74,7 +81,7 @@ async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -
         if batch.is_empty() {
             failures = 0;
             tokio::select! {
-                () = state.cancel.cancelled() => return peer,
+                () = state.cancel.cancelled() => break,
                 () = notify.notified() => continue,
             }
         }
@@ -82,25 +89,32 @@ async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -
         let kinds: Vec<&'static str> =
             messages.iter().map(|m| peek_kind(m).map_or("unknown", |k| k.name())).collect();
         let frame = FedFrame::Batch(FedRequest { messages });
-        let retry = match state.net.request(peer.peer_id(), frame).await {
-            Ok(FedResponse::Results(results)) => {
-                settle(&state, &peer, &seqs, &kinds, &results).await
-            }
+        let (settled, retry) = match state.net.request(peer.peer_id(), frame).await {
+            Ok(FedResponse::Results(results)) => settle(&state, &peer, &seqs, &kinds, &results),
             Ok(FedResponse::Refused { reason, detail }) => {
                 tracing::warn!(peer = %peer, reason = reason.label(), %detail, "outbox request refused");
-                true
+                (Vec::new(), true)
             }
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "outbox delivery failed");
-                true
+                (Vec::new(), true)
             }
         };
+        if let Some(&last) = settled.last() {
+            cursor = last;
+            // One removal at a time: wait for the previous one before starting the next.
+            if let Some(previous) = acks.take() {
+                let _ = previous.await;
+            }
+            let s = Arc::clone(&state);
+            acks = Some(tokio::spawn(async move { remove_settled(&s, peer, settled).await }));
+        }
         if retry {
             failures = failures.saturating_add(1);
             let backoff =
                 Duration::from_millis(100u64.saturating_mul(1 << failures.min(9))).min(MAX_BACKOFF);
             tokio::select! {
-                () = state.cancel.cancelled() => return peer,
+                () = state.cancel.cancelled() => break,
                 () = notify.notified() => {}
                 () = tokio::time::sleep(backoff) => {}
             }
@@ -108,20 +122,24 @@ async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -
             failures = 0;
         }
     }
+    if let Some(previous) = acks.take() {
+        let _ = previous.await;
+    }
+    peer
 }
 
-/// Removes the entries the peer settled; returns whether something must be retried.
+/// The entries the peer settled, in order, and whether something must be retried.
 ///
 /// Entries are settled in order up to the first transient refusal: accepted, already received
 /// (`Replayed`) and permanently refused ones leave the outbox; the transient one and everything
 /// after it stay, so the order holds on the retry.
-async fn settle(
+fn settle(
     state: &NodeState,
     peer: &InstanceId,
     seqs: &[u64],
     kinds: &[&'static str],
     results: &[Delivery],
-) -> bool {
+) -> (Vec<u64>, bool) {
     let mut done = Vec::new();
     let mut retry = results.len() < seqs.len();
     for ((seq, kind), result) in seqs.iter().zip(kinds).zip(results) {
@@ -146,20 +164,18 @@ async fn settle(
             }
         }
     }
-    if done.is_empty() {
-        return retry;
-    }
-    let n = done.len();
-    match state.store.write_async(vec![WriteOp::AckOutbox { peer: *peer, seqs: done }]).await {
+    (done, retry)
+}
+
+/// Removes settled entries from the outbox.
+async fn remove_settled(state: &NodeState, peer: InstanceId, seqs: Vec<u64>) {
+    let n = seqs.len();
+    match state.store.write_async(vec![WriteOp::AckOutbox { peer, seqs }]).await {
         Ok(_) => {
             state.metrics.outbox_depth.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
-            state.event("delivered", Some(peer), format!("{n} message(s)"));
-            retry
+            state.event("delivered", Some(&peer), format!("{n} message(s)"));
         }
-        Err(e) => {
-            // The peer has them; it will answer `Replayed` to the resend.
-            tracing::error!(error = %e, "cannot remove delivered messages from the outbox");
-            true
-        }
+        // The peer has them; after a restart it answers `Replayed` to the resend.
+        Err(e) => tracing::error!(error = %e, "cannot remove delivered messages from the outbox"),
     }
 }

@@ -231,7 +231,8 @@ impl NetworkHandle {
         self.command(NetCommand::Dial(peer)).await
     }
 
-    /// Sends a request and waits for the answer.
+    /// Sends a request to a connected peer and waits for the answer; fails at once if the peer
+    /// is not connected (requests never dial: see [`NetworkHandle::dial`]).
     pub async fn request(&self, peer: PeerId, frame: FedFrame) -> Result<FedResponse, SendError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(NetCommand::Send(peer, frame, tx)).await.map_err(|_| SendError::Stopped)?;
@@ -334,7 +335,14 @@ impl SwarmLoop {
                 }
             }
             NetCommand::Send(peer, frame, reply) => {
-                let id = b.fed.send_request(&peer, frame);
+                // request_response would dial a disconnected peer itself, around the node's
+                // redial backoff (a peer that refuses us would be redialed at once).
+                if !self.swarm.is_connected(&peer) {
+                    let detail = "not connected".to_owned();
+                    let _ = reply.send(Err(SendError::Failed { peer, detail }));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().fed.send_request(&peer, frame);
                 self.pending.insert(id, reply);
             }
             NetCommand::Respond(channel, response) => {
@@ -350,6 +358,14 @@ impl SwarmLoop {
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) -> Option<NetEvent> {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => Some(NetEvent::Listening(address)),
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::error!(%error, "listener failed");
+                None
+            }
+            SwarmEvent::ListenerClosed { addresses, reason: Err(error), .. } => {
+                tracing::error!(?addresses, %error, "listener closed");
+                None
+            }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 let (addr, inbound) = match endpoint {
                     ConnectedPoint::Dialer { address, .. } => (address, false),

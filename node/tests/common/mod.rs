@@ -117,13 +117,25 @@ use kaapana_node::api::InstanceView;
 use kaapana_node::client::ApiClient;
 use kaapana_node::daemon::Event;
 
-/// A TCP port on 127.0.0.1 that is free for TCP and UDP right now (for TCP and QUIC
-/// listeners that must keep their address across restarts).
+/// A port on 127.0.0.1 that is free for TCP and UDP right now (for TCP and QUIC listeners
+/// that must keep their address across restarts). It is taken below Linux's ephemeral range
+/// (32768 and up), so that no outgoing connection of another node can grab it before the
+/// node that owns it starts listening.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 600) as u16 * 20,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = if port >= 32_000 { 20_000 + port % 12_000 } else { port };
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
             return port;
         }
     }
@@ -317,6 +329,11 @@ impl Daemon {
         child.wait().unwrap().success()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// SIGKILL, then waits for the process.
     pub fn kill(mut self) {
         let mut child = self.child.take().unwrap();
@@ -346,4 +363,176 @@ pub fn federation(root: &Path, names: &[&str]) -> Vec<Site> {
         }
     }
     sites
+}
+
+// ----- a libp2p peer inside the test process -----
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use kaapana_node::net::{FedFrame, NetEvent, NetworkHandle, SendError, SwarmLoop};
+use kaapana_protocol::{Delivery, FedRequest, FedResponse, PeerId};
+use libp2p::Multiaddr;
+
+impl Site {
+    /// The site's PeerId (its instance id).
+    pub fn peer_id(&self) -> PeerId {
+        self.instance_id().parse().unwrap()
+    }
+
+    /// The multiaddresses the site's configuration listens on.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let config = kaapana_node::config::Config::load(&self.dir.join("config.toml")).unwrap();
+        config.network.listen.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// The site's key.
+    pub fn identity(&self) -> kaapana_certs::Identity {
+        kaapana_certs::Identity::load(&self.dir.join("identity.key")).unwrap()
+    }
+}
+
+/// What a [`TestPeer`] observed, for waiting on it.
+#[derive(Debug, Default)]
+struct PeerLog {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A libp2p node in the test process with a site's key (the daemon's own swarm code), for
+/// sending arbitrary frames over a real connection. It answers whatever it is sent with
+/// `Accepted`.
+#[derive(Debug)]
+pub struct TestPeer {
+    rt: Option<tokio::runtime::Runtime>,
+    net: NetworkHandle,
+    cancel: tokio_util::sync::CancellationToken,
+    log: Arc<PeerLog>,
+    /// The key it runs with.
+    pub identity: kaapana_certs::Identity,
+}
+
+impl TestPeer {
+    /// A peer with `site`'s key (not listening).
+    pub fn new(site: &Site) -> Self {
+        let identity = site.identity();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let log = Arc::new(PeerLog::default());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let net = rt.block_on(async {
+            let swarm = kaapana_node::net::build_swarm(identity.libp2p_keypair()).unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let (swarm_loop, net) = SwarmLoop::new(swarm, tx);
+            tokio::spawn(swarm_loop.run(cancel.clone()));
+            let (handle, log) = (net.clone(), Arc::clone(&log));
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    let line = match ev {
+                        NetEvent::Request { peer, frame, channel } => {
+                            let n = match &frame {
+                                FedFrame::Batch(FedRequest { messages }) => messages.len(),
+                                _ => 0,
+                            };
+                            let _ = handle
+                                .respond(channel, FedResponse::Results(vec![Delivery::Accepted; n]))
+                                .await;
+                            format!("request {peer} {n}")
+                        }
+                        NetEvent::Connected { peer, .. } => format!("connected {peer}"),
+                        NetEvent::Disconnected { peer, remaining, cause } => {
+                            format!("disconnected {peer} {remaining} {cause:?}")
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    log.lines.lock().unwrap().push(line);
+                    log.changed.notify_all();
+                }
+            });
+            net
+        });
+        Self { rt: Some(rt), net, cancel, log, identity }
+    }
+
+    /// Its PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.net.local_peer_id()
+    }
+
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().unwrap().block_on(f)
+    }
+
+    /// Admits `site` on this side (our own gating refuses everyone else) with its TCP address.
+    /// One address only: dialing TCP and QUIC at once makes two connections, and a request
+    /// could go out on the one that loses and is closed.
+    pub fn allow(&self, site: &Site) {
+        let tcp: Vec<Multiaddr> =
+            site.listen_addrs().into_iter().filter(|a| a.to_string().contains("/tcp/")).collect();
+        assert!(!tcp.is_empty(), "{} has no TCP listen address", site.name);
+        self.block_on(self.net.allow(site.peer_id(), tcp)).unwrap();
+    }
+
+    /// Dials `site` (allow it first).
+    pub fn dial(&self, site: &Site) {
+        self.block_on(self.net.dial(site.peer_id())).unwrap();
+    }
+
+    /// Sends one frame to `site` and waits for the answer (fails unless connected).
+    pub fn request(&self, site: &Site, frame: FedFrame) -> Result<FedResponse, SendError> {
+        self.block_on(self.net.request(site.peer_id(), frame))
+    }
+
+    /// Sends envelopes as one batch; returns the verdicts (panics on a refusal).
+    pub fn send(&self, site: &Site, messages: Vec<Vec<u8>>) -> Vec<Delivery> {
+        match self.request(site, FedFrame::Batch(FedRequest { messages })) {
+            Ok(FedResponse::Results(r)) => r,
+            other => panic!("expected verdicts from {}, got {other:?}", site.name),
+        }
+    }
+
+    /// What it observed so far (connections, requests), one line each.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a logged line satisfies `pred`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        while !lines.iter().any(|l| pred(l)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "test peer: timed out waiting for {what}: {lines:#?}");
+            lines = self.log.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Dials `site` and waits until the connection is up.
+    pub fn connect(&self, site: &Site, timeout: Duration) {
+        self.dial(site);
+        let connected = format!("connected {}", site.peer_id());
+        self.wait_for(&connected, timeout, |l| l == connected);
+    }
+}
+
+impl Drop for TestPeer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A temporary directory for a test's sites; kept after the test when
+/// `KAAPANA_KEEP_TEST_DIRS` is set (to read the daemons' logs after a failure).
+pub fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::Builder::new().prefix("kaapana-node-test-").tempdir().unwrap();
+    if std::env::var_os("KAAPANA_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("test directory: {}", dir.path().display());
+    }
+    dir
 }
