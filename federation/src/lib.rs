@@ -3,8 +3,9 @@
 //!
 //! This crate owns the [`Registry`] of registered instances and the per-instance [`Policy`]
 //! (allowed workflows, allowed datasets, automatic execution or local approval, mirroring
-//! Kaapana's `allowed_dags`, `allowed_datasets` and `automatic_workflow_execution`). The
-//! workflow and job state machines will live here too.
+//! Kaapana's `allowed_dags`, `allowed_datasets` and `automatic_workflow_execution`), and the
+//! job state machines ([`RunnerJob`] at the runner, [`OwnerJob`] at the workflow's owner).
+//! Workflows (DAGs of jobs) come next.
 //!
 //! It is sans-IO: no sockets, no files, no clock reads, no threads, no randomness of its own.
 //! Time arrives as [`Timestamp`](kaapana_protocol::Timestamp) arguments and everything else as
@@ -13,8 +14,12 @@
 //! `kaapana-protocol`'s.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod job;
 mod policy;
 mod registry;
 
+pub use job::{
+    OwnerJob, RunnerCommand, RunnerEvent, RunnerJob, TransitionError, Update, UpdateError,
+};
 pub use policy::{AllowList, Denial, Execution, Policy};
 pub use registry::{InstanceRef, RegisteredInstance, Registry, RegistryError};

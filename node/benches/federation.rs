@@ -54,6 +54,7 @@ fn job_manifest(owner: InstanceId, runner: InstanceId, n: u64) -> JobManifest {
         limits: ResourceLimits { cpu_millis: 4000, memory_bytes: 16 << 30, gpus: 1 },
         timeout_secs: 3600,
         inputs: Vec::new(),
+        workflow_name: "liver-segmentation".into(),
     }
 }
 

@@ -473,6 +473,8 @@ pub struct JobManifest {
     pub timeout_secs: u32,
     /// Upstream results.
     pub inputs: Vec<InputBundle>,
+    /// The workflow's name, which the runner's policy allows or not (Kaapana's allowed_dags).
+    pub workflow_name: String,
 }
 
 impl Manifest for JobManifest {
@@ -483,6 +485,7 @@ impl Manifest for JobManifest {
     }
     fn validate(&self) -> Result<(), ValidationError> {
         validate_name("job name", &self.job_name)?;
+        validate_name("workflow name", &self.workflow_name)?;
         if let Some(d) = &self.dataset {
             validate_name("dataset", &d.name)?;
         }

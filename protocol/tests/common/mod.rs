@@ -165,6 +165,7 @@ pub fn typical_job_manifest() -> JobManifest {
                 bundle: BlobRef { digest: digest_of(name), size: 734_003_200 },
             })
             .collect(),
+        workflow_name: "liver-segmentation".into(),
     }
 }
 
@@ -460,12 +461,13 @@ pub fn job_manifest() -> impl Strategy<Value = JobManifest> {
             resource_limits(),
             1..=u32::MAX,
             vec(input_bundle(), 0..4),
+            name(),
         ),
     )
         .prop_map(
             |(
                 (header, job_id, workflow_id, owner, runner, job_name, attempt),
-                (dataset, image, command, env, limits, timeout_secs, inputs),
+                (dataset, image, command, env, limits, timeout_secs, inputs, workflow_name),
             )| JobManifest {
                 header,
                 job_id,
@@ -481,6 +483,7 @@ pub fn job_manifest() -> impl Strategy<Value = JobManifest> {
                 limits,
                 timeout_secs,
                 inputs,
+                workflow_name,
             },
         )
 }
