@@ -8,6 +8,13 @@ kn_require_packages() {
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # The containerd executor: containerd-client's build needs protoc; the executor tests run a
+    # private containerd with runc and build their job image from the static busybox.
+    command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+    command -v runc >/dev/null 2>&1 || missing+=(runc)
+    command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+        missing+=(busybox-static)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
             echo "missing packages: ${missing[*]}; run as root or install them first" >&2

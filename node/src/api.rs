@@ -14,6 +14,9 @@
 //! | `DELETE /v1/instances/{name-or-id}` | unregister one; its connections close at once |
 //! | `POST /v1/messages` | sign a message and queue it for an instance ([`SendRequest`]) |
 //! | `GET /v1/inbox?after=N&limit=M` | accepted messages in arrival order |
+//! | `GET /v1/jobs` | jobs this instance runs for others, and jobs it submitted |
+//! | `POST /v1/jobs` | sign a job for a runner-instance and queue it ([`SubmitJobRequest`]) |
+//! | `POST /v1/jobs/{id}/approve`, `POST /v1/jobs/{id}/reject` | decide on a job waiting for approval |
 //! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
 
 use std::sync::Arc;
@@ -273,6 +276,9 @@ pub async fn serve(
         .route("/instances/{which}", axum::routing::delete(remove_instance))
         .route("/messages", post(send_message))
         .route("/inbox", get(inbox))
+        .route("/jobs", get(list_jobs).post(submit_job))
+        .route("/jobs/{id}/approve", post(approve_job))
+        .route("/jobs/{id}/reject", post(reject_job))
         .route("/events", get(events))
         .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
     let app = Router::new()
@@ -465,4 +471,241 @@ fn summarize(m: &AnyVerified) -> String {
         }
         AnyVerified::CapabilityAd(a) => format!("capabilities, sequence {}", a.payload().sequence),
     }
+}
+
+/// A job this instance runs for another one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerJobView {
+    /// The job.
+    pub job_id: String,
+    /// The job spec's name.
+    pub job_name: String,
+    /// Its workflow.
+    pub workflow_id: String,
+    /// The owner's name.
+    pub owner: String,
+    /// Its state, in Kaapana's words.
+    pub state: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// When it arrived.
+    pub received_at: String,
+    /// When it ended.
+    pub finished_at: Option<String>,
+}
+
+/// A job this instance submitted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnerJobView {
+    /// The job.
+    pub job_id: String,
+    /// Its workflow.
+    pub workflow_id: String,
+    /// The runner-instance's name.
+    pub runner: String,
+    /// Its state as the runner last reported it.
+    pub state: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// When that was.
+    pub updated_at: String,
+}
+
+/// `GET /v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobsView {
+    /// Jobs this instance runs (or ran) for others.
+    pub running_here: Vec<RunnerJobView>,
+    /// Jobs this instance submitted.
+    pub submitted: Vec<OwnerJobView>,
+}
+
+/// `POST /v1/jobs`: one job for one runner-instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitJobRequest {
+    /// The runner-instance, by name or id.
+    pub runner: String,
+    /// The workflow's name (the runner's policy must allow it).
+    pub workflow_name: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The image, `sha256:<64 hex>` (tags are refused).
+    pub image: String,
+    /// The command line (empty: the image's default).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Environment variables `NAME=value`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// A dataset at the runner.
+    #[serde(default)]
+    pub dataset: Option<String>,
+    /// Wall-clock limit in seconds.
+    pub timeout_secs: u32,
+    /// CPU limit in millicores (0 = default).
+    #[serde(default)]
+    pub cpu_millis: u32,
+    /// Memory limit in bytes (0 = default).
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// `POST /v1/jobs/{id}/reject`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RejectRequest {
+    /// Why.
+    pub reason: String,
+}
+
+/// Kaapana's word for a state.
+pub fn state_word(s: kaapana_protocol::JobState) -> String {
+    use kaapana_protocol::JobState as S;
+    match s {
+        S::Queued => "queued".into(),
+        S::Pending { awaiting_approval: true } => "pending (awaiting approval)".into(),
+        S::Pending { awaiting_approval: false } => "pending".into(),
+        S::Scheduled => "scheduled".into(),
+        S::Running => "running".into(),
+        S::Finished => "finished".into(),
+        S::Failed => "failed".into(),
+    }
+}
+
+impl From<&kaapana_federation::RunnerJob> for RunnerJobView {
+    fn from(j: &kaapana_federation::RunnerJob) -> Self {
+        Self {
+            job_id: j.job_id.to_string(),
+            job_name: j.job_name.clone(),
+            workflow_id: j.workflow_id.to_string(),
+            owner: j.owner_name.clone(),
+            state: state_word(j.state),
+            reason: j.reason.clone(),
+            received_at: j.received_at.to_string(),
+            finished_at: j.finished_at.map(|t| t.to_string()),
+        }
+    }
+}
+
+async fn list_jobs(State(state): State<Arc<NodeState>>) -> ApiResult<Json<JobsView>> {
+    let store_err = |e: crate::store::StoreError| ApiError::from(AdminError::from(e));
+    let mut running_here: Vec<RunnerJobView> =
+        state.store.runner_jobs().map_err(store_err)?.iter().map(|r| (&r.job).into()).collect();
+    running_here.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+    let mut submitted: Vec<OwnerJobView> = state
+        .store
+        .owner_jobs()
+        .map_err(store_err)?
+        .iter()
+        .map(|r| OwnerJobView {
+            job_id: r.job.job_id.to_string(),
+            workflow_id: r.job.workflow_id.to_string(),
+            runner: state.registry().get(&r.job.runner).map_or_else(|| r.job.runner.to_string(), |i| i.name.clone()),
+            state: state_word(r.job.state),
+            reason: r.job.reason.clone(),
+            updated_at: r.job.updated_at.to_string(),
+        })
+        .collect();
+    submitted.sort_by(|a, b| a.updated_at.cmp(&b.updated_at));
+    Ok(Json(JobsView { running_here, submitted }))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"))?;
+    Ok(b)
+}
+
+async fn submit_job(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<SubmitJobRequest>,
+) -> ApiResult<(StatusCode, Json<OwnerJobView>)> {
+    let bad = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
+    let to: InstanceRef = req.runner.parse().map_err(|e| bad(&e))?;
+    let runner = state.registry().resolve(&to).map(|i| (i.instance_id, i.name.clone())).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no registered instance {to}"))
+    })?;
+    let image = kaapana_protocol::ImageDigest::parse(&req.image).map_err(|e| bad(&e))?;
+    let env = req
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(n, v)| kaapana_protocol::EnvVar { name: n.to_owned(), value: v.to_owned() })
+                .ok_or_else(|| bad(&format!("environment variable `{kv}` is not NAME=value")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let job = kaapana_protocol::JobManifest {
+        header: Header::new(now(), Duration::from_secs(7 * 24 * 3600)),
+        job_id: JobId::from_bytes(random_bytes()?),
+        workflow_id: WorkflowId::from_bytes(random_bytes()?),
+        owner: state.instance_id,
+        runner: runner.0,
+        job_name: req.job_name,
+        attempt: 0,
+        dataset: req.dataset.map(|name| kaapana_protocol::DatasetRef { name, item: None }),
+        image,
+        command: req.command,
+        env,
+        limits: kaapana_protocol::ResourceLimits {
+            cpu_millis: req.cpu_millis,
+            memory_bytes: req.memory_bytes,
+            gpus: 0,
+        },
+        timeout_secs: req.timeout_secs,
+        inputs: Vec::new(),
+        workflow_name: req.workflow_name,
+    };
+    kaapana_protocol::Manifest::validate(&job).map_err(|e| bad(&e))?;
+    let owner_job = state.submit_job(job).await.map_err(job_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(OwnerJobView {
+            job_id: owner_job.job_id.to_string(),
+            workflow_id: owner_job.workflow_id.to_string(),
+            runner: runner.1,
+            state: state_word(owner_job.state),
+            reason: None,
+            updated_at: owner_job.updated_at.to_string(),
+        }),
+    ))
+}
+
+fn job_error(e: crate::daemon::JobError) -> ApiError {
+    use crate::daemon::JobError as E;
+    let status = match &e {
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Transition(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+fn parse_job(id: &str) -> Result<JobId, ApiError> {
+    id.parse().map_err(|e: kaapana_protocol::ValidationError| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    })
+}
+
+async fn approve_job(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunnerJobView>> {
+    let job = state
+        .runner_event(parse_job(&id)?, kaapana_federation::RunnerEvent::Approved)
+        .await
+        .map_err(job_error)?;
+    Ok(Json((&job).into()))
+}
+
+async fn reject_job(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+    Json(req): Json<RejectRequest>,
+) -> ApiResult<Json<RunnerJobView>> {
+    let event = kaapana_federation::RunnerEvent::Rejected { reason: req.reason };
+    let job = state.runner_event(parse_job(&id)?, event).await.map_err(job_error)?;
+    Ok(Json((&job).into()))
 }

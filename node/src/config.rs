@@ -45,6 +45,40 @@ pub struct Config {
     /// Which certificates are trusted.
     #[serde(default)]
     pub trust: TrustConfig,
+    /// Where jobs run.
+    #[serde(default)]
+    pub executor: ExecutorSection,
+}
+
+/// `[executor]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorSection {
+    /// `containerd` (default) or `none` (this instance runs no jobs; jobs sent to it fail with
+    /// that reason).
+    #[serde(default)]
+    pub kind: ExecutorKindSetting,
+    /// containerd's socket. Unset: the node starts and supervises its own containerd, with
+    /// its state under the data directory.
+    #[serde(default)]
+    pub containerd_address: Option<PathBuf>,
+}
+
+impl Default for ExecutorSection {
+    fn default() -> Self {
+        Self { kind: ExecutorKindSetting::Containerd, containerd_address: None }
+    }
+}
+
+/// The executor kinds a node can be configured with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKindSetting {
+    /// containerd's gRPC API.
+    #[default]
+    Containerd,
+    /// No executor.
+    None,
 }
 
 /// `[instance]`
@@ -122,6 +156,7 @@ impl Config {
             network: NetworkConfig::default(),
             api: ApiConfig::default(),
             trust: TrustConfig::default(),
+            executor: ExecutorSection::default(),
         }
     }
 
@@ -169,11 +204,26 @@ listen = {api:?}
 # A federation CA (PEM). When set, every instance certificate must be issued by it;
 # when unset, instances present self-signed certificates pinned by fingerprint.
 {ca}
+
+[executor]
+# Where jobs from other instances run: "containerd", or "none" for an instance that only
+# submits jobs (jobs sent to it fail with that reason).
+kind = {kind:?}
+# containerd's socket; unset: the node starts its own containerd (state under the data dir).
+{containerd}
 "#,
             name = self.instance.name,
             listen = list(&self.network.listen),
             advertise = list(&self.network.advertise),
             api = self.api.listen,
+            kind = match self.executor.kind {
+                ExecutorKindSetting::Containerd => "containerd",
+                ExecutorKindSetting::None => "none",
+            },
+            containerd = match &self.executor.containerd_address {
+                Some(p) => format!("containerd_address = {:?}", p.display().to_string()),
+                None => "# containerd_address = \"/run/containerd/containerd.sock\"".to_owned(),
+            },
         )
     }
 }

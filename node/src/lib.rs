@@ -3,7 +3,8 @@
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
 //! store ([`store`], redb behind a small typed API), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
-//! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); executors come next. It drives
+//! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); jobs run in containers through
+//! [`executor`] (containerd: a configured one, or the node's own child process). It drives
 //! `kaapana-federation`'s sans-IO core and must not re-implement its rules (registry, policy,
 //! state machines), nor the wire format of `kaapana-protocol` or the certificate checks of
 //! `kaapana-certs`.
@@ -11,10 +12,12 @@
 
 pub mod admin;
 pub mod api;
+pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data_dir;
+pub mod executor;
 pub mod metrics;
 pub mod net;
 pub mod store;

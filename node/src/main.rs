@@ -9,7 +9,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
-use kaapana_node::api::{AddInstanceRequest, InstanceView};
+use kaapana_node::api::{
+    AddInstanceRequest, InstanceView, JobsView, OwnerJobView, RejectRequest, RunnerJobView,
+    SubmitJobRequest,
+};
 use kaapana_node::client::ApiClient;
 use kaapana_node::data_dir::DataDir;
 use kaapana_protocol::Timestamp;
@@ -59,6 +62,83 @@ enum Command {
     /// Run a federation CA, for consortia that provision instance certificates centrally.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Submit jobs to other instances; list jobs; approve or reject jobs waiting here. Needs
+    /// a running daemon.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Container images for jobs run here (in containerd).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Import an OCI image layout tarball (for sites without registry access); prints the
+    /// digest that jobs use to name it.
+    Import {
+        /// The tarball (`oci-layout`, `index.json`, `blobs/sha256/...`).
+        file: PathBuf,
+    },
+    /// List the images available to jobs.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCommand {
+    /// Sign a job for a runner-instance and queue it; it is delivered as soon as the runner
+    /// is reachable. The command line follows `--`.
+    Submit {
+        /// The runner-instance (name or id).
+        #[arg(long)]
+        to: String,
+        /// The workflow it belongs to (the runner's policy must allow it).
+        #[arg(long)]
+        workflow: String,
+        /// The job's name.
+        #[arg(long)]
+        name: String,
+        /// The image by digest: sha256:<64 hex> (tags are refused).
+        #[arg(long)]
+        image: String,
+        /// A dataset at the runner.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// An environment variable NAME=value (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Wall-clock limit in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u32,
+        /// CPU limit in millicores (0 = the runner's default).
+        #[arg(long, default_value_t = 0)]
+        cpu_millis: u32,
+        /// Memory limit in MiB (0 = the runner's default).
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u64,
+        /// The command line; empty = the image's default.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List jobs this instance runs for others and jobs it submitted.
+    List {
+        /// Only jobs waiting here for approval.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Approve a job that waits for local approval: it is scheduled and runs.
+    Approve {
+        /// The job id.
+        id: String,
+    },
+    /// Reject a job that waits for local approval: it fails with your reason, which its owner
+    /// sees.
+    Reject {
+        /// The job id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +311,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("data dir:     {}", dir.root().display());
         }
         Command::Instance(cmd) => instance_command(&dir, cmd)?,
+        Command::Job(cmd) => job_command(&dir, cmd)?,
+        Command::Image(cmd) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(image_command(&dir, cmd))?;
+        }
         Command::Ca(CaCommand::Create { name, out, valid_days }) => {
             let ca = admin::ca_create(&out, &name, valid_days, now())?;
             println!("Created federation CA {name} in {}", out.display());
@@ -346,6 +431,120 @@ fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
                 }
             };
             println!("Removed instance {} ({})", removed.name, removed.instance_id);
+        }
+    }
+    Ok(())
+}
+
+async fn image_command(dir: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
+    use kaapana_node::config::ExecutorKindSetting;
+    use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, lifecycle};
+    let node = admin::NodeFiles::open(dir)?;
+    if node.config.executor.kind == ExecutorKindSetting::None {
+        anyhow::bail!("this instance runs no executor (`[executor] kind = \"none\"` in config.toml)");
+    }
+    // The configured containerd, or the node's own one: running if the daemon runs, else
+    // started for this command and stopped afterwards.
+    let containerd = match &node.config.executor.containerd_address {
+        Some(socket) => Containerd::connect(socket).await?,
+        None => match Containerd::connect(lifecycle::socket_path_for(dir.root())).await {
+            Ok(c) => c,
+            Err(_) => Containerd::spawn(dir.root()).await?,
+        },
+    };
+    let config = ExecutorConfig {
+        scratch_dir: dir.root().join("executor-scratch"),
+        ..ExecutorConfig::default()
+    };
+    let executor = ContainerdExecutor::new(containerd.channel(), config).await?;
+    let result = match cmd {
+        ImageCommand::Import { file } => executor.import_image(&file).await.map(|digest| {
+            println!("Imported {}", file.display());
+            println!("  image: {digest}");
+            println!("Jobs name it by this digest, e.g. `kaapana-node job submit --image {digest} ...`.");
+        }),
+        ImageCommand::List => executor.list_images().await.map(|images| {
+            if images.is_empty() {
+                println!("No images. Import one with `kaapana-node image import FILE.tar`.");
+            }
+            for i in images {
+                println!("{}  {}", i.digest, i.name);
+            }
+        }),
+    };
+    containerd.shutdown().await;
+    Ok(result?)
+}
+
+fn job_command(dir: &DataDir, cmd: JobCommand) -> anyhow::Result<()> {
+    let Some(api) = ApiClient::connect(dir) else {
+        anyhow::bail!(
+            "no daemon runs for {}: start it with `kaapana-node run` (jobs need the network)",
+            dir.root().display()
+        );
+    };
+    match cmd {
+        JobCommand::Submit {
+            to,
+            workflow,
+            name,
+            image,
+            dataset,
+            env,
+            timeout,
+            cpu_millis,
+            memory_mib,
+            command,
+        } => {
+            let req = SubmitJobRequest {
+                runner: to,
+                workflow_name: workflow,
+                job_name: name,
+                image,
+                command,
+                env,
+                dataset,
+                timeout_secs: timeout,
+                cpu_millis,
+                memory_bytes: memory_mib * 1024 * 1024,
+            };
+            let job: OwnerJobView = api.post("/v1/jobs", &req)?;
+            println!("Submitted job {} to {} ({})", job.job_id, job.runner, job.state);
+        }
+        JobCommand::List { pending } => {
+            let jobs: JobsView = api.get("/v1/jobs")?;
+            let here: Vec<_> = jobs
+                .running_here
+                .iter()
+                .filter(|j| !pending || j.state == "pending (awaiting approval)")
+                .collect();
+            println!("Jobs run here for other instances:");
+            if here.is_empty() {
+                println!("  none");
+            }
+            for j in here {
+                let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                println!("  {}  {:<24} from {:<16} {}{why}", j.job_id, j.job_name, j.owner, j.state);
+            }
+            if !pending {
+                println!("Jobs submitted by this instance:");
+                if jobs.submitted.is_empty() {
+                    println!("  none");
+                }
+                for j in &jobs.submitted {
+                    let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                    println!("  {}  at {:<16} {}{why}", j.job_id, j.runner, j.state);
+                }
+            }
+        }
+        JobCommand::Approve { id } => {
+            let j: RunnerJobView = api.post(&format!("/v1/jobs/{id}/approve"), &serde_json::json!({}))?;
+            println!("Approved job {} from {}: {}", j.job_id, j.owner, j.state);
+        }
+        JobCommand::Reject { id, reason } => {
+            let j: RunnerJobView =
+                api.post(&format!("/v1/jobs/{id}/reject"), &RejectRequest { reason })?;
+            println!("Rejected job {} from {}: {}", j.job_id, j.owner, j.state);
         }
     }
     Ok(())

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kaapana_federation::{RegisteredInstance, Registry};
-use kaapana_protocol::{InstanceId, ManifestId, Timestamp};
+use kaapana_protocol::{InstanceId, JobId, ManifestId, Timestamp};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{Table, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -56,9 +56,17 @@ const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const PEER_CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer_capabilities");
 /// Messages waiting for delivery: [`outbox_key`] (peer, sequence) → envelope bytes.
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
+/// Jobs this node runs for others: `JobId` bytes → postcard of [`RunnerJobRecord`].
+const RUNNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("runner_jobs");
+/// Jobs this node submitted as a workflow's owner: `JobId` bytes → postcard of
+/// [`OwnerJobRecord`].
+const OWNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("owner_jobs");
 /// The last outbox sequence number used per peer, so that numbers only grow even when the
 /// outbox empties (delivery workers keep a cursor).
 const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq");
+/// Results received as a workflow's owner: `JobId` bytes → the runner's signed
+/// `ResultManifest` envelope (its bundle is in the blob store, see [`crate::blobs`]).
+const RESULTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("results");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
@@ -152,6 +160,38 @@ pub enum WriteOp {
     /// Drops everything kept for a peer that is no longer registered (its outbox and its
     /// capability ad). Answers [`WriteOutcome::Done`].
     ForgetPeer(InstanceId),
+    /// Keeps the signed `ResultManifest` of a job whose bundle was stored (replacing an
+    /// earlier one for the same job). Answers [`WriteOutcome::Done`].
+    PutResult {
+        /// The job.
+        job: JobId,
+        /// The verified envelope bytes.
+        envelope: Vec<u8>,
+    },
+    /// Inserts or replaces a job this node runs. Answers [`WriteOutcome::Done`].
+    PutRunnerJob(Box<RunnerJobRecord>),
+    /// Inserts or replaces a job this node submitted. Answers [`WriteOutcome::Done`].
+    PutOwnerJob(Box<OwnerJobRecord>),
+}
+
+/// A job this node runs for another instance, with the manifest it came in.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunnerJobRecord {
+    /// Its state.
+    pub job: kaapana_federation::RunnerJob,
+    /// The signed `JobManifest` envelope.
+    #[serde(with = "serde_bytes_vec")]
+    pub manifest: Vec<u8>,
+}
+
+/// A job this node submitted, with the manifest it sent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnerJobRecord {
+    /// Its state as reported by the runner.
+    pub job: kaapana_federation::OwnerJob,
+    /// The signed `JobManifest` envelope.
+    #[serde(with = "serde_bytes_vec")]
+    pub manifest: Vec<u8>,
 }
 
 /// An accepted message as kept in the inbox.
@@ -488,6 +528,83 @@ impl Store {
         Ok(out)
     }
 
+    /// The signed `ResultManifest` envelope recorded for `job`, if its result arrived.
+    pub fn result(&self, job: &JobId) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RESULTS).map_err(backend)?;
+        Ok(table.get(job.as_bytes().as_slice()).map_err(backend)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every recorded result: job id and `ResultManifest` envelope, ordered by job id.
+    pub fn results(&self) -> Result<Vec<(JobId, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RESULTS).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            let job = <[u8; 16]>::try_from(key.value()).map_err(|_| StoreError::Corrupt {
+                table: "results",
+                detail: format!("a key of {} bytes is not a job id", key.value().len()),
+            })?;
+            out.push((JobId::from_bytes(job), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// A job this node runs.
+    pub fn runner_job(&self, id: &JobId) -> Result<Option<RunnerJobRecord>, StoreError> {
+        self.get_job(RUNNER_JOBS, "runner_jobs", id)
+    }
+
+    /// Every job this node runs or ran.
+    pub fn runner_jobs(&self) -> Result<Vec<RunnerJobRecord>, StoreError> {
+        self.all_jobs(RUNNER_JOBS, "runner_jobs")
+    }
+
+    /// A job this node submitted.
+    pub fn owner_job(&self, id: &JobId) -> Result<Option<OwnerJobRecord>, StoreError> {
+        self.get_job(OWNER_JOBS, "owner_jobs", id)
+    }
+
+    /// Every job this node submitted.
+    pub fn owner_jobs(&self) -> Result<Vec<OwnerJobRecord>, StoreError> {
+        self.all_jobs(OWNER_JOBS, "owner_jobs")
+    }
+
+    fn get_job<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&[u8; 16], &[u8]>,
+        name: &'static str,
+        id: &JobId,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(table).map_err(backend)?;
+        match t.get(id.as_bytes()).map_err(backend)? {
+            Some(v) => postcard::from_bytes(v.value())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { table: name, detail: e.to_string() }),
+            None => Ok(None),
+        }
+    }
+
+    fn all_jobs<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&[u8; 16], &[u8]>,
+        name: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(table).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            out.push(
+                postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError::Corrupt { table: name, detail: e.to_string() })?,
+            );
+        }
+        Ok(out)
+    }
+
     /// How many entries wait for `peer`.
     pub fn outbox_depth(&self, peer: &InstanceId) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
@@ -609,6 +726,9 @@ struct Tables<'txn> {
     peer_caps: Table<'txn, &'static [u8], &'static [u8]>,
     outbox: Table<'txn, &'static [u8], &'static [u8]>,
     outbox_seq: Table<'txn, &'static [u8], u64>,
+    results: Table<'txn, &'static [u8], &'static [u8]>,
+    runner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
+    owner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -622,6 +742,9 @@ impl<'txn> Tables<'txn> {
             peer_caps: txn.open_table(PEER_CAPS).map_err(backend)?,
             outbox: txn.open_table(OUTBOX).map_err(backend)?,
             outbox_seq: txn.open_table(OUTBOX_SEQ).map_err(backend)?,
+            results: txn.open_table(RESULTS).map_err(backend)?,
+            runner_jobs: txn.open_table(RUNNER_JOBS).map_err(backend)?,
+            owner_jobs: txn.open_table(OWNER_JOBS).map_err(backend)?,
         })
     }
 
@@ -704,6 +827,25 @@ impl<'txn> Tables<'txn> {
                     .map_err(backend)?;
                 self.peer_caps.remove(peer.to_bytes().as_slice()).map_err(backend)?;
                 self.outbox_seq.remove(peer.to_bytes().as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutRunnerJob(r) => {
+                let value = postcard::to_allocvec(r.as_ref()).map_err(backend)?;
+                self.runner_jobs
+                    .insert(r.job.job_id.as_bytes(), value.as_slice())
+                    .map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutOwnerJob(r) => {
+                let value = postcard::to_allocvec(r.as_ref()).map_err(backend)?;
+                self.owner_jobs
+                    .insert(r.job.job_id.as_bytes(), value.as_slice())
+                    .map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutResult { job, envelope } => {
+                let key = job.as_bytes().as_slice();
+                self.results.insert(key, envelope.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
         }
@@ -912,6 +1054,26 @@ mod tests {
             ]
         );
         assert!(store.instances().unwrap().is_empty());
+    }
+
+    #[test]
+    fn results_are_kept_per_job_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        let (a, b) = (JobId::from_bytes([1; 16]), JobId::from_bytes([2; 16]));
+        assert_eq!(store.result(&a).unwrap(), None);
+        store
+            .write(vec![
+                WriteOp::PutResult { job: b, envelope: vec![2] },
+                WriteOp::PutResult { job: a, envelope: vec![1] },
+                WriteOp::PutResult { job: a, envelope: vec![1, 1] },
+            ])
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.result(&a).unwrap(), Some(vec![1, 1]));
+        assert_eq!(store.results().unwrap(), vec![(a, vec![1, 1]), (b, vec![2])]);
     }
 
     #[test]

@@ -63,14 +63,24 @@ pub(super) async fn handle(
         }
     };
 
-    // Record everything accepted in one durable write, then answer.
+    // Record everything accepted in one durable write, then answer. Job messages change job
+    // records in the same commit, under the jobs lock.
     let received_at = now();
+    let has_jobs = verdicts.iter().any(|v| {
+        matches!(v, Verdict::Accepted(m) if matches!(m.as_ref(),
+            AnyVerified::JobManifest(_) | AnyVerified::JobUpdate(_) | AnyVerified::Cancel(_)))
+    });
+    let _jobs_guard = if has_jobs { Some(state.jobs_lock.lock().await) } else { None };
+    let mut prepared = super::jobs::Prepared::default();
     let mut seen = Vec::new();
     let mut inbox = Vec::new();
     let mut ops = Vec::new();
     for v in &verdicts {
         if let Verdict::Accepted(m) = v {
             seen.push((m.id(), m.expires_at()));
+            if has_jobs {
+                super::jobs::prepare(state, m, received_at, &mut prepared);
+            }
             match m.as_ref() {
                 AnyVerified::CapabilityAd(ad) => ops.push(WriteOp::PutPeerCapabilities {
                     peer: ad.signer(),
@@ -90,7 +100,12 @@ pub(super) async fn handle(
         if !inbox.is_empty() {
             ops.push(WriteOp::AppendInbox(inbox));
         }
-        if let Err(e) = state.store.write_async(ops).await {
+        ops.append(&mut prepared.ops);
+        let written = state.store.write_async(ops).await;
+        if written.is_ok() {
+            std::mem::take(&mut prepared.after).run(state);
+        }
+        if let Err(e) = written {
             tracing::error!(error = %e, "cannot record accepted messages");
             let mut window = lock(&state.replay);
             for id in ids {

@@ -7,7 +7,9 @@
 //! are never held across an `.await`.
 
 mod events;
+mod execution;
 mod inbound;
+mod jobs;
 mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use events::{Event, EventLog};
+pub use jobs::JobError;
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;
@@ -57,6 +60,9 @@ pub enum DaemonError {
     /// The network.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The executor could not start.
+    #[error("{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)")]
+    Executor(#[from] crate::executor::ExecError),
     /// The API could not bind.
     #[error("cannot start the local API on {addr}: {source}")]
     Api {
@@ -119,6 +125,10 @@ pub struct NodeState {
     replay: Mutex<ReplayWindow>,
     outbox_wakers: Mutex<HashMap<InstanceId, Arc<Notify>>>,
     capability_sequence: Mutex<u64>,
+    /// Serialises changes to job records (read-modify-write across an await).
+    jobs_lock: tokio::sync::Mutex<()>,
+    /// Runs jobs; `None` on a node without a container runtime.
+    executor: Option<Arc<dyn crate::executor::Executor>>,
     cancel: CancellationToken,
     tasks: Mutex<Option<mpsc::UnboundedSender<InstanceId>>>,
 }
@@ -178,7 +188,7 @@ impl NodeState {
             sequence,
             instance_name: self.name.clone(),
             node_version: env!("CARGO_PKG_VERSION").to_owned(),
-            executors: Vec::new(),
+            executors: self.executor.iter().map(|e| e.kind()).collect(),
             allowed_images: Vec::new(),
             allowed_workflows,
             datasets: Vec::new(),
@@ -247,6 +257,28 @@ impl NodeState {
         self.metrics.outbox_depth.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
         self.wake_outbox(&peer);
         Ok(())
+    }
+
+    /// Signs and queues a job for its runner, recording it as queued (one commit).
+    pub async fn submit_job(
+        self: &Arc<Self>,
+        job: kaapana_protocol::JobManifest,
+    ) -> Result<kaapana_federation::OwnerJob, JobError> {
+        jobs::submit(self, job).await
+    }
+
+    /// Applies a local decision or executor event to a job this instance runs.
+    pub async fn runner_event(
+        self: &Arc<Self>,
+        job: kaapana_protocol::JobId,
+        event: kaapana_federation::RunnerEvent,
+    ) -> Result<kaapana_federation::RunnerJob, JobError> {
+        jobs::runner_event(self, job, event).await
+    }
+
+    /// This instance's signing key.
+    pub(crate) fn signing_key(&self) -> &kaapana_protocol::SigningKey {
+        self.identity.signing_key()
     }
 
     /// Signs `payload` with this instance's key.
@@ -403,6 +435,31 @@ pub struct Daemon {
     cancel: CancellationToken,
     tasks: JoinSet<()>,
     api_addr: SocketAddr,
+    containerd: Option<crate::executor::Containerd>,
+}
+
+/// Connects to (or starts) containerd as configured.
+async fn start_executor(
+    files: &NodeFiles,
+) -> Result<
+    (Option<crate::executor::Containerd>, Option<Arc<dyn crate::executor::Executor>>),
+    DaemonError,
+> {
+    use crate::config::ExecutorKindSetting;
+    use crate::executor::{Containerd, ContainerdExecutor, ExecutorConfig};
+    if files.config.executor.kind == ExecutorKindSetting::None {
+        return Ok((None, None));
+    }
+    let containerd = match &files.config.executor.containerd_address {
+        Some(socket) => Containerd::connect(socket).await?,
+        None => Containerd::spawn(files.dir.root()).await?,
+    };
+    let config = ExecutorConfig {
+        scratch_dir: files.dir.root().join("executor-scratch"),
+        ..ExecutorConfig::default()
+    };
+    let executor = ContainerdExecutor::new(containerd.channel(), config).await?;
+    Ok((Some(containerd), Some(Arc::new(executor))))
 }
 
 impl Daemon {
@@ -452,6 +509,8 @@ impl Daemon {
         }
         metrics.outbox_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
 
+        let (containerd, executor) = start_executor(&files).await?;
+
         let (spawn_tx, spawn_rx) = mpsc::unbounded_channel();
         let state = Arc::new(NodeState {
             name: files.config.instance.name.clone(),
@@ -467,6 +526,8 @@ impl Daemon {
             replay: Mutex::new(replay),
             outbox_wakers: Mutex::new(HashMap::new()),
             capability_sequence: Mutex::new(0),
+            jobs_lock: tokio::sync::Mutex::new(()),
+            executor,
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
             files,
@@ -482,6 +543,11 @@ impl Daemon {
         tasks.spawn(drive(Arc::clone(&state), events_rx));
         tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
         tasks.spawn(periodic(Arc::clone(&state)));
+        tasks.spawn(net::results::serve_results(
+            Arc::clone(&state),
+            net.stream_control(),
+            cancel.clone(),
+        ));
         let registered: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
         for inst in &registered {
             state.admit(inst).await;
@@ -508,7 +574,10 @@ impl Daemon {
             instance = %state.name, id = %state.instance_id, api = %api_addr,
             peers = registered.len(), "kaapana-node running"
         );
-        Ok(Self { state, cancel, tasks, api_addr })
+        // Jobs that were scheduled or running when the node stopped: re-attach or report.
+        let s = Arc::clone(&state);
+        tasks.spawn(async move { execution::recover(&s).await });
+        Ok(Self { state, cancel, tasks, api_addr, containerd })
     }
 
     /// The shared state (for in-process tests and benchmarks).
@@ -552,6 +621,9 @@ impl Daemon {
             }
         }
         crate::client::remove_api_address(&self.state.files.dir);
+        if let Some(containerd) = self.containerd.take() {
+            containerd.shutdown().await;
+        }
         tracing::info!("stopped");
     }
 }

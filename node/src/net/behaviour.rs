@@ -15,6 +15,8 @@ pub struct Behaviour {
     pub(super) limits: connection_limits::Behaviour,
     pub(super) fed: request_response::Behaviour<FedCodec>,
     pub(super) ping: ping::Behaviour,
+    /// Raw streams (`/kaapana/results/1`); after the gates, like every protocol.
+    pub(super) stream: libp2p_stream::Behaviour,
 }
 
 impl std::fmt::Debug for Behaviour {

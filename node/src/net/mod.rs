@@ -1,5 +1,6 @@
 //! The peer-to-peer network: a libp2p swarm on TCP (TLS 1.3 + yamux) and QUIC that only
-//! registered instances can enter, and `/kaapana/fed/1` request-response on it.
+//! registered instances can enter, and `/kaapana/fed/1` request-response on it; result
+//! bundles travel as raw streams on `/kaapana/results/1` ([`results`]).
 //!
 //! [`SwarmLoop`] owns the `Swarm` and runs in its own task; [`NetworkHandle`] is its cloneable
 //! client (bounded channel, replies over oneshots); everything the swarm observes comes out as
@@ -10,6 +11,7 @@
 
 mod behaviour;
 mod codec;
+pub mod results;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -92,6 +94,7 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
             limits: connection_limits::Behaviour::new(limits),
             fed,
             ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+            stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport { what: "behaviour", detail: e.to_string() })?
         // Registered peers stay connected; strangers never get this far.
@@ -187,10 +190,19 @@ enum NetCommand {
 }
 
 /// The client of the [`SwarmLoop`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NetworkHandle {
     tx: mpsc::Sender<NetCommand>,
     local_peer: PeerId,
+    stream: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for NetworkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkHandle")
+            .field("local_peer", &self.local_peer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for NetCommand {
@@ -203,6 +215,12 @@ impl NetworkHandle {
     /// This node's PeerId.
     pub const fn local_peer_id(&self) -> PeerId {
         self.local_peer
+    }
+
+    /// A control for raw streams on this swarm (`/kaapana/results/1`): it opens streams to
+    /// peers (dialing them if needed) and accepts inbound ones.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.stream.clone()
     }
 
     async fn command(&self, c: NetCommand) -> Result<(), NetError> {
@@ -270,7 +288,11 @@ impl SwarmLoop {
     /// Wraps `swarm`; events go to `events`.
     pub fn new(swarm: Swarm<Behaviour>, events: mpsc::Sender<NetEvent>) -> (Self, NetworkHandle) {
         let (tx, commands) = mpsc::channel(1024);
-        let handle = NetworkHandle { tx, local_peer: *swarm.local_peer_id() };
+        let handle = NetworkHandle {
+            tx,
+            local_peer: *swarm.local_peer_id(),
+            stream: swarm.behaviour().stream.new_control(),
+        };
         let me =
             Self { swarm, commands, events, pending: HashMap::new(), addresses: HashMap::new() };
         (me, handle)

@@ -2,6 +2,8 @@
 //! data directories.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -158,7 +160,25 @@ impl Site {
             "--api-listen",
             "127.0.0.1:0",
         ]);
+        // Daemons in tests run no container runtime unless a test gives them one.
+        site.set_executor(None);
         site
+    }
+
+    /// Configures the executor: `kind = "none"`, or containerd at `socket`.
+    pub fn set_executor(&self, containerd_socket: Option<&Path>) {
+        let path = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (start, rest) = text.split_at(text.find("[executor]").unwrap());
+        let end = rest[1..].find("\n[").map_or(rest.len(), |i| i + 1);
+        let section = match containerd_socket {
+            None => "[executor]\nkind = \"none\"\n".to_owned(),
+            Some(s) => format!(
+                "[executor]\nkind = \"containerd\"\ncontainerd_address = {:?}\n",
+                s.display().to_string()
+            ),
+        };
+        std::fs::write(&path, format!("{start}{section}{}", &rest[end..])).unwrap();
     }
 
     /// Starts `kaapana-node run` and waits until it says it runs (it prints its API address).
@@ -461,7 +481,21 @@ impl TestPeer {
         self.net.local_peer_id()
     }
 
-    fn block_on<F: Future>(&self, f: F) -> F::Output {
+    /// A control for raw libp2p streams (`/kaapana/results/1`) on this peer's swarm.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.net.stream_control()
+    }
+
+    /// Admits `site` with its QUIC address only (see [`TestPeer::allow`]).
+    pub fn allow_quic(&self, site: &Site) {
+        let quic: Vec<Multiaddr> =
+            site.listen_addrs().into_iter().filter(|a| a.to_string().contains("/quic")).collect();
+        assert!(!quic.is_empty(), "{} has no QUIC listen address", site.name);
+        self.block_on(self.net.allow(site.peer_id(), quic)).unwrap();
+    }
+
+    /// Runs `f` on the peer's runtime.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
         self.rt.as_ref().unwrap().block_on(f)
     }
 

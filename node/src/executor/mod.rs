@@ -1,0 +1,174 @@
+//! Running jobs: the [`Executor`] trait and its containerd implementation.
+//!
+//! An executor runs one job ([`JobRun`]) in a sandbox: the image's root filesystem, the job's
+//! dataset read-only at `/input` (upstream results at `/input/<name>`), a writable `/output`,
+//! no network, CPU and memory limits and a wall-clock timeout; its stdout and stderr go to a
+//! log file. [`Executor::run`] returns when the job has ended *and* everything it left in the
+//! executor (container, task, snapshot) is gone.
+//!
+//! The trait is object-safe (`Arc<dyn Executor>`): its methods return boxed futures.
+//!
+//! - [`containerd`]: [`ContainerdExecutor`], jobs as containerd containers through its gRPC API.
+//! - [`lifecycle`]: [`Containerd`], a connection to a configured containerd or a containerd
+//!   child process that the node starts, supervises and stops.
+//! - [`image`]: importing OCI image layout tarballs into containerd ([`import_oci_tar`]).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, JobId, ResourceLimits, Timestamp};
+
+mod api;
+pub mod containerd;
+pub mod image;
+pub mod lifecycle;
+mod spec;
+
+pub use containerd::{ContainerdExecutor, ExecutorConfig};
+pub use image::{ImageInfo, import_oci_tar, list_images};
+pub use lifecycle::Containerd;
+
+/// One job for an executor: what to run, on which files, within which limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRun {
+    /// The job (names its container).
+    pub job_id: JobId,
+    /// The image, by manifest (or index) digest; it must already be in the executor.
+    pub image: ImageDigest,
+    /// The command line; empty means the image's `Entrypoint` + `Cmd`.
+    pub command: Vec<String>,
+    /// Environment variables, added after (and overriding) the image's `Env`.
+    pub env: Vec<(String, String)>,
+    /// The dataset folder, bind-mounted read-only at `/input`.
+    pub input: Option<PathBuf>,
+    /// Upstream results `(name, folder)`, each read-only at `/input/<name>`.
+    pub upstream: Vec<(String, PathBuf)>,
+    /// The folder bind-mounted writable at `/output` (must exist).
+    pub output: PathBuf,
+    /// The file that receives the job's stdout and stderr (created if missing, appended to).
+    pub log: PathBuf,
+    /// CPU and memory limits (0 = the executor's default).
+    pub limits: ResourceLimits,
+    /// Wall-clock limit, after which the job is killed and reported [`ExitStatus::TimedOut`].
+    pub timeout: Duration,
+}
+
+/// How and when a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// How it ended: `Exited(code)`, `TimedOut`, `OutOfMemory` or `Killed(signal)` (by
+    /// [`Executor::kill`]).
+    pub exit: ExitStatus,
+    /// When its process started.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+/// Why an executor could not run, find or clean up a job.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// The job's image is not in the executor's image store.
+    #[error(
+        "image {digest} is not in containerd; import it with `kaapana-node image import FILE.tar`"
+    )]
+    ImageNotFound {
+        /// The digest the job asked for.
+        digest: ImageDigest,
+    },
+    /// A containerd call failed.
+    #[error("containerd {op} failed: {detail}")]
+    Containerd {
+        /// The call, e.g. `Tasks.Create`.
+        op: &'static str,
+        /// containerd's status code and message.
+        detail: String,
+    },
+    /// containerd could not be reached or started.
+    #[error("containerd is not available at {socket}: {detail}")]
+    Unavailable {
+        /// The socket tried.
+        socket: PathBuf,
+        /// What went wrong, and what to do about it.
+        detail: String,
+    },
+    /// A file or folder could not be read or written.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image (tarball or stored image) is malformed or unsupported.
+    #[error("bad image: {detail}")]
+    BadImage {
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The job itself cannot be run as given (paths, names, command).
+    #[error("cannot run job: {detail}")]
+    BadJob {
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The executor holds nothing of this job (it ended and was cleaned up, or never started).
+    #[error("job {job} is not in containerd (it was cleaned up or never started)")]
+    JobNotFound {
+        /// The job.
+        job: JobId,
+    },
+}
+
+impl ExecError {
+    /// An [`ExecError::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
+
+/// Runs jobs in sandboxes. Object-safe: every method returns a boxed future.
+///
+/// Jobs are identified by their [`JobId`]; an executor runs at most one container per job.
+/// Dropping a [`run`](Executor::run) future does not stop the job: it keeps running in the
+/// executor until [`kill`](Executor::kill) or [`cleanup`](Executor::cleanup), and another
+/// executor object (e.g. after a restart of the node) finds it through
+/// [`running`](Executor::running) and [`reattach`](Executor::reattach).
+pub trait Executor: Send + Sync + fmt::Debug {
+    /// Which kind of executor this is (advertised to other instances).
+    fn kind(&self) -> ExecutorKind;
+
+    /// Runs the job and waits until it has ended and everything of it is cleaned up.
+    ///
+    /// A job that ran and ended is `Ok` whatever its exit status; `Err` means it could not be
+    /// run (missing image, bad paths, executor failure).
+    fn run(&self, job: JobRun) -> BoxFuture<'_, Result<JobOutcome, ExecError>>;
+
+    /// Aborts a running job: its [`run`](Executor::run) (or
+    /// [`reattach`](Executor::reattach)) then returns [`ExitStatus::Killed`].
+    fn kill<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, Result<(), ExecError>>;
+
+    /// Whether the image is in the executor's image store.
+    fn has_image<'a>(&'a self, image: &'a ImageDigest) -> BoxFuture<'a, Result<bool, ExecError>>;
+
+    /// The jobs of this node that the executor still holds (running or ended but not cleaned
+    /// up), e.g. after a restart of the node.
+    fn running(&self) -> BoxFuture<'_, Result<Vec<JobId>, ExecError>>;
+
+    /// Waits for a job started by an earlier process (its timeout still applies), then cleans
+    /// it up. `log` is the job's log file: if the job is gone, a line saying so is appended.
+    /// Returns [`ExecError::JobNotFound`] when nothing of the job remains or it never started.
+    fn reattach<'a>(
+        &'a self,
+        job: &'a JobId,
+        log: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<JobOutcome, ExecError>>;
+
+    /// Removes whatever the executor still holds of the job (killing it if it runs).
+    /// Idempotent: cleaning up a job that is gone is `Ok`.
+    fn cleanup<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, Result<(), ExecError>>;
+}
