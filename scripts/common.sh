@@ -15,6 +15,8 @@ kn_require_packages() {
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
         missing+=(busybox-static)
+    # The registry pull tests run a private OCI registry (Debian's distribution 2.x) on loopback.
+    command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
             echo "missing packages: ${missing[*]}; run as root or install them first" >&2

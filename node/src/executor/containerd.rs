@@ -252,6 +252,17 @@ impl ContainerdExecutor {
         image::import_oci_tar(self, tar).await
     }
 
+    /// Pulls an image by digest from a registry repository (`host[:port]/repository`) over
+    /// HTTPS, or plain HTTP if `insecure_http` (see [`super::pull::pull_image`]).
+    pub async fn pull_image(
+        &self,
+        registry_reference: &str,
+        digest: &ImageDigest,
+        insecure_http: bool,
+    ) -> Result<ImageDigest, ExecError> {
+        super::pull::pull_image(self, registry_reference, digest, insecure_http).await
+    }
+
     /// The images in the executor's namespace.
     pub async fn list_images(&self) -> Result<Vec<ImageInfo>, ExecError> {
         image::list_images(self).await

@@ -18,10 +18,14 @@
 //!    decompresses gzip and zstd layers) → `Snapshots.Commit` named by the chain id;
 //! 6. the lease is deleted (synchronously: containerd's GC runs before the import returns, so
 //!    a missing reference shows at once rather than at some later GC).
+//!
+//! Steps 3-6 (`store`) and the layout of a manifest's blobs and labels (`manifest_blobs`)
+//! are shared with the registry pull ([`super::pull`]), whose layers stream from the registry.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -29,13 +33,16 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    AddResourceRequest, ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
-    DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, Info as ContentInfo,
-    ListImagesRequest, Resource, UpdateImageRequest, UpdateRequest as ContentUpdateRequest,
-    WriteAction, WriteContentRequest,
+    AbortRequest, AddResourceRequest, ApplyRequest, CreateImageRequest,
+    CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, GetImageRequest,
+    Image, Info as ContentInfo, InfoRequest, ListImagesRequest, Resource, UpdateImageRequest,
+    UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor as CdDescriptor;
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use kaapana_protocol::{ImageDigest, Sha256Digest, Timestamp};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
@@ -58,7 +65,7 @@ const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.li
 const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// Largest JSON blob (index, manifest, config) read into memory.
-const MAX_JSON_BLOB: u64 = 16 << 20;
+pub(super) const MAX_JSON_BLOB: u64 = 16 << 20;
 /// Bytes per `Content.Write` message.
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -121,36 +128,36 @@ pub async fn list_images(exec: &ContainerdExecutor) -> Result<Vec<ImageInfo>, Ex
 // OCI JSON
 
 #[derive(Clone, Debug, Deserialize)]
-struct OciDescriptor {
+pub(super) struct OciDescriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: i64,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub(super) annotations: BTreeMap<String, String>,
     #[serde(default)]
-    platform: Option<OciPlatform>,
+    pub(super) platform: Option<OciPlatform>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-struct OciPlatform {
+pub(super) struct OciPlatform {
     #[serde(default)]
-    architecture: String,
+    pub(super) architecture: String,
     #[serde(default)]
-    os: String,
+    pub(super) os: String,
 }
 
 #[derive(Debug, Deserialize)]
-struct OciIndex {
+pub(super) struct OciIndex {
     #[serde(default)]
-    manifests: Vec<OciDescriptor>,
+    pub(super) manifests: Vec<OciDescriptor>,
 }
 
 #[derive(Debug, Deserialize)]
-struct OciManifest {
-    config: OciDescriptor,
+pub(super) struct OciManifest {
+    pub(super) config: OciDescriptor,
     #[serde(default)]
-    layers: Vec<OciDescriptor>,
+    pub(super) layers: Vec<OciDescriptor>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,20 +194,23 @@ pub(crate) struct RunConfig {
     pub(crate) user: Option<String>,
 }
 
-fn bad(detail: impl Into<String>) -> ExecError {
+pub(super) fn bad(detail: impl Into<String>) -> ExecError {
     ExecError::BadImage { detail: detail.into() }
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, ExecError> {
+pub(super) fn parse_json<'a, T: Deserialize<'a>>(
+    what: &str,
+    bytes: &'a [u8],
+) -> Result<T, ExecError> {
     serde_json::from_slice(bytes).map_err(|e| bad(format!("{what} is not valid: {e}")))
 }
 
-fn check_digest(d: &str) -> Result<Sha256Digest, ExecError> {
+pub(super) fn check_digest(d: &str) -> Result<Sha256Digest, ExecError> {
     Sha256Digest::parse(d).map_err(|_| bad(format!("unsupported digest {d:?} (only sha256)")))
 }
 
 /// The OCI architecture name of this machine.
-fn host_arch() -> &'static str {
+pub(super) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -212,11 +222,11 @@ fn host_arch() -> &'static str {
     }
 }
 
-fn is_index(media_type: &str) -> bool {
+pub(super) fn is_index(media_type: &str) -> bool {
     media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST
 }
 
-fn is_manifest(media_type: &str) -> bool {
+pub(super) fn is_manifest(media_type: &str) -> bool {
     media_type == MEDIA_OCI_MANIFEST || media_type == MEDIA_DOCKER_MANIFEST
 }
 
@@ -345,26 +355,120 @@ impl TarIndex {
 
 /// One blob to write, with its labels.
 #[derive(Debug)]
-struct Blob {
-    desc: OciDescriptor,
-    data: BlobData,
-    labels: HashMap<String, String>,
+pub(super) struct Blob {
+    pub(super) desc: OciDescriptor,
+    pub(super) data: BlobData,
+    pub(super) labels: HashMap<String, String>,
 }
 
+/// Where a blob's bytes come from.
 #[derive(Debug)]
-enum BlobData {
+pub(super) enum BlobData {
+    /// In memory (already checked against the digest).
     Bytes(Vec<u8>),
-    Tar { offset: u64 },
+    /// In the tarball at `path`, from `offset` (containerd checks the digest on commit).
+    Tar { path: PathBuf, offset: u64 },
+    /// From a registry, streamed: checked against the descriptor's size and digest while it
+    /// is written, and not committed unless it matches. Skipped if containerd has it.
+    Remote(Arc<dyn BlobFetch>),
 }
 
-/// What the import found in the tarball.
+/// A stream of a blob's bytes.
+pub(super) type BlobStream = BoxStream<'static, Result<Vec<u8>, ExecError>>;
+
+/// Opens blobs of one image in a registry (see [`BlobData::Remote`]).
+pub(super) trait BlobFetch: Send + Sync + std::fmt::Debug {
+    /// The registry, for error messages.
+    fn registry(&self) -> &str;
+    /// Starts the download of the blob `desc`.
+    fn fetch(&self, desc: OciDescriptor) -> BoxFuture<'static, Result<BlobStream, ExecError>>;
+}
+
+/// An image to store in containerd: its blobs and the layers to unpack.
 #[derive(Debug)]
-struct Plan {
-    target: OciDescriptor,
+pub(super) struct Plan {
+    /// What the image record points at (manifest or index).
+    pub(super) target: OciDescriptor,
     /// Leaves first: layers, config, manifest, index.
-    blobs: Vec<Blob>,
-    layers: Vec<OciDescriptor>,
-    diff_ids: Vec<String>,
+    pub(super) blobs: Vec<Blob>,
+    pub(super) layers: Vec<OciDescriptor>,
+    pub(super) diff_ids: Vec<String>,
+}
+
+/// The blobs of one image manifest, leaves first (layers, config, manifest), labelled so that
+/// containerd's GC keeps the config and layers while the manifest is kept, and the unpacked
+/// layers while the config is; and the layers to unpack with their diff ids.
+#[derive(Debug)]
+pub(super) struct ManifestBlobs {
+    pub(super) blobs: Vec<Blob>,
+    pub(super) layers: Vec<OciDescriptor>,
+    pub(super) diff_ids: Vec<String>,
+}
+
+/// Checks a manifest against its config and lays out their blobs ([`ManifestBlobs`]);
+/// `layer_data` says where each layer's bytes come from. Shared by the tarball import and the
+/// registry pull.
+pub(super) fn manifest_blobs(
+    manifest_desc: OciDescriptor,
+    manifest_bytes: Vec<u8>,
+    manifest: OciManifest,
+    config_bytes: Vec<u8>,
+    snapshotter: &str,
+    mut layer_data: impl FnMut(&OciDescriptor) -> Result<BlobData, ExecError>,
+) -> Result<ManifestBlobs, ExecError> {
+    let config: OciConfigFile = parse_json("the image config", &config_bytes)?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(bad(format!(
+            "the config lists {} layers (diff_ids), the manifest {}",
+            config.rootfs.diff_ids.len(),
+            manifest.layers.len()
+        )));
+    }
+    for d in &config.rootfs.diff_ids {
+        check_digest(d)?;
+    }
+    let chains = chain_ids(&config.rootfs.diff_ids);
+
+    let mut blobs = Vec::new();
+    let mut manifest_labels = HashMap::new();
+    manifest_labels
+        .insert("containerd.io/gc.ref.content.config".to_owned(), manifest.config.digest.clone());
+    for (i, (layer, diff_id)) in manifest.layers.iter().zip(&config.rootfs.diff_ids).enumerate() {
+        let data = layer_data(layer)?;
+        let labels = HashMap::from([("containerd.io/uncompressed".to_owned(), diff_id.clone())]);
+        blobs.push(Blob { desc: layer.clone(), data, labels });
+        manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest.clone());
+    }
+    let mut config_labels = HashMap::new();
+    if let Some(top) = chains.last() {
+        config_labels.insert(format!("containerd.io/gc.ref.snapshot.{snapshotter}"), top.clone());
+    }
+    blobs.push(Blob {
+        desc: manifest.config.clone(),
+        data: BlobData::Bytes(config_bytes),
+        labels: config_labels,
+    });
+    blobs.push(Blob {
+        desc: manifest_desc,
+        data: BlobData::Bytes(manifest_bytes),
+        labels: manifest_labels,
+    });
+    Ok(ManifestBlobs { blobs, layers: manifest.layers, diff_ids: config.rootfs.diff_ids })
+}
+
+/// The manifest of an image index for this machine (linux and its architecture; no
+/// attestation manifests), among those `usable` accepts.
+pub(super) fn platform_manifest(
+    index: &OciIndex,
+    mut usable: impl FnMut(&OciDescriptor) -> bool,
+) -> Option<&OciDescriptor> {
+    let arch = host_arch();
+    index.manifests.iter().find(|m| {
+        is_manifest(&m.media_type)
+            && !m.annotations.contains_key("vnd.docker.reference.type")
+            && m.platform.as_ref().is_none_or(|p| p.os == "linux" && p.architecture == arch)
+            && usable(m)
+    })
 }
 
 fn unique_suffix() -> String {
@@ -405,7 +509,6 @@ fn plan(index: &TarIndex, snapshotter: &str) -> Result<Plan, ExecError> {
         }
     };
 
-    let mut blobs = Vec::new();
     let mut index_blob = None;
     let manifest_desc = if is_index(&target.media_type) {
         let bytes = index.read_blob(&target)?;
@@ -438,44 +541,19 @@ fn plan(index: &TarIndex, snapshotter: &str) -> Result<Plan, ExecError> {
     let manifest_bytes = index.read_blob(&manifest_desc)?;
     let manifest: OciManifest = parse_json("the image manifest", &manifest_bytes)?;
     let config_bytes = index.read_blob(&manifest.config)?;
-    let config: OciConfigFile = parse_json("the image config", &config_bytes)?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(bad(format!(
-            "the config lists {} layers (diff_ids), the manifest {}",
-            config.rootfs.diff_ids.len(),
-            manifest.layers.len()
-        )));
-    }
-    for d in &config.rootfs.diff_ids {
-        check_digest(d)?;
-    }
-    let chains = chain_ids(&config.rootfs.diff_ids);
-
-    let mut manifest_labels = HashMap::new();
-    manifest_labels
-        .insert("containerd.io/gc.ref.content.config".to_owned(), manifest.config.digest.clone());
-    for (i, (layer, diff_id)) in manifest.layers.iter().zip(&config.rootfs.diff_ids).enumerate() {
-        let (offset, _) = index.locate(layer)?;
-        let labels = HashMap::from([("containerd.io/uncompressed".to_owned(), diff_id.clone())]);
-        blobs.push(Blob { desc: layer.clone(), data: BlobData::Tar { offset }, labels });
-        manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest.clone());
-    }
-    let mut config_labels = HashMap::new();
-    if let Some(top) = chains.last() {
-        config_labels.insert(format!("containerd.io/gc.ref.snapshot.{snapshotter}"), top.clone());
-    }
-    blobs.push(Blob {
-        desc: manifest.config.clone(),
-        data: BlobData::Bytes(config_bytes),
-        labels: config_labels,
-    });
-    blobs.push(Blob {
-        desc: manifest_desc,
-        data: BlobData::Bytes(manifest_bytes),
-        labels: manifest_labels,
-    });
+    let ManifestBlobs { mut blobs, layers, diff_ids } = manifest_blobs(
+        manifest_desc,
+        manifest_bytes,
+        manifest,
+        config_bytes,
+        snapshotter,
+        |layer| {
+            let (offset, _) = index.locate(layer)?;
+            Ok(BlobData::Tar { path: index.path.clone(), offset })
+        },
+    )?;
     blobs.extend(index_blob);
-    Ok(Plan { target, blobs, layers: manifest.layers, diff_ids: config.rootfs.diff_ids })
+    Ok(Plan { target, blobs, layers, diff_ids })
 }
 
 fn cd_descriptor(d: &OciDescriptor) -> CdDescriptor {
@@ -490,38 +568,49 @@ fn cd_descriptor(d: &OciDescriptor) -> CdDescriptor {
 async fn import(api: &Api, tar: &Path) -> Result<ImageDigest, ExecError> {
     let tar_path = tar.to_path_buf();
     let snapshotter = api.snapshotter.clone();
-    let (index, plan) = tokio::task::spawn_blocking(move || {
+    let plan = tokio::task::spawn_blocking(move || {
         let index = scan_tar(&tar_path)?;
-        let plan = plan(&index, &snapshotter)?;
-        Ok::<_, ExecError>((index, plan))
+        plan(&index, &snapshotter)
     })
     .await
     .map_err(|e| bad(format!("import task failed: {e}")))??;
     let digest = ImageDigest(check_digest(&plan.target.digest)?);
-
-    let lease = Lease::create(api).await?;
-    let result = import_under_lease(api, &lease.id, &index, &plan, &digest).await;
-    // Deleting the lease runs containerd's GC (sync): what the labels do not hold goes now.
-    let released = lease.delete(api).await;
-    result?;
-    released?;
+    let labels = HashMap::from([("kaapana-node/imported".to_owned(), "true".to_owned())]);
+    store(api, &plan, &digest, labels).await?;
     Ok(digest)
 }
 
-async fn import_under_lease(
+/// Stores an image in containerd under a lease: its blobs, the image record
+/// [`image_name`]`(digest)` with `labels`, its layers unpacked; then the lease goes (a
+/// synchronous GC). Shared by the tarball import and the registry pull.
+pub(super) async fn store(
     api: &Api,
-    lease: &str,
-    index: &TarIndex,
     plan: &Plan,
     digest: &ImageDigest,
+    labels: HashMap<String, String>,
+) -> Result<(), ExecError> {
+    let lease = Lease::create(api).await?;
+    let result = store_under_lease(api, &lease.id, plan, digest, labels).await;
+    // Deleting the lease runs containerd's GC (sync): what the labels do not hold goes now.
+    let released = lease.delete(api).await;
+    result?;
+    released
+}
+
+async fn store_under_lease(
+    api: &Api,
+    lease: &str,
+    plan: &Plan,
+    digest: &ImageDigest,
+    labels: HashMap<String, String>,
 ) -> Result<(), ExecError> {
     for blob in &plan.blobs {
-        write_blob(api, lease, &index.path, blob).await?;
+        write_blob(api, lease, blob).await?;
     }
 
     let image = Image {
         name: image_name(digest),
-        labels: HashMap::from([("kaapana-node/imported".to_owned(), "true".to_owned())]),
+        labels,
         target: Some(cd_descriptor(&plan.target)),
         created_at: None,
         updated_at: None,
@@ -659,15 +748,22 @@ async fn add_to_lease(api: &Api, lease: &str, id: &str, kind: &str) -> Result<()
 }
 
 /// Writes one blob (or, if containerd has it, sets its labels and adds it to the lease).
-async fn write_blob(api: &Api, lease: &str, tar: &Path, blob: &Blob) -> Result<(), ExecError> {
+async fn write_blob(api: &Api, lease: &str, blob: &Blob) -> Result<(), ExecError> {
+    if let BlobData::Remote(_) = &blob.data {
+        // Download nothing that containerd already has.
+        let info =
+            api.content().info(api.req(InfoRequest { digest: blob.desc.digest.clone() })).await;
+        if not_found_ok(info, "Content.Info")?.is_some() {
+            return label_existing(api, lease, blob).await;
+        }
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
     let requests =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let reference = format!("kaapana-node-import-{}-{}", unique_suffix(), blob.desc.digest);
     let feeder = tokio::spawn(feed(
         tx,
-        reference,
-        tar.to_path_buf(),
+        reference.clone(),
         blob_source(blob),
         blob.desc.clone(),
         blob.labels.clone(),
@@ -711,7 +807,12 @@ async fn write_blob(api: &Api, lease: &str, tar: &Path, blob: &Blob) -> Result<(
     };
     match feeder.await {
         Ok(Ok(())) => outcome,
-        Ok(Err(e)) => outcome.and(Err(e)),
+        // The feeder's error is the cause (the write then ended without a commit): report it
+        // and drop what containerd received of the blob.
+        Ok(Err(e)) => {
+            let _ = api.content().abort(api.req(AbortRequest { r#ref: reference })).await;
+            Err(e)
+        }
         Err(e) => outcome.and(Err(bad(format!("blob writer task failed: {e}")))),
     }
 }
@@ -719,13 +820,15 @@ async fn write_blob(api: &Api, lease: &str, tar: &Path, blob: &Blob) -> Result<(
 #[derive(Debug)]
 enum Source {
     Bytes(Vec<u8>),
-    Tar(u64),
+    Tar(PathBuf, u64),
+    Remote(Arc<dyn BlobFetch>),
 }
 
 fn blob_source(blob: &Blob) -> Source {
     match &blob.data {
         BlobData::Bytes(b) => Source::Bytes(b.clone()),
-        BlobData::Tar { offset } => Source::Tar(*offset),
+        BlobData::Tar { path, offset } => Source::Tar(path.clone(), *offset),
+        BlobData::Remote(fetch) => Source::Remote(Arc::clone(fetch)),
     }
 }
 
@@ -733,7 +836,6 @@ fn blob_source(blob: &Blob) -> Source {
 async fn feed(
     tx: tokio::sync::mpsc::Sender<WriteContentRequest>,
     reference: String,
-    tar: PathBuf,
     source: Source,
     desc: OciDescriptor,
     labels: HashMap<String, String>,
@@ -758,7 +860,7 @@ async fn feed(
                 offset += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
             }
         }
-        Source::Tar(start) => {
+        Source::Tar(tar, start) => {
             let io = |e| ExecError::io(&tar, e);
             let mut f = tokio::fs::File::open(&tar).await.map_err(io)?;
             f.seek(SeekFrom::Start(start)).await.map_err(io)?;
@@ -774,11 +876,136 @@ async fn feed(
                 left -= n as u64;
             }
         }
+        Source::Remote(fetch) => {
+            let mut stream = fetch.fetch(desc.clone()).await?;
+            let mut check = StreamCheck::new(&desc, fetch.registry());
+            let mut buf = Vec::with_capacity(WRITE_CHUNK);
+            loop {
+                let chunk = match stream.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => return Err(check.failed(e)),
+                    None => break,
+                };
+                check.update(&chunk)?;
+                buf.extend_from_slice(&chunk);
+                while buf.len() >= WRITE_CHUNK {
+                    let rest = buf.split_off(WRITE_CHUNK);
+                    let data = std::mem::replace(&mut buf, rest);
+                    let n = data.len();
+                    if tx.send(msg(WriteAction::Write, offset, data)).await.is_err() {
+                        return Ok(());
+                    }
+                    offset += i64::try_from(n).unwrap_or(i64::MAX);
+                }
+            }
+            // Nothing is committed unless size and digest match.
+            check.finish()?;
+            if !buf.is_empty() {
+                let n = buf.len();
+                if tx.send(msg(WriteAction::Write, offset, buf)).await.is_err() {
+                    return Ok(());
+                }
+                offset += i64::try_from(n).unwrap_or(i64::MAX);
+            }
+        }
     }
     let mut commit = msg(WriteAction::Commit, offset, Vec::new());
     commit.labels = labels;
     let _ = tx.send(commit).await;
     Ok(())
+}
+
+/// Checks a downloaded blob against its descriptor while it streams: never more bytes than
+/// its size, and at the end its size and SHA-256.
+pub(super) struct StreamCheck {
+    expected: String,
+    size: u64,
+    received: u64,
+    hash: ring::digest::Context,
+    registry: String,
+}
+
+impl std::fmt::Debug for StreamCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamCheck")
+            .field("expected", &self.expected)
+            .field("size", &self.size)
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamCheck {
+    /// A check of the blob `desc` from `registry`.
+    pub(super) fn new(desc: &OciDescriptor, registry: &str) -> Self {
+        Self {
+            expected: desc.digest.clone(),
+            size: u64::try_from(desc.size).unwrap_or(0),
+            received: 0,
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            registry: registry.to_owned(),
+        }
+    }
+
+    /// Takes the next bytes; refuses more than the descriptor's size.
+    pub(super) fn update(&mut self, chunk: &[u8]) -> Result<(), ExecError> {
+        self.received = self.received.saturating_add(chunk.len() as u64);
+        if self.received > self.size {
+            return Err(ExecError::Registry {
+                registry: self.registry.clone(),
+                detail: format!(
+                    "blob {} is longer than the {} bytes its descriptor says; refused",
+                    self.expected, self.size
+                ),
+            });
+        }
+        self.hash.update(chunk);
+        Ok(())
+    }
+
+    fn mismatch(&self) -> Option<ExecError> {
+        let actual = format!("sha256:{}", hex(self.hash.clone().finish().as_ref()));
+        (actual != self.expected).then(|| ExecError::DigestMismatch {
+            registry: self.registry.clone(),
+            what: format!("blob {}", self.expected),
+            expected: self.expected.clone(),
+            actual,
+        })
+    }
+
+    /// The download failed with `e`: a digest mismatch if all the bytes came and they do not
+    /// match (a verifying client reports that as an I/O error at the end), `e` otherwise.
+    pub(super) fn failed(&self, e: ExecError) -> ExecError {
+        if self.received == self.size
+            && let Some(mismatch) = self.mismatch()
+        {
+            return mismatch;
+        }
+        e
+    }
+
+    /// The stream ended: checks size and digest.
+    pub(super) fn finish(&self) -> Result<(), ExecError> {
+        if self.received != self.size {
+            return Err(ExecError::Registry {
+                registry: self.registry.clone(),
+                detail: format!(
+                    "blob {} ended after {} of {} bytes",
+                    self.expected, self.received, self.size
+                ),
+            });
+        }
+        self.mismatch().map_or(Ok(()), Err)
+    }
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// An existing blob: `Content.Update` of our labels (a commit's labels are not applied when

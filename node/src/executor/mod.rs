@@ -12,6 +12,8 @@
 //! - [`lifecycle`]: [`Containerd`], a connection to a configured containerd or a containerd
 //!   child process that the node starts, supervises and stops.
 //! - [`image`]: importing OCI image layout tarballs into containerd ([`import_oci_tar`]).
+//! - [`pull`]: pulling images by digest from an OCI registry into containerd
+//!   ([`pull_image`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -24,11 +26,13 @@ mod api;
 pub mod containerd;
 pub mod image;
 pub mod lifecycle;
+pub mod pull;
 mod spec;
 
 pub use containerd::{ContainerdExecutor, ExecutorConfig};
 pub use image::{ImageInfo, import_oci_tar, list_images};
 pub use lifecycle::Containerd;
+pub use pull::pull_image;
 
 /// One job for an executor: what to run, on which files, within which limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +125,38 @@ pub enum ExecError {
     JobNotFound {
         /// The job.
         job: JobId,
+    },
+    /// The registry does not have an image with this digest (see [`pull::pull_image`]).
+    #[error("image {digest} not found in registry {registry}")]
+    ImageNotInRegistry {
+        /// The digest asked for.
+        digest: ImageDigest,
+        /// The registry and repository asked, e.g. `127.0.0.1:5000/kaapana/busybox`.
+        registry: String,
+    },
+    /// A registry served content whose SHA-256 is not the digest asked for; it was refused and
+    /// nothing of it kept.
+    #[error(
+        "digest mismatch: refused the {what} from registry {registry}: its SHA-256 is {actual}, \
+         not {expected}"
+    )]
+    DigestMismatch {
+        /// The registry and repository.
+        registry: String,
+        /// What was refused, e.g. `manifest` or `blob sha256:…`.
+        what: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what came.
+        actual: String,
+    },
+    /// A registry could not be reached, or answered with an error or something malformed.
+    #[error("registry {registry}: {detail}")]
+    Registry {
+        /// The registry and repository.
+        registry: String,
+        /// What went wrong.
+        detail: String,
     },
 }
 

@@ -387,3 +387,167 @@ impl Drop for TestContainerd {
         }
     }
 }
+
+/// A private OCI registry on loopback: Debian's `docker-registry` (distribution 2.x) as a
+/// child process, with filesystem storage in a temporary folder; stopped in `Drop`.
+#[derive(Debug)]
+pub struct TestRegistry {
+    /// Its storage and config.
+    pub dir: TempDir,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    child: std::process::Child,
+    agent: ureq::Agent,
+}
+
+impl TestRegistry {
+    /// Starts one and waits until it answers `GET /v2/`.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("kn-registry-").tempdir().unwrap();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        for _ in 0..5 {
+            let addr = format!("127.0.0.1:{}", super::free_port());
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                     http:\n  addr: {addr}\n",
+                    dir.path().join("storage").display()
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let mut child = std::process::Command::new("/usr/bin/docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("/usr/bin/docker-registry is missing: apt-get install docker-registry");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // e.g. the port was taken meanwhile: try another
+                }
+                let up = agent
+                    .get(format!("http://{addr}/v2/"))
+                    .call()
+                    .is_ok_and(|r| r.status().as_u16() == 200);
+                if up {
+                    return Self { dir, addr, child, agent };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        panic!("docker-registry did not start: {log}");
+    }
+
+    /// `127.0.0.1:<port>/<name>`: what [`ContainerdExecutor::pull_image`] takes.
+    pub fn repository(&self, name: &str) -> String {
+        format!("{}/{name}", self.addr)
+    }
+
+    /// Uploads a blob (monolithic: POST then PUT with the digest); returns its digest.
+    pub fn push_blob(&self, repository: &str, data: &[u8]) -> String {
+        let digest = digest_of(data);
+        let start = self
+            .agent
+            .post(format!("http://{}/v2/{repository}/blobs/uploads/", self.addr))
+            .header("Content-Length", "0")
+            .send_empty()
+            .unwrap();
+        assert_eq!(start.status().as_u16(), 202, "blob upload start");
+        let location = start.headers().get("location").unwrap().to_str().unwrap().to_owned();
+        let location = if location.starts_with('/') {
+            format!("http://{}{location}", self.addr)
+        } else {
+            location
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let done = self
+            .agent
+            .put(format!("{location}{sep}digest={digest}"))
+            .header("Content-Type", "application/octet-stream")
+            .send(data)
+            .unwrap();
+        assert_eq!(done.status().as_u16(), 201, "blob upload of {digest}");
+        digest
+    }
+
+    /// Uploads a manifest or index under its digest (no tag); returns the digest.
+    pub fn push_manifest(&self, repository: &str, data: &[u8], media_type: &str) -> String {
+        let digest = digest_of(data);
+        let mut r = self
+            .agent
+            .put(format!("http://{}/v2/{repository}/manifests/{digest}", self.addr))
+            .header("Content-Type", media_type)
+            .send(data)
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(status, 201, "manifest upload of {digest}: {body}");
+        digest
+    }
+
+    /// Pushes every image of an OCI layout tarball (e.g. from [`build_busybox_image`]): its
+    /// config and layers, then its manifest by digest. Returns the manifest digests of
+    /// `index.json`.
+    pub fn push_layout(&self, tar: &Path, repository: &str) -> Vec<ImageDigest> {
+        let blobs = layout_blobs(tar);
+        let index: serde_json::Value =
+            serde_json::from_slice(&blobs["index.json"]).expect("index.json");
+        let mut pushed = Vec::new();
+        for m in index["manifests"].as_array().unwrap() {
+            let digest = m["digest"].as_str().unwrap();
+            let media_type = m["mediaType"].as_str().unwrap();
+            let manifest = &blobs[digest];
+            let parsed: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+            let config = parsed["config"]["digest"].as_str().unwrap();
+            self.push_blob(repository, &blobs[config]);
+            for layer in parsed["layers"].as_array().unwrap() {
+                self.push_blob(repository, &blobs[layer["digest"].as_str().unwrap()]);
+            }
+            self.push_manifest(repository, manifest, media_type);
+            pushed.push(ImageDigest::parse(digest).unwrap());
+        }
+        pushed
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The files of an OCI layout tarball: `index.json` by name, blobs by digest (`sha256:…`).
+pub fn layout_blobs(tar: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut archive = tar::Archive::new(std::fs::File::open(tar).unwrap());
+    let mut out = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        let key = match path.strip_prefix("blobs/sha256/") {
+            Some(hex) => format!("sha256:{hex}"),
+            None => path,
+        };
+        out.insert(key, data);
+    }
+    out
+}
