@@ -17,6 +17,8 @@
 //! | `GET /v1/jobs` | jobs this instance runs for others, and jobs it submitted |
 //! | `POST /v1/jobs` | sign a job for a runner-instance and queue it ([`SubmitJobRequest`]) |
 //! | `POST /v1/jobs/{id}/approve`, `POST /v1/jobs/{id}/reject` | decide on a job waiting for approval |
+//! | `GET /v1/jobs/{id}/result` | a submitted job's verified result: exit status, bundle and log files |
+//! | `GET /v1/jobs/{id}/log` | a job's log: the runner's copy (if it shared it) or this instance's own |
 //! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
 
 use std::sync::Arc;
@@ -279,6 +281,8 @@ pub async fn serve(
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}/approve", post(approve_job))
         .route("/jobs/{id}/reject", post(reject_job))
+        .route("/jobs/{id}/result", get(job_result))
+        .route("/jobs/{id}/log", get(job_log))
         .route("/events", get(events))
         .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
     let app = Router::new()
@@ -599,7 +603,10 @@ async fn list_jobs(State(state): State<Arc<NodeState>>) -> ApiResult<Json<JobsVi
         .map(|r| OwnerJobView {
             job_id: r.job.job_id.to_string(),
             workflow_id: r.job.workflow_id.to_string(),
-            runner: state.registry().get(&r.job.runner).map_or_else(|| r.job.runner.to_string(), |i| i.name.clone()),
+            runner: state
+                .registry()
+                .get(&r.job.runner)
+                .map_or_else(|| r.job.runner.to_string(), |i| i.name.clone()),
             state: state_word(r.job.state),
             reason: r.job.reason.clone(),
             updated_at: r.job.updated_at.to_string(),
@@ -624,9 +631,10 @@ async fn submit_job(
 ) -> ApiResult<(StatusCode, Json<OwnerJobView>)> {
     let bad = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
     let to: InstanceRef = req.runner.parse().map_err(|e| bad(&e))?;
-    let runner = state.registry().resolve(&to).map(|i| (i.instance_id, i.name.clone())).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, format!("no registered instance {to}"))
-    })?;
+    let runner =
+        state.registry().resolve(&to).map(|i| (i.instance_id, i.name.clone())).ok_or_else(
+            || ApiError::new(StatusCode::NOT_FOUND, format!("no registered instance {to}")),
+        )?;
     let image = kaapana_protocol::ImageDigest::parse(&req.image).map_err(|e| bad(&e))?;
     let env = req
         .env
@@ -708,4 +716,86 @@ async fn reject_job(
     let event = kaapana_federation::RunnerEvent::Rejected { reason: req.reason };
     let job = state.runner_event(parse_job(&id)?, event).await.map_err(job_error)?;
     Ok(Json((&job).into()))
+}
+
+/// A stored blob of a result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobView {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+    /// Where the verified file is at this instance.
+    pub path: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/result`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultView {
+    /// The job.
+    pub job_id: String,
+    /// The runner-instance that signed it.
+    pub runner: String,
+    /// How the container ended.
+    pub exit: String,
+    /// The tar of the job's `/output`.
+    pub bundle: BlobView,
+    /// The job's log, if the runner shared it.
+    pub log: Option<BlobView>,
+    /// When the container started and ended.
+    pub started_at: String,
+    /// When it ended.
+    pub finished_at: String,
+}
+
+async fn job_result(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ResultView>> {
+    let job = parse_job(&id)?;
+    let envelope =
+        state.store.result(&job).map_err(|e| ApiError::from(AdminError::from(e)))?.ok_or_else(
+            || ApiError::new(StatusCode::NOT_FOUND, format!("no result for job {job} (yet)")),
+        )?;
+    let signed =
+        kaapana_protocol::Signed::<kaapana_protocol::ResultManifest>::from_bytes(&envelope)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Verified when it arrived; its validity period may have passed since.
+    let verified = signed
+        .verify_stored()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let blobs = crate::blobs::BlobStore::in_data_dir(&state.files.dir)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let blob = |b: kaapana_protocol::BlobRef| BlobView {
+        digest: b.digest.to_string(),
+        size: b.size,
+        path: blobs.path(&b.digest).map(|p| p.display().to_string()),
+    };
+    let m = verified.payload();
+    Ok(Json(ResultView {
+        job_id: m.job_id.to_string(),
+        runner: state.name_of(&verified.signer()),
+        exit: format!("{:?}", m.exit),
+        bundle: blob(m.bundle),
+        log: m.log.map(blob),
+        started_at: m.timings.started_at.to_string(),
+        finished_at: m.timings.finished_at.to_string(),
+    }))
+}
+
+async fn job_log(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> ApiResult<String> {
+    let job = parse_job(&id)?;
+    if let Ok(Json(result)) = job_result(State(Arc::clone(&state)), Path(id)).await
+        && let Some(path) = result.log.and_then(|l| l.path)
+    {
+        return std::fs::read_to_string(&path)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+    }
+    let local = state.files.dir.root().join("jobs").join(job.to_string()).join("job.log");
+    std::fs::read_to_string(&local).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no log for job {job} here (the runner's policy may not share logs with this instance)"),
+        )
+    })
 }

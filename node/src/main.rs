@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
 use kaapana_node::api::{
-    AddInstanceRequest, InstanceView, JobsView, OwnerJobView, RejectRequest, RunnerJobView,
-    SubmitJobRequest,
+    AddInstanceRequest, InstanceView, JobsView, OwnerJobView, RejectRequest, ResultView,
+    RunnerJobView, SubmitJobRequest,
 };
 use kaapana_node::client::ApiClient;
 use kaapana_node::data_dir::DataDir;
@@ -138,6 +138,20 @@ enum JobCommand {
         /// Why.
         #[arg(long)]
         reason: String,
+    },
+    /// Unpack a submitted job's verified result bundle (its `/output`) into a folder.
+    Result {
+        /// The job id.
+        id: String,
+        /// The folder to unpack into (created if missing; must be empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Show a job's log: the runner's copy for a submitted job (if its policy shares logs with
+    /// this instance), or the local log of a job run here.
+    Logs {
+        /// The job id.
+        id: String,
     },
 }
 
@@ -441,7 +455,9 @@ async fn image_command(dir: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
     use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, lifecycle};
     let node = admin::NodeFiles::open(dir)?;
     if node.config.executor.kind == ExecutorKindSetting::None {
-        anyhow::bail!("this instance runs no executor (`[executor] kind = \"none\"` in config.toml)");
+        anyhow::bail!(
+            "this instance runs no executor (`[executor] kind = \"none\"` in config.toml)"
+        );
     }
     // The configured containerd, or the node's own one: running if the daemon runs, else
     // started for this command and stopped afterwards.
@@ -461,7 +477,9 @@ async fn image_command(dir: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Import { file } => executor.import_image(&file).await.map(|digest| {
             println!("Imported {}", file.display());
             println!("  image: {digest}");
-            println!("Jobs name it by this digest, e.g. `kaapana-node job submit --image {digest} ...`.");
+            println!(
+                "Jobs name it by this digest, e.g. `kaapana-node job submit --image {digest} ...`."
+            );
         }),
         ImageCommand::List => executor.list_images().await.map(|images| {
             if images.is_empty() {
@@ -524,7 +542,10 @@ fn job_command(dir: &DataDir, cmd: JobCommand) -> anyhow::Result<()> {
             }
             for j in here {
                 let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-                println!("  {}  {:<24} from {:<16} {}{why}", j.job_id, j.job_name, j.owner, j.state);
+                println!(
+                    "  {}  {:<24} from {:<16} {}{why}",
+                    j.job_id, j.job_name, j.owner, j.state
+                );
             }
             if !pending {
                 println!("Jobs submitted by this instance:");
@@ -538,8 +559,37 @@ fn job_command(dir: &DataDir, cmd: JobCommand) -> anyhow::Result<()> {
             }
         }
         JobCommand::Approve { id } => {
-            let j: RunnerJobView = api.post(&format!("/v1/jobs/{id}/approve"), &serde_json::json!({}))?;
+            let j: RunnerJobView =
+                api.post(&format!("/v1/jobs/{id}/approve"), &serde_json::json!({}))?;
             println!("Approved job {} from {}: {}", j.job_id, j.owner, j.state);
+        }
+        JobCommand::Result { id, out } => {
+            let r: ResultView = api.get(&format!("/v1/jobs/{id}/result"))?;
+            let path = r.bundle.path.clone().with_context(|| {
+                format!("the result of job {id} is known but its bundle is not stored here yet")
+            })?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            if std::fs::read_dir(&out)?.next().is_some() {
+                anyhow::bail!("{} is not empty; choose an empty folder", out.display());
+            }
+            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+            tar::Archive::new(file)
+                .unpack(&out)
+                .with_context(|| format!("cannot unpack the result into {}", out.display()))?;
+            println!("Job {} ran at {} and ended {}", r.job_id, r.runner, r.exit);
+            println!(
+                "  bundle {} ({} bytes), verified, unpacked into {}",
+                r.bundle.digest,
+                r.bundle.size,
+                out.display()
+            );
+            if r.log.is_some() {
+                println!("  its log: `kaapana-node job logs {}`", r.job_id);
+            }
+        }
+        JobCommand::Logs { id } => {
+            print!("{}", api.get_text(&format!("/v1/jobs/{id}/log"))?);
         }
         JobCommand::Reject { id, reason } => {
             let j: RunnerJobView =

@@ -70,18 +70,33 @@ fn wait_state(owner: &Daemon, job: &str, state: &str) -> OwnerJobView {
 #[test]
 fn a_denied_job_fails_at_the_owner_with_the_rule_that_denied_it() {
     let tmp = common::test_dir();
-    let (a, b) = pair(tmp.path(), &["--allow-workflow", "federated-statistics", "--allow-dataset", "lung-ct", "--auto-execute"]);
+    let (a, b) = pair(
+        tmp.path(),
+        &[
+            "--allow-workflow",
+            "federated-statistics",
+            "--allow-dataset",
+            "lung-ct",
+            "--auto-execute",
+        ],
+    );
     let (da, db) = (a.start(), b.start());
     da.wait_until("connected", T, |d| d.is_connected_to("site-b"));
 
     let job = submit(&da, "crypto-mining", None);
     assert_eq!(job.state, "queued");
     let view = wait_state(&da, &job.job_id, "failed");
-    assert_eq!(view.reason.as_deref(), Some("workflow crypto-mining is not allowed for instance site-a"));
+    assert_eq!(
+        view.reason.as_deref(),
+        Some("workflow crypto-mining is not allowed for instance site-a")
+    );
 
     let job = submit(&da, "federated-statistics", Some("brain-mri"));
     let view = wait_state(&da, &job.job_id, "failed");
-    assert_eq!(view.reason.as_deref(), Some("dataset brain-mri is not allowed for instance site-a"));
+    assert_eq!(
+        view.reason.as_deref(),
+        Some("dataset brain-mri is not allowed for instance site-a")
+    );
 
     // The runner keeps its own record with the same reason.
     let jobs: JobsView = db.api().get("/v1/jobs").unwrap();
@@ -107,7 +122,10 @@ fn a_job_waits_for_approval_and_the_owner_learns_the_decision() {
 
     let r: RunnerJobView = db
         .api()
-        .post(&format!("/v1/jobs/{}/reject", rejected.job_id), &RejectRequest { reason: "not on weekends".into() })
+        .post(
+            &format!("/v1/jobs/{}/reject", rejected.job_id),
+            &RejectRequest { reason: "not on weekends".into() },
+        )
         .unwrap();
     assert_eq!(r.state, "failed");
     let view = wait_state(&da, &rejected.job_id, "failed");
@@ -153,24 +171,59 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
     let image = rt.block_on(ctd.busybox(&exec)).to_string();
 
     let tmp = common::test_dir();
-    let (a, b) = pair(tmp.path(), &["--allow-any-workflow", "--allow-any-dataset", "--auto-execute"]);
+    let (a, b) = pair(
+        tmp.path(),
+        &["--allow-any-workflow", "--allow-any-dataset", "--auto-execute", "--share-logs"],
+    );
     b.set_executor(Some(ctd.containerd().socket()));
+    // site-b's dataset: a few files of random bytes.
+    let dataset = b.dir.join("datasets").join("lung-ct");
+    std::fs::create_dir_all(&dataset).unwrap();
+    let mut expected = String::new();
+    for (i, len) in [1000usize, 1 << 20, 3].iter().enumerate() {
+        let bytes: Vec<u8> = (0..*len).map(|j| (j * 31 + i * 7) as u8).collect();
+        let name = format!("series-{i}.dcm");
+        std::fs::write(dataset.join(&name), &bytes).unwrap();
+        let digest = kaapana_protocol::Sha256Digest::of(&bytes).hex();
+        expected.push_str(&format!("{digest}  {name}\n"));
+    }
     let da = a.start();
     let mut db = b.start();
     da.wait_until("connected", T, |d| d.is_connected_to("site-b"));
 
-    // A job that succeeds: its output stays at the runner (results travel in a later step).
-    let ok = submit_job(&da, "stats", None, &image, &["sh", "-c", "echo hello > /output/greeting"], 60);
+    // A job that hashes its input files: the result arrives at the owner byte-identical.
+    let ok = submit_job(
+        &da,
+        "stats",
+        Some("lung-ct"),
+        &image,
+        &["sh", "-c", "cd /input && sha256sum * > /output/hashes.txt && echo hashed-the-input"],
+        60,
+    );
     let view = wait_state(&da, &ok.job_id, "finished");
     assert_eq!(view.reason, None);
-    let out = b.dir.join("jobs").join(&ok.job_id).join("output").join("greeting");
-    assert_eq!(std::fs::read_to_string(out).unwrap(), "hello\n");
+    da.wait_until("the result", T, |d| {
+        d.api().get::<serde_json::Value>(&format!("/v1/jobs/{}/result", ok.job_id)).is_ok()
+    });
+    let unpacked = tmp.path().join("result");
+    let out = a.ok(&["job", "result", &ok.job_id, "--out", unpacked.to_str().unwrap()]);
+    assert!(out.contains("verified"), "{out}");
+    assert_eq!(std::fs::read_to_string(unpacked.join("hashes.txt")).unwrap(), expected);
+    // The runner shares logs with site-a: the job's stdout is visible at the owner.
+    let log = a.ok(&["job", "logs", &ok.job_id]);
+    assert!(log.contains("hashed-the-input"), "{log}");
 
     // Failures reach the owner with their reason.
     let exit3 = submit_job(&da, "stats", None, &image, &["sh", "-c", "exit 3"], 60);
     let slow = submit_job(&da, "stats", None, &image, &["sleep", "30"], 1);
-    assert_eq!(wait_state(&da, &exit3.job_id, "failed").reason.as_deref(), Some("the job exited with status 3"));
-    assert_eq!(wait_state(&da, &slow.job_id, "failed").reason.as_deref(), Some("killed after its timeout of 1 s"));
+    assert_eq!(
+        wait_state(&da, &exit3.job_id, "failed").reason.as_deref(),
+        Some("the job exited with status 3")
+    );
+    assert_eq!(
+        wait_state(&da, &slow.job_id, "failed").reason.as_deref(),
+        Some("killed after its timeout of 1 s")
+    );
 
     // The runner is killed while a job runs; after its restart it re-attaches to the
     // container and the owner learns the final state.

@@ -312,6 +312,17 @@ impl<T: Manifest> Signed<T> {
     /// content rules and the validity period at `now`. Replay is checked by
     /// [`Signed::verify_fresh`].
     pub fn verify(&self, now: Timestamp, opts: &VerifyOptions) -> Result<Verified<T>, VerifyError> {
+        self.check(Some((now, opts)))
+    }
+
+    /// Everything [`Signed::verify`] checks except time: for a message that was verified when
+    /// it arrived and is read back from storage after its validity period may have ended.
+    /// Never use it for a message that has just arrived.
+    pub fn verify_stored(&self) -> Result<Verified<T>, VerifyError> {
+        self.check(None)
+    }
+
+    fn check(&self, time: Option<(Timestamp, &VerifyOptions)>) -> Result<Verified<T>, VerifyError> {
         if self.kind != T::KIND {
             return Err(VerifyError::WrongDomain { expected: T::KIND, found: self.kind });
         }
@@ -339,6 +350,10 @@ impl<T: Manifest> Signed<T> {
                 },
             });
         }
+        let Some((now, opts)) = time else {
+            payload.validate().map_err(|source| VerifyError::Invalid { kind: T::KIND, source })?;
+            return Ok(Verified { signed: self.clone(), payload });
+        };
         if header.issued_at > now.saturating_add(opts.max_clock_skew) {
             return Err(VerifyError::NotYetValid {
                 kind: T::KIND,

@@ -2,18 +2,21 @@
 //! machine: image check → started → exited (or executor failure).
 //!
 //! Each job gets `DATA_DIR/jobs/<job id>/` with `output/` (mounted writable at `/output`) and
-//! `job.log` (its stdout and stderr).
+//! `job.log` (its stdout and stderr). Its dataset, `DATA_DIR/datasets/<name>/`, is mounted
+//! read-only at `/input`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kaapana_federation::RunnerEvent;
-use kaapana_protocol::{JobId, JobManifest, Signed};
+use kaapana_protocol::{Header, JobId, JobManifest, JobTimings, ResultManifest, Signed};
 
-use super::NodeState;
 use super::jobs::{JobError, runner_event};
+use super::{NodeState, now};
+use crate::blobs::BlobStore;
 use crate::executor::JobRun;
+use crate::net::results::{ResultPart, SendOptions, send_result_part};
 
 /// The folder of one job's files.
 pub(crate) fn job_dir(state: &NodeState, job: &JobId) -> PathBuf {
@@ -49,9 +52,8 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     // Verified when it arrived; read back as of that moment.
     let manifest: JobManifest = match Signed::<JobManifest>::from_bytes(&record.manifest)
         .map_err(|e| e.to_string())
-        .and_then(|s| {
-            s.verify(record.job.received_at, &state.verify_options).map_err(|e| e.to_string())
-        }) {
+        .and_then(|s| s.verify_stored().map_err(|e| e.to_string()))
+    {
         Ok(v) => v.into_payload(),
         Err(e) => return fail(state, job_id, format!("stored job manifest unreadable: {e}")).await,
     };
@@ -75,17 +77,18 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         }
         Err(e) => return fail(state, job_id, e.to_string()).await,
     }
-    if let Some(d) = &manifest.dataset {
-        return fail(
-            state,
-            job_id,
-            format!(
-                "dataset {} is not registered at {} (datasets are not supported yet)",
-                d.name, state.name
-            ),
-        )
-        .await;
-    }
+    // Datasets are folders under DATA_DIR/datasets/<name>/ (one sub-folder per item).
+    let input = match &manifest.dataset {
+        Some(d) => {
+            let dir = state.files.dir.root().join("datasets").join(&d.name);
+            if !dir.is_dir() {
+                let why = format!("dataset {} is not available at {}", d.name, state.name);
+                return fail(state, job_id, why).await;
+            }
+            Some(dir)
+        }
+        None => None,
+    };
     let dir = job_dir(state, &job_id);
     let output = dir.join("output");
     if let Err(e) = std::fs::create_dir_all(&output) {
@@ -98,7 +101,7 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             image: manifest.image,
             command: manifest.command.clone(),
             env: manifest.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
-            input: None,
+            input,
             upstream: Vec::new(),
             output,
             log: dir.join("job.log"),
@@ -107,9 +110,163 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         })
         .await;
     match outcome {
-        Ok(o) => runner_event(state, job_id, RunnerEvent::Exited { exit: o.exit }).await.map(drop),
+        Ok(o) => {
+            let job = runner_event(state, job_id, RunnerEvent::Exited { exit: o.exit }).await?;
+            let timings = JobTimings {
+                received_at: job.received_at,
+                started_at: o.started_at.max(job.received_at),
+                finished_at: o.finished_at.max(o.started_at).max(job.received_at),
+            };
+            let s = Arc::clone(state);
+            tokio::spawn(async move {
+                if let Err(e) = deliver_result(&s, &job, o.exit, timings).await {
+                    tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
+                    s.event("result_failed", Some(&job.owner), format!("job {}: {e}", job.job_id));
+                }
+            });
+            Ok(())
+        }
         Err(e) => fail(state, job_id, e.to_string()).await,
     }
+}
+
+/// How long a signed result stays valid (it may wait for an owner that is away).
+const RESULT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Packs `/output` as the result bundle, signs the `ResultManifest` and sends bundle (and, if
+/// the owner's policy allows, the log) to the owner until it has them. The signed manifest is
+/// kept in the job's folder, so that a restart sends the same result again.
+async fn deliver_result(
+    state: &Arc<NodeState>,
+    job: &kaapana_federation::RunnerJob,
+    exit: kaapana_protocol::ExitStatus,
+    timings: JobTimings,
+) -> Result<(), String> {
+    let dir = job_dir(state, &job.job_id);
+    let share_logs = state.registry().get(&job.owner).is_some_and(|o| o.policy.share_logs);
+    let (bundle_path, log_path) = (dir.join("result.tar"), dir.join("job.log"));
+    let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string())?;
+    let (output, bundle_file, log_file) =
+        (dir.join("output"), bundle_path.clone(), log_path.clone());
+    let (bundle, log) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        pack(&output, &bundle_file)?;
+        let bundle = blobs.put_file(&bundle_file).map_err(|e| e.to_string())?;
+        let log = if share_logs && log_file.exists() {
+            Some(blobs.put_file(&log_file).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        Ok((bundle, log))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let manifest = ResultManifest {
+        header: Header::new(now(), RESULT_LIFETIME),
+        job_id: job.job_id,
+        workflow_id: job.workflow_id,
+        attempt: job.attempt,
+        exit,
+        bundle,
+        log,
+        timings,
+    };
+    let signed = state.sign(&manifest).map_err(|e| e.to_string())?;
+    write_durably(&dir.join("result.manifest"), signed.as_bytes())?;
+    send_until_stored(state, job.owner, &signed, &bundle_path, log.map(|_| log_path)).await
+}
+
+/// Sends a signed result's parts, retrying with backoff while the owner is away.
+async fn send_until_stored(
+    state: &Arc<NodeState>,
+    owner: kaapana_protocol::InstanceId,
+    signed: &Signed<ResultManifest>,
+    bundle: &std::path::Path,
+    log: Option<PathBuf>,
+) -> Result<(), String> {
+    let mut parts = vec![(ResultPart::Bundle, bundle.to_path_buf())];
+    parts.extend(log.map(|l| (ResultPart::Log, l)));
+    let opts = SendOptions::default();
+    for (part, file) in parts {
+        let mut failures = 0u32;
+        loop {
+            if state.cancel.is_cancelled() {
+                return Err("the node is stopping; the result is sent after its restart".into());
+            }
+            if !state.registry().is_registered(&owner) {
+                return Err("the owner is no longer registered".into());
+            }
+            let control = state.net.stream_control();
+            match send_result_part(control, owner.peer_id(), signed, part, &file, &opts).await {
+                Ok(_) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(%owner, error = %e, "result not delivered yet");
+                    if failures.is_multiple_of(10) {
+                        state.event("result_retry", Some(&owner), format!("{part:?}: {e}"));
+                    }
+                    let backoff = Duration::from_millis(200u64 << failures.min(7))
+                        .min(Duration::from_secs(30));
+                    tokio::select! {
+                        () = state.cancel.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
+    state.event("result_sent", Some(&owner), format!("job {}", signed.id()));
+    Ok(())
+}
+
+/// Writes the tar of `output` (paths relative to it, sorted, owner and times zeroed) to `to`.
+fn pack(output: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    let file =
+        std::fs::File::create(to).map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.follow_symlinks(false);
+    builder
+        .append_dir_all(".", output)
+        .map_err(|e| format!("cannot pack {}: {e}", output.display()))?;
+    let mut w = builder.into_inner().map_err(|e| e.to_string())?;
+    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+    w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| e.to_string())
+}
+
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Resends results that were signed but not confirmed before a restart.
+pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::RunnerJob) {
+    let dir = job_dir(state, &job.job_id);
+    let (manifest, bundle) = (dir.join("result.manifest"), dir.join("result.tar"));
+    if !job.state.is_terminal() || dir.join("result.sent").exists() || !manifest.exists() {
+        return;
+    }
+    let signed = match std::fs::read(&manifest)
+        .map_err(|e| e.to_string())
+        .and_then(|b| Signed::<ResultManifest>::from_bytes(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(job = %job.job_id, error = %e, "stored result unreadable");
+            return;
+        }
+    };
+    let log =
+        signed.verify_stored().ok().and_then(|v| v.payload().log).map(|_| dir.join("job.log"));
+    let (s, owner) = (Arc::clone(state), job.owner);
+    tokio::spawn(async move {
+        if let Err(e) = send_until_stored(&s, owner, &signed, &bundle, log).await {
+            tracing::warn!(error = %e, "result not resent");
+        }
+    });
 }
 
 /// After a restart: jobs that were scheduled or running are re-attached to their containers
@@ -130,12 +287,15 @@ pub(crate) async fn recover(state: &Arc<NodeState>) {
     };
     for record in jobs {
         let id = record.job.job_id;
+        resend_results(state, &record.job);
         let result = match record.job.state {
             JobState::Scheduled if !held.contains(&id) => {
                 start(state, id);
                 Ok(())
             }
-            JobState::Scheduled | JobState::Running => reattach(state, id, held.contains(&id)).await,
+            JobState::Scheduled | JobState::Running => {
+                reattach(state, id, held.contains(&id)).await
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -146,7 +306,8 @@ pub(crate) async fn recover(state: &Arc<NodeState>) {
 
 async fn reattach(state: &Arc<NodeState>, job: JobId, held: bool) -> Result<(), JobError> {
     let Some(executor) = state.executor.clone().filter(|_| held) else {
-        return fail(state, job, "the node restarted and the job's container was gone".into()).await;
+        return fail(state, job, "the node restarted and the job's container was gone".into())
+            .await;
     };
     let s = Arc::clone(state);
     tokio::spawn(async move {

@@ -61,7 +61,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Net(#[from] net::NetError),
     /// The executor could not start.
-    #[error("{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)")]
+    #[error(
+        "{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)"
+    )]
     Executor(#[from] crate::executor::ExecError),
     /// The API could not bind.
     #[error("cannot start the local API on {addr}: {source}")]
@@ -157,7 +159,7 @@ impl NodeState {
         f(lock(&self.peers).entry(*id).or_default())
     }
 
-    fn name_of(&self, id: &InstanceId) -> String {
+    pub(crate) fn name_of(&self, id: &InstanceId) -> String {
         self.registry().get(id).map_or_else(|| id.to_string(), |i| i.name.clone())
     }
 

@@ -23,10 +23,12 @@
 //!   time) before it answers `Resume`; a rejected offer has no byte of the blob read.
 //! * **Resuming.** The blob is appended to `DATA_DIR/blobs/partial/<hex>.part`
 //!   ([`crate::blobs`]); `offset` is that file's length (its content is re-hashed, not
-//!   trusted). A broken connection, a reset stream or an early end leave the partial file, and
-//!   the next attempt continues from there. The caller of [`send_result`] retries (see
-//!   [`ResultError::is_retryable`]). A new upload of a digest that is still being received
-//!   preempts the old one, so a retry after a half-open connection does not wait for it.
+//!   trusted). A broken connection, a reset stream or an early end (yamux reports a reset as
+//!   an end) leave the partial file, and the next attempt continues from there; if the runner
+//!   is still listening it gets `Rejected { Incomplete }` (a `result_incomplete` event at the
+//!   owner). The caller of [`send_result`] retries (see [`ResultError::is_retryable`]). A new
+//!   upload of a digest that is still being received preempts the old one, so a retry after a
+//!   half-open connection does not wait for it.
 //! * **Flow control** is the transport's (yamux windows over TCP, QUIC's stream credit): the
 //!   sender's `write_all` waits while the owner is behind. Neither side holds a blob in memory:
 //!   the runner reads the file in [`CHUNK`]s on a blocking thread; the owner hashes
@@ -40,6 +42,9 @@
 //!
 //! Rejections are counted in `kaapana_node_rejections_total{reason}` (the labels of
 //! [`RejectCode::label`]) and reported as `result_rejected` events.
+//!
+//! Not checked here: that the job is one this owner submitted to that runner (the job
+//! records' business), and a quota on blob sizes.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom};
