@@ -62,11 +62,23 @@ pub struct ExecutorSection {
     /// its state under the data directory.
     #[serde(default)]
     pub containerd_address: Option<PathBuf>,
+    /// OCI repositories (`host[:port]/path`) to pull a job's image from, by digest, when it
+    /// is not in containerd yet; tried in order.
+    #[serde(default)]
+    pub pull_from: Vec<String>,
+    /// Pull over plain HTTP (a registry on loopback or a trusted site network only).
+    #[serde(default)]
+    pub insecure_registry: bool,
 }
 
 impl Default for ExecutorSection {
     fn default() -> Self {
-        Self { kind: ExecutorKindSetting::Containerd, containerd_address: None }
+        Self {
+            kind: ExecutorKindSetting::Containerd,
+            containerd_address: None,
+            pull_from: Vec::new(),
+            insecure_registry: false,
+        }
     }
 }
 
@@ -211,6 +223,10 @@ listen = {api:?}
 kind = {kind:?}
 # containerd's socket; unset: the node starts its own containerd (state under the data dir).
 {containerd}
+# Repositories to pull a job's image from (by digest) when it is missing, e.g.
+# ["registry.site.local:5000/kaapana/jobs"]; plain HTTP only with insecure_registry = true.
+pull_from = [{pull_from}]
+insecure_registry = {insecure}
 "#,
             name = self.instance.name,
             listen = list(&self.network.listen),
@@ -220,6 +236,8 @@ kind = {kind:?}
                 ExecutorKindSetting::Containerd => "containerd",
                 ExecutorKindSetting::None => "none",
             },
+            pull_from = list(&self.executor.pull_from),
+            insecure = self.executor.insecure_registry,
             containerd = match &self.executor.containerd_address {
                 Some(p) => format!("containerd_address = {:?}", p.display().to_string()),
                 None => "# containerd_address = \"/run/containerd/containerd.sock\"".to_owned(),

@@ -167,8 +167,6 @@ fn jobs_reach_a_runner_that_was_offline_and_cancel_aborts_them() {
 fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ctd = rt.block_on(common::containerd::TestContainerd::start());
-    let exec = rt.block_on(ctd.executor());
-    let image = rt.block_on(ctd.busybox(&exec)).to_string();
 
     let tmp = common::test_dir();
     let (a, b) = pair(
@@ -176,6 +174,12 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
         &["--allow-any-workflow", "--allow-any-dataset", "--auto-execute", "--share-logs"],
     );
     b.set_executor(Some(ctd.containerd().socket()));
+    // The runner's admin imports the job image from a tarball, through the CLI.
+    let tar = common::containerd::build_busybox_image(tmp.path(), "busybox", false);
+    let out = b.ok(&["image", "import", tar.tar.to_str().unwrap()]);
+    let image = tar.digest.to_string();
+    assert!(out.contains(&image), "{out}");
+    assert!(b.ok(&["image", "list"]).contains(&image));
     // site-b's dataset: a few files of random bytes.
     let dataset = b.dir.join("datasets").join("lung-ct");
     std::fs::create_dir_all(&dataset).unwrap();
@@ -250,5 +254,34 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
     assert!(b.dir.join("jobs").join(&long.job_id).join("output").join("x").exists());
 
     assert!(db.stop() && da.stop());
+    rt.block_on(ctd.assert_clean());
+}
+
+#[test]
+fn a_missing_image_is_pulled_by_digest_or_the_job_fails_saying_why() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ctd = rt.block_on(common::containerd::TestContainerd::start());
+    let registry = common::containerd::TestRegistry::start();
+    let repo = registry.repository("kaapana/jobs");
+    let tmp = common::test_dir();
+    let tar = common::containerd::build_busybox_image(tmp.path(), "pulled", true);
+    let digests = registry.push_layout(&tar.tar, "kaapana/jobs");
+    assert_eq!(digests, vec![tar.digest]);
+
+    let (a, b) =
+        pair(tmp.path(), &["--allow-any-workflow", "--allow-any-dataset", "--auto-execute"]);
+    b.set_executor_pulling(Some(ctd.containerd().socket()), Some(&repo));
+    let (da, db) = (a.start(), b.start());
+    da.wait_until("connected", T, |d| d.is_connected_to("site-b"));
+
+    let job = submit_job(&da, "stats", None, &tar.digest.to_string(), &["true"], 60);
+    assert_eq!(wait_state(&da, &job.job_id, "finished").reason, None);
+
+    // A digest nobody has: the job fails, and the owner reads why.
+    let job = submit_job(&da, "stats", None, IMAGE, &["true"], 60);
+    let reason = wait_state(&da, &job.job_id, "failed").reason.unwrap();
+    assert!(reason.contains("is not available at site-b and could not be pulled"), "{reason}");
+    assert!(reason.contains("not found in registry"), "{reason}");
+    assert!(da.stop() && db.stop());
     rt.block_on(ctd.assert_clean());
 }

@@ -19,7 +19,9 @@ pub struct Event {
     /// What happened: `peer_connected`, `peer_disconnected`, `connection_denied`,
     /// `dial_failed`, `message_accepted`, `message_rejected`, `request_refused`,
     /// `capabilities_received`, `instance_added`, `instance_removed`, `delivered`,
-    /// `delivery_rejected`.
+    /// `delivery_rejected`, `job_submitted`, `job_received`, `job_refused`, `job_state`,
+    /// `job_update_ignored`, `image_pulled`, `result_sent`, `result_retry`, `result_failed`,
+    /// `result_received`, `result_incomplete`, `result_rejected`.
     pub kind: String,
     /// The peer concerned, if any.
     pub peer: Option<String>,

@@ -65,17 +65,8 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         )
         .await;
     };
-    match executor.has_image(&manifest.image).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return fail(
-                state,
-                job_id,
-                format!("image {} is not available at {}", manifest.image, state.name),
-            )
-            .await;
-        }
-        Err(e) => return fail(state, job_id, e.to_string()).await,
+    if let Err(why) = ensure_image(state, executor.as_ref(), &manifest.image).await {
+        return fail(state, job_id, why).await;
     }
     // Datasets are folders under DATA_DIR/datasets/<name>/ (one sub-folder per item).
     let input = match &manifest.dataset {
@@ -325,4 +316,41 @@ async fn reattach(state: &Arc<NodeState>, job: JobId, held: bool) -> Result<(), 
         }
     });
     Ok(())
+}
+
+/// The image is in the executor, or pulled from one of the configured repositories; else why
+/// not.
+async fn ensure_image(
+    state: &NodeState,
+    executor: &dyn crate::executor::Executor,
+    image: &kaapana_protocol::ImageDigest,
+) -> Result<(), String> {
+    match executor.has_image(image).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let cfg = &state.files.config.executor;
+    let mut errors = Vec::new();
+    for repo in &cfg.pull_from {
+        match executor.pull(repo, image, cfg.insecure_registry).await {
+            Ok(_) => {
+                state.event("image_pulled", None, format!("{image} from {repo}"));
+                return Ok(());
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(if errors.is_empty() {
+        format!(
+            "image {image} is not available at {} and no registry to pull it from is configured",
+            state.name
+        )
+    } else {
+        format!(
+            "image {image} is not available at {} and could not be pulled: {}",
+            state.name,
+            errors.join("; ")
+        )
+    })
 }

@@ -804,6 +804,15 @@ impl Executor for ContainerdExecutor {
         ExecutorKind::Containerd
     }
 
+    fn pull<'a>(
+        &'a self,
+        reference: &'a str,
+        image: &'a ImageDigest,
+        insecure_http: bool,
+    ) -> BoxFuture<'a, Result<ImageDigest, ExecError>> {
+        Box::pin(self.pull_image(reference, image, insecure_http))
+    }
+
     fn run(&self, job: JobRun) -> BoxFuture<'_, Result<JobOutcome, ExecError>> {
         self.run_job(job).boxed()
     }

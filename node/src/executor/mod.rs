@@ -207,4 +207,13 @@ pub trait Executor: Send + Sync + fmt::Debug {
     /// Removes whatever the executor still holds of the job (killing it if it runs).
     /// Idempotent: cleaning up a job that is gone is `Ok`.
     fn cleanup<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, Result<(), ExecError>>;
+
+    /// Pulls `image` by digest from the OCI repository `reference` (`host[:port]/path`),
+    /// checking every blob against its digest; plain HTTP if `insecure_http`.
+    fn pull<'a>(
+        &'a self,
+        reference: &'a str,
+        image: &'a ImageDigest,
+        insecure_http: bool,
+    ) -> BoxFuture<'a, Result<ImageDigest, ExecError>>;
 }

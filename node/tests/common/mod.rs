@@ -167,6 +167,11 @@ impl Site {
 
     /// Configures the executor: `kind = "none"`, or containerd at `socket`.
     pub fn set_executor(&self, containerd_socket: Option<&Path>) {
+        self.set_executor_pulling(containerd_socket, None);
+    }
+
+    /// [`Site::set_executor`], pulling missing images over plain HTTP from `repository`.
+    pub fn set_executor_pulling(&self, containerd_socket: Option<&Path>, repository: Option<&str>) {
         let path = self.dir.join("config.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let (start, rest) = text.split_at(text.find("[executor]").unwrap());
@@ -174,8 +179,9 @@ impl Site {
         let section = match containerd_socket {
             None => "[executor]\nkind = \"none\"\n".to_owned(),
             Some(s) => format!(
-                "[executor]\nkind = \"containerd\"\ncontainerd_address = {:?}\n",
-                s.display().to_string()
+                "[executor]\nkind = \"containerd\"\ncontainerd_address = {:?}\npull_from = [{}]\ninsecure_registry = true\n",
+                s.display().to_string(),
+                repository.map(|r| format!("{r:?}")).unwrap_or_default()
             ),
         };
         std::fs::write(&path, format!("{start}{section}{}", &rest[end..])).unwrap();
