@@ -251,21 +251,7 @@ impl<T: Manifest> Signed<T> {
                 max: Self::MAX_ENVELOPE,
             });
         }
-        match bytes.first() {
-            None => {
-                return Err(DecodeError::Malformed {
-                    what: "envelope",
-                    detail: "empty message".into(),
-                });
-            }
-            Some(&f) if f != ENVELOPE_FORMAT => {
-                return Err(DecodeError::UnsupportedFormat {
-                    found: f,
-                    supported: ENVELOPE_FORMAT,
-                });
-            }
-            Some(_) => {}
-        }
+        check_format(bytes)?;
         let Some(signed_len) = bytes.len().checked_sub(SIGNATURE_LEN) else {
             return Err(DecodeError::Malformed {
                 what: "envelope",
@@ -425,20 +411,20 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     crate::ids::Sha256Digest::of(data).0
 }
 
+/// The first byte must be the envelope format this build reads.
+fn check_format(bytes: &[u8]) -> Result<(), DecodeError> {
+    match bytes.first() {
+        None => Err(DecodeError::Malformed { what: "envelope", detail: "empty message".into() }),
+        Some(&f) if f != ENVELOPE_FORMAT => {
+            Err(DecodeError::UnsupportedFormat { found: f, supported: ENVELOPE_FORMAT })
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Reads the domain an envelope declares, checking only the format byte and the tag.
 pub(crate) fn peek_kind(bytes: &[u8]) -> Result<ManifestKind, DecodeError> {
-    match bytes.first() {
-        None => {
-            return Err(DecodeError::Malformed {
-                what: "envelope",
-                detail: "empty message".into(),
-            });
-        }
-        Some(&f) if f != ENVELOPE_FORMAT => {
-            return Err(DecodeError::UnsupportedFormat { found: f, supported: ENVELOPE_FORMAT });
-        }
-        Some(_) => {}
-    }
+    check_format(bytes)?;
     let (domain, _) = postcard::take_from_bytes::<&str>(&bytes[1..])
         .map_err(|e| DecodeError::Malformed { what: "envelope", detail: e.to_string() })?;
     ManifestKind::from_domain(domain).ok_or_else(|| DecodeError::Malformed {
