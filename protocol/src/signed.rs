@@ -145,7 +145,8 @@ impl Default for VerifyOptions {
 
 /// A signed message whose payload has not been looked at yet. See the module docs.
 pub struct Signed<T> {
-    bytes: Vec<u8>,
+    /// Shared: a `Verified` keeps the same bytes without copying them.
+    bytes: std::sync::Arc<[u8]>,
     kind: ManifestKind,
     signer: InstanceId,
     payload: Range<usize>,
@@ -156,7 +157,7 @@ pub struct Signed<T> {
 impl<T> Clone for Signed<T> {
     fn clone(&self) -> Self {
         Self {
-            bytes: self.bytes.clone(),
+            bytes: std::sync::Arc::clone(&self.bytes),
             kind: self.kind,
             signer: self.signer,
             payload: self.payload.clone(),
@@ -233,7 +234,7 @@ impl<T: Manifest> Signed<T> {
         let payload_start = signed_len - body.len();
         Self {
             id: ManifestId(sha256(&bytes[..signed_len])),
-            bytes,
+            bytes: bytes.into(),
             kind: T::KIND,
             signer,
             payload: payload_start..signed_len,
@@ -285,7 +286,7 @@ impl<T: Manifest> Signed<T> {
         let payload_start = signed_len - head.payload.len();
         Ok(Self {
             id: ManifestId(sha256(signed)),
-            bytes: bytes.to_vec(),
+            bytes: bytes.into(),
             kind,
             signer,
             payload: payload_start..signed_len,
@@ -388,7 +389,7 @@ impl<T> Signed<T> {
 
     /// The envelope bytes.
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        self.bytes.to_vec()
     }
 
     /// SHA-256 of the signed bytes (domain, signer, payload).
