@@ -238,12 +238,18 @@ async fn kill_aborts_a_running_job() {
     let mut job = ctd.job("kill", image, "echo started; exec sleep 30");
     job.limits.cpu_millis = 500;
     let id = job.job_id;
+    let log = job.log.clone();
     let runner = {
         let exec = Arc::clone(&exec);
         tokio::spawn(async move { exec.run(job).await })
     };
     until_running(&*exec, &id).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The job's process runs (and so its cgroup exists) once it has written its first line.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
+        assert!(Instant::now() < until, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The CPU limit is the cgroup's CFS quota (cgroup v1 or v2).
     let cg = format!("kaapana-node/{}", container_id(&id));
     let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{cg}/cpu.cfs_quota_us"))
