@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::containerd::{TestContainerd, build_busybox_image};
 use kaapana_node::executor::containerd::container_id;
-use kaapana_node::executor::{Containerd, ExecError, Executor, lifecycle};
+use kaapana_node::executor::{
+    Containerd, ContainerdExecutor, ExecError, Executor, JobOutcome, JobRun, lifecycle,
+};
 use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, Sha256Digest, ValidationError};
 
 fn read(p: &std::path::Path) -> String {
@@ -266,6 +268,26 @@ async fn kill_aborts_a_running_job() {
     ctd.assert_clean().await;
 }
 
+/// Runs `job` in the background and waits until containerd has its task.
+async fn start_until_task(
+    ctd: &TestContainerd,
+    exec: &Arc<ContainerdExecutor>,
+    job: JobRun,
+) -> tokio::task::JoinHandle<Result<JobOutcome, ExecError>> {
+    let id = job.job_id;
+    let runner = {
+        let exec = Arc::clone(exec);
+        tokio::spawn(async move { exec.run(job).await })
+    };
+    until_running(&**exec, &id).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while ctd.inventory().await.tasks.is_empty() {
+        assert!(Instant::now() < until, "the task never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reattach_after_the_executor_went_away() {
     let ctd = TestContainerd::start().await;
@@ -274,16 +296,7 @@ async fn reattach_after_the_executor_went_away() {
 
     let job = ctd.job("reattach", image, "sleep 3; echo done > /output/x");
     let (id, log, output) = (job.job_id, job.log.clone(), job.output.clone());
-    let runner = {
-        let exec = Arc::clone(&first);
-        tokio::spawn(async move { exec.run(job).await })
-    };
-    until_running(&*first, &id).await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while ctd.inventory().await.tasks.is_empty() {
-        assert!(Instant::now() < until, "the task never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let runner = start_until_task(&ctd, &first, job).await;
     // The node process goes away: its run() is dropped mid-job, without any cleanup.
     runner.abort();
     assert!(runner.await.unwrap_err().is_cancelled());
@@ -390,16 +403,7 @@ async fn reattach_to_a_job_that_never_started_cleans_it_up() {
     let image = ctd.busybox(&first).await;
     let job = ctd.job("never-started", image, "exec sleep 30");
     let (id, log) = (job.job_id, job.log.clone());
-    let runner = {
-        let exec = Arc::clone(&first);
-        tokio::spawn(async move { exec.run(job).await })
-    };
-    until_running(&*first, &id).await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while ctd.inventory().await.tasks.is_empty() {
-        assert!(Instant::now() < until, "the task never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let runner = start_until_task(&ctd, &first, job).await;
     runner.abort();
     drop(first);
 
