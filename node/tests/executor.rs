@@ -294,9 +294,15 @@ async fn reattach_after_the_executor_went_away() {
     let first = Arc::new(ctd.executor().await);
     let image = ctd.busybox(&first).await;
 
-    let job = ctd.job("reattach", image, "sleep 3; echo done > /output/x");
+    let job = ctd.job("reattach", image, "echo started; sleep 3; echo done > /output/x");
     let (id, log, output) = (job.job_id, job.log.clone(), job.output.clone());
     let runner = start_until_task(&ctd, &first, job).await;
+    // A created task is not yet a started one: wait for the job's first line.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
+        assert!(Instant::now() < until, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The node process goes away: its run() is dropped mid-job, without any cleanup.
     runner.abort();
     assert!(runner.await.unwrap_err().is_cancelled());
