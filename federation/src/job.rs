@@ -78,6 +78,8 @@ pub struct Update {
     pub reason: Option<String>,
     /// Increases with every update of this job attempt.
     pub sequence: u32,
+    /// For failures: whether trying again may succeed.
+    pub retryable: bool,
 }
 
 /// An event that does not apply to the job's current state.
@@ -111,6 +113,8 @@ pub struct RunnerJob {
     pub state: JobState,
     /// Why it failed, if it did.
     pub reason: Option<String>,
+    /// Whether its failure is one that trying again may cure (the executor failed).
+    pub retryable: bool,
     /// The sequence number of the last update sent.
     pub sequence: u32,
     /// When the runner received it.
@@ -143,6 +147,7 @@ impl RunnerJob {
             job_name: job.job_name.clone(),
             state: JobState::Pending { awaiting_approval: false },
             reason: None,
+            retryable: false,
             sequence: 0,
             received_at: now,
             started_at: None,
@@ -212,6 +217,7 @@ impl RunnerJob {
             }
             (state, RunnerEvent::ExecutorFailed { reason }) if !state.is_terminal() => {
                 self.finish(now, None, Some(reason));
+                self.retryable = true;
                 vec![RunnerCommand::Persist, self.next_update()]
             }
             (state, event) => {
@@ -232,6 +238,7 @@ impl RunnerJob {
             state: self.state,
             reason: self.reason.clone(),
             sequence: self.sequence,
+            retryable: self.retryable,
         })
     }
 
@@ -301,6 +308,8 @@ pub struct OwnerJob {
     pub state: JobState,
     /// Why it failed, if it did.
     pub reason: Option<String>,
+    /// Whether its failure may be cured by trying again.
+    pub retryable: bool,
     /// The highest update sequence applied.
     pub last_sequence: u32,
     /// When the last update was applied.
@@ -317,6 +326,7 @@ impl OwnerJob {
             attempt: job.attempt,
             state: JobState::Queued,
             reason: None,
+            retryable: false,
             last_sequence: 0,
             updated_at: now,
         }
@@ -350,6 +360,7 @@ impl OwnerJob {
         }
         self.state = update.state;
         self.reason.clone_from(&update.reason);
+        self.retryable = update.retryable;
         self.last_sequence = update.sequence;
         self.updated_at = now;
         Ok(true)
@@ -541,6 +552,7 @@ mod tests {
             sequence,
             state,
             reason: None,
+            retryable: false,
         };
         assert!(owner.apply(&update(2, JobState::Scheduled), m.runner, t(1)).unwrap());
         // A late, older update changes nothing.

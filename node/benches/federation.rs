@@ -73,6 +73,7 @@ fn job_update(job: &JobManifest) -> JobUpdate {
         reason: Some(
             "container started on runner-instance bench-a (containerd 1.6.20, runc 1.1.5)".into(),
         ),
+        retryable: false,
     }
 }
 

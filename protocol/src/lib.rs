@@ -27,9 +27,9 @@ pub use libp2p_identity::PeerId;
 pub use manifest::{
     BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
     ExecutorKind, ExitStatus, Gpu, Header, InputBundle, InstanceBundleInfo, ItemToken, JobManifest,
-    JobSpec, JobState, JobTimings, JobUpdate, MAX_NAME_LEN, MAX_TEXT_LEN, NameScope, Pick,
-    Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector, WorkflowManifest,
-    validate_name, validate_text,
+    JobSpec, JobState, JobTimings, JobUpdate, MAX_ITEM_TOKENS, MAX_NAME_LEN, MAX_RETRIES,
+    MAX_TEXT_LEN, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
+    RunnerSelector, WorkflowManifest, validate_name, validate_text,
 };
 pub use replay::ReplayWindow;
 pub use signed::{

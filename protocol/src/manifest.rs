@@ -92,6 +92,10 @@ pub struct DatasetSummary {
     pub items: u64,
     /// Its total size in bytes.
     pub bytes: u64,
+    /// One opaque token per item, keyed for the receiving instance, so that its jobs can name
+    /// single items (single-file processing) without learning their identifiers. Empty when the
+    /// receiver may not use this dataset.
+    pub tokens: Vec<ItemToken>,
 }
 
 /// A GPU a site offers.
@@ -158,7 +162,7 @@ pub struct CapabilityAd {
 
 impl Manifest for CapabilityAd {
     const KIND: ManifestKind = ManifestKind::CapabilityAd;
-    const MAX_PAYLOAD: usize = 64 * 1024;
+    const MAX_PAYLOAD: usize = 2 * 1024 * 1024;
     fn header(&self) -> &Header {
         &self.header
     }
@@ -175,8 +179,23 @@ impl Manifest for CapabilityAd {
         }
         validate_count("datasets", &self.datasets, 1024)?;
         validate_count("gpus", &self.resources.gpus, 64)?;
+        let mut tokens = 0usize;
         for d in &self.datasets {
             validate_name("dataset", &d.name)?;
+            tokens = tokens.saturating_add(d.tokens.len());
+            if d.tokens.len() as u64 > d.items {
+                return Err(ValidationError::OutOfRange {
+                    field: "dataset tokens",
+                    expected: "at most one token per item",
+                });
+            }
+        }
+        if tokens > MAX_ITEM_TOKENS {
+            return Err(ValidationError::TooMany {
+                field: "dataset tokens",
+                len: tokens,
+                max: MAX_ITEM_TOKENS,
+            });
         }
         for g in &self.resources.gpus {
             validate_text("gpu model", &g.model, MAX_NAME_LEN)?;
@@ -276,6 +295,9 @@ pub struct JobSpec {
     pub timeout_secs: u32,
     /// Names of the steps whose results it reads.
     pub inputs: Vec<String>,
+    /// How often a job of this step is tried again after a retryable failure (its runner was
+    /// lost, or its executor failed); exit codes, denials and rejections are final.
+    pub max_retries: u32,
 }
 
 fn validate_job_common(
@@ -322,9 +344,21 @@ impl JobSpec {
             });
         }
         validate_count("inputs", &self.inputs, 1024)?;
+        if self.max_retries > MAX_RETRIES {
+            return Err(ValidationError::OutOfRange {
+                field: "max_retries",
+                expected: "at most 10",
+            });
+        }
         validate_job_common(&self.env, &self.command, self.timeout_secs)
     }
 }
+
+/// The most retries a job spec may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+/// The most item tokens one capability ad carries (over all its datasets).
+pub const MAX_ITEM_TOKENS: usize = 60_000;
 
 /// A workflow: a DAG of job specs, signed by the instance that owns it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -541,6 +575,9 @@ pub struct JobUpdate {
     pub state: JobState,
     /// Why (for failures: the rule or error; for aborts: "aborted by <instance>").
     pub reason: Option<String>,
+    /// For failures: whether trying again may succeed (the executor failed), as opposed to a
+    /// final outcome (an exit code, a policy denial, a rejection, an abort).
+    pub retryable: bool,
 }
 
 impl Manifest for JobUpdate {

@@ -167,6 +167,7 @@ fn sign_update(
         sequence: u.sequence,
         state: u.state,
         reason: u.reason.as_ref().map(|r| truncate(r, kaapana_protocol::MAX_TEXT_LEN)),
+        retryable: u.retryable,
     };
     Signed::sign(state.signing_key(), &update)
         .map(Signed::into_bytes)

@@ -192,6 +192,7 @@ pub fn typical_workflow() -> WorkflowManifest {
         limits: ResourceLimits::default(),
         timeout_secs: 60,
         inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        max_retries: 2,
     };
     WorkflowManifest {
         header: header_around_now(Duration::from_secs(1), Duration::from_secs(3600)),
@@ -276,11 +277,14 @@ pub fn executor_kind() -> impl Strategy<Value = ExecutorKind> {
 }
 
 pub fn dataset_summary() -> impl Strategy<Value = DatasetSummary> {
-    (name(), any::<u64>(), any::<u64>()).prop_map(|(name, items, bytes)| DatasetSummary {
-        name,
-        items,
-        bytes,
-    })
+    (name(), any::<u64>(), any::<u64>(), vec(any::<[u8; 32]>(), 0..3)).prop_map(
+        |(name, items, bytes, tokens)| DatasetSummary {
+            name,
+            items: items.max(tokens.len() as u64),
+            bytes,
+            tokens: tokens.into_iter().map(ItemToken).collect(),
+        },
+    )
 }
 
 pub fn gpu() -> impl Strategy<Value = Gpu> {
@@ -396,6 +400,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                     limits,
                     timeout_secs,
                     inputs: vec![],
+                    max_retries: timeout_secs % 4,
                 }
             },
         )
@@ -500,16 +505,30 @@ pub fn job_state() -> impl Strategy<Value = JobState> {
 }
 
 pub fn job_update() -> impl Strategy<Value = JobUpdate> {
-    (header(), job_id(), workflow_id(), any::<u32>(), any::<u32>(), job_state(), option::of(text()))
-        .prop_map(|(header, job_id, workflow_id, attempt, sequence, state, reason)| JobUpdate {
-            header,
-            job_id,
-            workflow_id,
-            attempt,
-            sequence,
-            state,
-            reason,
-        })
+    (
+        header(),
+        job_id(),
+        workflow_id(),
+        any::<u32>(),
+        any::<u32>(),
+        job_state(),
+        option::of(text()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(header, job_id, workflow_id, attempt, sequence, state, reason, retryable)| {
+                JobUpdate {
+                    header,
+                    job_id,
+                    workflow_id,
+                    attempt,
+                    sequence,
+                    state,
+                    reason,
+                    retryable,
+                }
+            },
+        )
 }
 
 pub fn exit_status() -> impl Strategy<Value = ExitStatus> {
