@@ -5,7 +5,11 @@
 //! (allowed workflows, allowed datasets, automatic execution or local approval, mirroring
 //! Kaapana's `allowed_dags`, `allowed_datasets` and `automatic_workflow_execution`), and the
 //! job state machines ([`RunnerJob`] at the runner, [`OwnerJob`] at the workflow's owner).
-//! Workflows (DAGs of jobs) come next.
+//!
+//! At a workflow's owner, [`Workflow`] plans a DAG of job specs into jobs over the instances
+//! whose capabilities match ([`Candidate`], [`select_runners`]): one job per runner (batch) or
+//! per dataset item (single-file), dispatched once the results they read are stored, retried
+//! after a lost runner or a failed executor, cancelled together when one fails for good.
 //!
 //! It is sans-IO: no sockets, no files, no clock reads, no threads, no randomness of its own.
 //! Time arrives as [`Timestamp`](kaapana_protocol::Timestamp) arguments and everything else as
@@ -14,12 +18,19 @@
 //! `kaapana-protocol`'s.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod capability;
 mod job;
 mod policy;
 mod registry;
+mod workflow;
 
+pub use capability::{Candidate, select_runners};
 pub use job::{
     OwnerJob, RunnerCommand, RunnerEvent, RunnerJob, TransitionError, Update, UpdateError,
 };
 pub use policy::{AllowList, Denial, Execution, Policy};
 pub use registry::{InstanceRef, RegisteredInstance, Registry, RegistryError};
+pub use workflow::{
+    JobCounts, MAX_INPUTS, PlanError, Step, Workflow, WorkflowCommand, WorkflowEvent, WorkflowJob,
+    WorkflowState, job_id,
+};
