@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Site, TestPeer, federation};
+use common::{Daemon, Site, TestPeer, federation};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kaapana_node::blobs::hash_file;
 use kaapana_node::net::results::{SendOutcome, send_result};
@@ -217,11 +217,11 @@ fn raw_libp2p_stream(size: u64) -> Duration {
 
 // ----- /kaapana/results/1 -----
 
-fn signed_result(runner: &Site, blob: BlobRef) -> Signed<ResultManifest> {
+fn signed_result(runner: &Site, blob: BlobRef, job: JobId) -> Signed<ResultManifest> {
     let t = Timestamp::from_system_time(SystemTime::now());
     let manifest = ResultManifest {
         header: Header::new(t, Duration::from_secs(3600)),
-        job_id: JobId::from_bytes([5; 16]),
+        job_id: job,
         workflow_id: WorkflowId::from_bytes([6; 16]),
         attempt: 0,
         exit: ExitStatus::Exited(0),
@@ -234,6 +234,7 @@ fn signed_result(runner: &Site, blob: BlobRef) -> Signed<ResultManifest> {
 
 fn results_protocol(
     owner: &Site,
+    daemon: &Daemon,
     runner: &Site,
     bundle: &Path,
     blob: BlobRef,
@@ -248,7 +249,7 @@ fn results_protocol(
         peer.allow(owner);
     }
     peer.connect(owner, Duration::from_secs(30));
-    let signed = signed_result(runner, blob);
+    let signed = signed_result(runner, blob, daemon.submit_placeholder_job(&runner.name));
     let start = Instant::now();
     let outcome =
         peer.block_on(send_result(peer.stream_control(), owner.peer_id(), &signed, bundle));
@@ -333,18 +334,18 @@ fn main() {
     let ours = line(
         "/kaapana/results/1 TCP: runner -> owner daemon, stored",
         size,
-        results_protocol(owner, runner, &bundle, blob, false),
+        results_protocol(owner, &daemon, runner, &bundle, blob, false),
     );
     let ours_quic = line(
         "/kaapana/results/1 QUIC: runner -> owner daemon, stored",
         size,
-        results_protocol(owner, runner, &bundle, blob, true),
+        results_protocol(owner, &daemon, runner, &bundle, blob, true),
     );
-    let ours_tmpfs = shm.as_ref().map(|(_, sites, _)| {
+    let ours_tmpfs = shm.as_ref().map(|(_, sites, daemon)| {
         line(
             "/kaapana/results/1 TCP, owner's data dir on tmpfs (no disk)",
             size,
-            results_protocol(&sites[0], &sites[1], &bundle, blob, false),
+            results_protocol(&sites[0], daemon, &sites[1], &bundle, blob, false),
         )
     });
     line("SHA-256 alone (ring, one core)", size, sha256_alone(size));

@@ -19,6 +19,13 @@
 //! | `POST /v1/jobs/{id}/approve`, `POST /v1/jobs/{id}/reject` | decide on a job waiting for approval |
 //! | `GET /v1/jobs/{id}/result` | a submitted job's verified result: exit status, bundle and log files |
 //! | `GET /v1/jobs/{id}/log` | a job's log: the runner's copy (if it shared it) or this instance's own |
+//! | `GET /v1/workflows` | workflows this instance owns, with their state |
+//! | `POST /v1/workflows` | plan, sign and start a workflow from its TOML file ([`SubmitWorkflowRequest`]) |
+//! | `GET /v1/workflows/{id}` | one workflow: its steps and jobs with state, runner and result |
+//! | `POST /v1/workflows/{id}/cancel` | cancel a workflow: its jobs stop at every runner |
+//! | `GET /v1/datasets` | the site's datasets: name, provider, location, items, size |
+//! | `POST /v1/datasets` | register a dataset folder ([`AddDatasetRequest`]) |
+//! | `DELETE /v1/datasets/{name}` | forget a dataset (its files stay) |
 //! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
 
 use std::sync::Arc;
@@ -283,6 +290,11 @@ pub async fn serve(
         .route("/jobs/{id}/reject", post(reject_job))
         .route("/jobs/{id}/result", get(job_result))
         .route("/jobs/{id}/log", get(job_log))
+        .route("/workflows", get(list_workflows).post(submit_workflow))
+        .route("/workflows/{id}", get(show_workflow))
+        .route("/workflows/{id}/cancel", post(cancel_workflow))
+        .route("/datasets", get(list_datasets).post(add_dataset))
+        .route("/datasets/{name}", axum::routing::delete(remove_dataset))
         .route("/events", get(events))
         .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
     let app = Router::new()
@@ -366,6 +378,237 @@ async fn add_instance(
     )?;
     state.add_instance(inst.clone()).await?;
     Ok((StatusCode::CREATED, Json(InstanceView::new(&inst, Some(&PeerStatus::default()), 0))))
+}
+
+/// `POST /v1/workflows`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitWorkflowRequest {
+    /// The workflow file's text (TOML, see [`crate::workflow_file`]).
+    pub toml: String,
+}
+
+/// One job of a workflow as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowJobView {
+    /// The job's name (its step's name, or `<step>-<k>` when a step has several jobs).
+    pub name: String,
+    /// Its step's name.
+    pub step: String,
+    /// The current attempt's job id.
+    pub job_id: String,
+    /// The runner-instance's name.
+    pub runner: String,
+    /// Which attempt (0 = the first).
+    pub attempt: u32,
+    /// Its state (`waiting` while its inputs or a slot are not ready).
+    pub state: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Its result bundle's digest, once stored here.
+    pub result: Option<String>,
+}
+
+/// A workflow as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowView {
+    /// The workflow.
+    pub workflow_id: String,
+    /// Its name.
+    pub name: String,
+    /// `running`, `finished`, `failed` or `cancelled`.
+    pub state: String,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Its jobs by state, e.g. `2 running, 1 finished`.
+    pub progress: String,
+    /// When it was submitted.
+    pub created_at: String,
+    /// When it ended.
+    pub ended_at: Option<String>,
+    /// Steps: name and the steps it reads.
+    pub steps: Vec<(String, Vec<String>)>,
+    /// Its jobs, in step order.
+    pub jobs: Vec<WorkflowJobView>,
+}
+
+impl WorkflowView {
+    /// The view of a workflow.
+    pub fn new(w: &kaapana_federation::Workflow) -> Self {
+        let step_name = |i: usize| w.steps.get(i).map(|s| s.spec.name.clone()).unwrap_or_default();
+        Self {
+            workflow_id: w.workflow_id.to_string(),
+            name: w.name.clone(),
+            state: w.state.to_string(),
+            reason: w.reason.clone(),
+            progress: w.counts().to_string(),
+            created_at: w.created_at.to_string(),
+            ended_at: w.ended_at.map(|t| t.to_string()),
+            steps: w.steps.iter().map(|s| (s.spec.name.clone(), s.spec.inputs.clone())).collect(),
+            jobs: w
+                .jobs
+                .iter()
+                .map(|j| WorkflowJobView {
+                    name: j.name.clone(),
+                    step: step_name(j.step),
+                    job_id: j.job_id.to_string(),
+                    runner: j.runner_name.clone(),
+                    attempt: j.attempt,
+                    state: if j.dispatched || j.state.is_terminal() {
+                        state_word(j.state)
+                    } else {
+                        "waiting".into()
+                    },
+                    reason: j.reason.clone(),
+                    result: j.result.map(|b| b.digest.to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
+    use crate::daemon::WorkflowError as E;
+    let status = match &e {
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Plan(_) | E::InputsAtOwnerOnly(_) => StatusCode::BAD_REQUEST,
+        E::Ended(..) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
+    id.parse().map_err(|e: kaapana_protocol::ValidationError| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    })
+}
+
+async fn list_workflows(State(state): State<Arc<NodeState>>) -> ApiResult<Json<Vec<WorkflowView>>> {
+    let mut all = state.store.workflows().map_err(|e| ApiError::from(AdminError::from(e)))?;
+    all.sort_by_key(|r| r.workflow.created_at);
+    Ok(Json(all.iter().map(|r| WorkflowView::new(&r.workflow)).collect()))
+}
+
+async fn submit_workflow(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<SubmitWorkflowRequest>,
+) -> ApiResult<(StatusCode, Json<WorkflowView>)> {
+    let bad = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
+    let file = crate::workflow_file::WorkflowFile::parse(&req.toml).map_err(|e| bad(&e))?;
+    let id = WorkflowId::from_bytes(random_bytes()?);
+    let manifest = {
+        let registry = state.registry();
+        let resolve = |name: &str| {
+            if name == state.name {
+                return Some(state.instance_id);
+            }
+            registry.iter().find(|i| i.name == name).map(|i| i.instance_id)
+        };
+        file.to_manifest(id, state.instance_id, crate::daemon::workflow_header(now()), &resolve)
+            .map_err(|e| bad(&e))?
+    };
+    let workflow =
+        crate::daemon::submit_workflow(&state, manifest).await.map_err(workflow_error)?;
+    Ok((StatusCode::CREATED, Json(WorkflowView::new(&workflow))))
+}
+
+async fn show_workflow(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<WorkflowView>> {
+    let id = parse_workflow(&id)?;
+    let record = state
+        .store
+        .workflow(&id)
+        .map_err(|e| ApiError::from(AdminError::from(e)))?
+        .ok_or_else(|| workflow_error(crate::daemon::WorkflowError::NotFound(id)))?;
+    Ok(Json(WorkflowView::new(&record.workflow)))
+}
+
+async fn cancel_workflow(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<WorkflowView>> {
+    let id = parse_workflow(&id)?;
+    let by = state.name.clone();
+    let w = crate::daemon::cancel_workflow(&state, id, by).await.map_err(workflow_error)?;
+    Ok(Json(WorkflowView::new(&w)))
+}
+
+/// A dataset as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetView {
+    /// Its name.
+    pub name: String,
+    /// Its provider (`directory`).
+    pub provider: String,
+    /// Where it is.
+    pub location: String,
+    /// How many items (DICOM series) it holds; `None` if it cannot be read.
+    pub items: Option<u64>,
+    /// Their total size in bytes.
+    pub bytes: Option<u64>,
+    /// Why it cannot be read.
+    pub error: Option<String>,
+}
+
+impl DatasetView {
+    /// The view of a registered dataset.
+    pub fn new(name: &str, e: &crate::datasets::DatasetEntry) -> Self {
+        Self {
+            name: name.to_owned(),
+            provider: e.provider.kind().to_owned(),
+            location: e.provider.location(),
+            items: e.scan.as_ref().map(|s| s.items.len() as u64),
+            bytes: e.scan.as_ref().map(|s| s.bytes),
+            error: e.error.clone(),
+        }
+    }
+}
+
+/// `POST /v1/datasets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddDatasetRequest {
+    /// Its name, as peers will see it.
+    pub name: String,
+    /// The folder, with one sub-folder per item; an absolute path on the daemon's host.
+    pub folder: std::path::PathBuf,
+}
+
+fn dataset_error(e: crate::datasets::DatasetError) -> ApiError {
+    use crate::datasets::DatasetError as E;
+    let status = match &e {
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Exists { .. } => StatusCode::CONFLICT,
+        E::BadName(_) | E::BadFolder { .. } | E::Io { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+async fn list_datasets(State(state): State<Arc<NodeState>>) -> Json<Vec<DatasetView>> {
+    let d = state.datasets();
+    Json(d.entries().iter().map(|(n, e)| DatasetView::new(n, e)).collect())
+}
+
+async fn add_dataset(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<AddDatasetRequest>,
+) -> ApiResult<(StatusCode, Json<DatasetView>)> {
+    state.add_dataset(&req.name, &req.folder).await.map_err(dataset_error)?;
+    let d = state.datasets();
+    let e = d.entries().get(&req.name).ok_or_else(|| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the dataset vanished while added")
+    })?;
+    Ok((StatusCode::CREATED, Json(DatasetView::new(&req.name, e))))
+}
+
+async fn remove_dataset(
+    State(state): State<Arc<NodeState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    state.remove_dataset(&name).await.map_err(dataset_error)?;
+    Ok(Json(serde_json::json!({ "removed": name })))
 }
 
 async fn remove_instance(

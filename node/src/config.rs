@@ -48,6 +48,29 @@ pub struct Config {
     /// Where jobs run.
     #[serde(default)]
     pub executor: ExecutorSection,
+    /// Workflows this instance owns.
+    #[serde(default)]
+    pub workflows: WorkflowSection,
+}
+
+/// `[workflows]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSection {
+    /// After how many seconds out of reach a runner counts as lost: its jobs whose runner was
+    /// chosen by a capability query move to another matching instance (if their retries allow).
+    #[serde(default = "default_runner_lost_after")]
+    pub runner_lost_after_secs: u64,
+}
+
+const fn default_runner_lost_after() -> u64 {
+    300
+}
+
+impl Default for WorkflowSection {
+    fn default() -> Self {
+        Self { runner_lost_after_secs: default_runner_lost_after() }
+    }
 }
 
 /// `[executor]`
@@ -169,6 +192,7 @@ impl Config {
             api: ApiConfig::default(),
             trust: TrustConfig::default(),
             executor: ExecutorSection::default(),
+            workflows: WorkflowSection::default(),
         }
     }
 
@@ -227,7 +251,13 @@ kind = {kind:?}
 # ["registry.site.local:5000/kaapana/jobs"]; plain HTTP only with insecure_registry = true.
 pull_from = [{pull_from}]
 insecure_registry = {insecure}
+
+[workflows]
+# Seconds a runner may be out of reach before its jobs that were placed by a capability query
+# move to another matching instance (within the job's retries).
+runner_lost_after_secs = {lost}
 "#,
+            lost = self.workflows.runner_lost_after_secs,
             name = self.instance.name,
             listen = list(&self.network.listen),
             advertise = list(&self.network.advertise),

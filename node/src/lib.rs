@@ -1,7 +1,7 @@
 //! The kaapana-node daemon and CLI: everything that does I/O for one Kaapana instance.
 //!
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
-//! store ([`store`], redb behind a small typed API), the administrative commands
+//! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
 //! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); jobs run in containers through
 //! [`executor`] (containerd: a configured one, or the node's own child process). It drives
@@ -17,7 +17,9 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data_dir;
+pub mod datasets;
 pub mod executor;
 pub mod metrics;
 pub mod net;
 pub mod store;
+pub mod workflow_file;

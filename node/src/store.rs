@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kaapana_federation::{RegisteredInstance, Registry};
-use kaapana_protocol::{InstanceId, JobId, ManifestId, Timestamp};
+use kaapana_protocol::{InstanceId, JobId, ManifestId, Timestamp, WorkflowId};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{Table, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -67,6 +67,10 @@ const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq
 /// Results received as a workflow's owner: `JobId` bytes → the runner's signed
 /// `ResultManifest` envelope (its bundle is in the blob store, see [`crate::blobs`]).
 const RESULTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("results");
+/// Datasets registered at this site: name → postcard of [`DatasetRecord`].
+const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+/// Workflows this node owns: `WorkflowId` bytes → postcard of [`WorkflowRecord`].
+const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
@@ -172,6 +176,35 @@ pub enum WriteOp {
     PutRunnerJob(Box<RunnerJobRecord>),
     /// Inserts or replaces a job this node submitted. Answers [`WriteOutcome::Done`].
     PutOwnerJob(Box<OwnerJobRecord>),
+    /// Inserts or replaces a registered dataset (by name). Answers [`WriteOutcome::Done`].
+    PutDataset(DatasetRecord),
+    /// Forgets a registered dataset (its files stay). Answers [`WriteOutcome::Done`].
+    RemoveDataset(String),
+    /// Inserts or replaces a workflow this node owns. Answers [`WriteOutcome::Done`].
+    PutWorkflow(Box<WorkflowRecord>),
+}
+
+/// A workflow this node owns, with the signed manifest it was planned from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkflowRecord {
+    /// Its state and jobs.
+    pub workflow: kaapana_federation::Workflow,
+    /// The signed `WorkflowManifest` envelope.
+    #[serde(with = "serde_bytes_vec")]
+    pub manifest: Vec<u8>,
+}
+
+/// A dataset registered at this site: where its provider finds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetRecord {
+    /// Its name, as advertised to peers.
+    pub name: String,
+    /// Its provider (`directory`).
+    pub provider: String,
+    /// Where the provider finds it (for `directory`: the folder with one sub-folder per item).
+    pub location: String,
+    /// When it was registered.
+    pub added_at: Timestamp,
 }
 
 /// A job this node runs for another instance, with the manifest it came in.
@@ -553,7 +586,7 @@ impl Store {
 
     /// A job this node runs.
     pub fn runner_job(&self, id: &JobId) -> Result<Option<RunnerJobRecord>, StoreError> {
-        self.get_job(RUNNER_JOBS, "runner_jobs", id)
+        self.get_job(RUNNER_JOBS, "runner_jobs", id.as_bytes())
     }
 
     /// Every job this node runs or ran.
@@ -563,7 +596,7 @@ impl Store {
 
     /// A job this node submitted.
     pub fn owner_job(&self, id: &JobId) -> Result<Option<OwnerJobRecord>, StoreError> {
-        self.get_job(OWNER_JOBS, "owner_jobs", id)
+        self.get_job(OWNER_JOBS, "owner_jobs", id.as_bytes())
     }
 
     /// Every job this node submitted.
@@ -571,15 +604,16 @@ impl Store {
         self.all_jobs(OWNER_JOBS, "owner_jobs")
     }
 
+    /// A value of a table keyed by a 16-byte id (jobs, workflows).
     fn get_job<T: serde::de::DeserializeOwned>(
         &self,
         table: TableDefinition<&[u8; 16], &[u8]>,
         name: &'static str,
-        id: &JobId,
+        key: &[u8; 16],
     ) -> Result<Option<T>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
         let t = txn.open_table(table).map_err(backend)?;
-        match t.get(id.as_bytes()).map_err(backend)? {
+        match t.get(key).map_err(backend)? {
             Some(v) => postcard::from_bytes(v.value())
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt { table: name, detail: e.to_string() }),
@@ -600,6 +634,33 @@ impl Store {
             out.push(
                 postcard::from_bytes(v.value())
                     .map_err(|e| StoreError::Corrupt { table: name, detail: e.to_string() })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// A workflow this node owns.
+    pub fn workflow(&self, id: &WorkflowId) -> Result<Option<WorkflowRecord>, StoreError> {
+        self.get_job(WORKFLOWS, "workflows", id.as_bytes())
+    }
+
+    /// Every workflow this node owns.
+    pub fn workflows(&self) -> Result<Vec<WorkflowRecord>, StoreError> {
+        self.all_jobs(WORKFLOWS, "workflows")
+    }
+
+    /// Every registered dataset, ordered by name.
+    pub fn datasets(&self) -> Result<Vec<DatasetRecord>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(DATASETS).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            out.push(
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "datasets",
+                    detail: e.to_string(),
+                })?,
             );
         }
         Ok(out)
@@ -729,6 +790,8 @@ struct Tables<'txn> {
     results: Table<'txn, &'static [u8], &'static [u8]>,
     runner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
     owner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
+    datasets: Table<'txn, &'static str, &'static [u8]>,
+    workflows: Table<'txn, &'static [u8; 16], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -745,6 +808,8 @@ impl<'txn> Tables<'txn> {
             results: txn.open_table(RESULTS).map_err(backend)?,
             runner_jobs: txn.open_table(RUNNER_JOBS).map_err(backend)?,
             owner_jobs: txn.open_table(OWNER_JOBS).map_err(backend)?,
+            datasets: txn.open_table(DATASETS).map_err(backend)?,
+            workflows: txn.open_table(WORKFLOWS).map_err(backend)?,
         })
     }
 
@@ -846,6 +911,22 @@ impl<'txn> Tables<'txn> {
             WriteOp::PutResult { job, envelope } => {
                 let key = job.as_bytes().as_slice();
                 self.results.insert(key, envelope.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutDataset(d) => {
+                let value = postcard::to_allocvec(d).map_err(backend)?;
+                self.datasets.insert(d.name.as_str(), value.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::RemoveDataset(name) => {
+                self.datasets.remove(name.as_str()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutWorkflow(w) => {
+                let value = postcard::to_allocvec(w.as_ref()).map_err(backend)?;
+                self.workflows
+                    .insert(w.workflow.workflow_id.as_bytes(), value.as_slice())
+                    .map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
         }

@@ -180,17 +180,21 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
     let image = tar.digest.to_string();
     assert!(out.contains(&image), "{out}");
     assert!(b.ok(&["image", "list"]).contains(&image));
-    // site-b's dataset: a few files of random bytes.
-    let dataset = b.dir.join("datasets").join("lung-ct");
-    std::fs::create_dir_all(&dataset).unwrap();
+    // site-b's dataset: three series (item folders), each a file of patterned bytes,
+    // registered through the CLI.
+    let dataset = tmp.path().join("lung-ct");
     let mut expected = String::new();
     for (i, len) in [1000usize, 1 << 20, 3].iter().enumerate() {
         let bytes: Vec<u8> = (0..*len).map(|j| (j * 31 + i * 7) as u8).collect();
-        let name = format!("series-{i}.dcm");
-        std::fs::write(dataset.join(&name), &bytes).unwrap();
+        let item = format!("1.2.826.0.1.{i}");
+        std::fs::create_dir_all(dataset.join(&item)).unwrap();
+        std::fs::write(dataset.join(&item).join("image.dcm"), &bytes).unwrap();
         let digest = kaapana_protocol::Sha256Digest::of(&bytes).hex();
-        expected.push_str(&format!("{digest}  {name}\n"));
+        expected.push_str(&format!("{digest}  {item}/image.dcm\n"));
     }
+    let added = b.ok(&["dataset", "add", "lung-ct", dataset.to_str().unwrap()]);
+    assert!(added.contains("3 items"), "{added}");
+    assert!(b.ok(&["dataset", "list"]).contains("lung-ct"));
     let da = a.start();
     let mut db = b.start();
     da.wait_until("connected", T, |d| d.is_connected_to("site-b"));
@@ -201,7 +205,7 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
         "stats",
         Some("lung-ct"),
         &image,
-        &["sh", "-c", "cd /input && sha256sum * > /output/hashes.txt && echo hashed-the-input"],
+        &["sh", "-c", "cd /input && sha256sum */* > /output/hashes.txt && echo hashed-the-input"],
         60,
     );
     let view = wait_state(&da, &ok.job_id, "finished");
@@ -213,7 +217,11 @@ fn jobs_run_on_the_runners_containerd_and_survive_a_runner_crash() {
     let out = a.ok(&["job", "result", &ok.job_id, "--out", unpacked.to_str().unwrap()]);
     assert!(out.contains("verified"), "{out}");
     assert_eq!(std::fs::read_to_string(unpacked.join("hashes.txt")).unwrap(), expected);
-    // The runner shares logs with site-a: the job's stdout is visible at the owner.
+    // The runner shares logs with site-a: the job's stdout is visible at the owner (the log
+    // follows the bundle on its own stream).
+    da.wait_until("the log", T, |d| {
+        d.api().get_text(&format!("/v1/jobs/{}/log", ok.job_id)).is_ok_and(|l| !l.is_empty())
+    });
     let log = a.ok(&["job", "logs", &ok.job_id]);
     assert!(log.contains("hashed-the-input"), "{log}");
 

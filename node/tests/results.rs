@@ -85,6 +85,11 @@ impl Setup {
         self.daemon.as_ref().unwrap()
     }
 
+    /// A job the owner submits to the runner (the owner stores results only of its own jobs).
+    fn submitted_job(&self) -> JobId {
+        self.daemon().submit_placeholder_job("runner")
+    }
+
     /// A random bundle file of `size` bytes and its reference.
     fn bundle(&self, name: &str, size: usize) -> (PathBuf, BlobRef) {
         let path = self.root.join(name);
@@ -157,7 +162,7 @@ fn rejected(r: Result<SendOutcome, ResultError>) -> (RejectCode, String) {
 fn a_bundle_arrives_byte_identical_and_the_result_is_recorded() {
     let mut s = Setup::new(false);
     let (file, blob) = s.bundle("bundle.tar", 20 * MIB);
-    let job = random_job();
+    let job = s.submitted_job();
     let signed = s.signed(job, blob);
     let before = s.daemon().last_event();
 
@@ -193,7 +198,7 @@ fn a_bundle_arrives_byte_identical_and_the_result_is_recorded() {
 fn a_bundle_arrives_over_quic() {
     let s = Setup::new(true);
     let (file, blob) = s.bundle("bundle.tar", 20 * MIB);
-    let signed = s.signed(random_job(), blob);
+    let signed = s.signed(s.submitted_job(), blob);
     let outcome = s.send(&signed, &file).unwrap();
     assert_eq!(outcome, SendOutcome::Stored { resumed_from: 0, sent: blob.size });
     assert_same_file(&s.stored_path(&blob), &file);
@@ -203,7 +208,7 @@ fn a_bundle_arrives_over_quic() {
 fn an_interrupted_transfer_resumes_where_the_owner_stands() {
     let mut s = Setup::new(false);
     let (file, blob) = s.bundle("bundle.tar", 20 * MIB);
-    let job = random_job();
+    let job = s.submitted_job();
     let signed = s.signed(job, blob);
     let before = s.daemon().last_event();
 
@@ -232,7 +237,7 @@ fn an_interrupted_transfer_resumes_where_the_owner_stands() {
 fn a_tampered_bundle_is_rejected_and_nothing_is_kept() {
     let mut s = Setup::new(false);
     let (file, blob) = s.bundle("bundle.tar", 4 * MIB);
-    let job = random_job();
+    let job = s.submitted_job();
     let signed = s.signed(job, blob);
     // Same size, one bit flipped in the middle.
     let mut bytes = std::fs::read(&file).unwrap();
@@ -260,7 +265,7 @@ fn a_tampered_bundle_is_rejected_and_nothing_is_kept() {
 fn a_manifest_of_an_unknown_signer_or_tampered_is_rejected_before_any_byte() {
     let mut s = Setup::new(false);
     let (file, blob) = s.bundle("bundle.tar", 2 * MIB);
-    let job = random_job();
+    let job = s.submitted_job();
 
     // Signed by a key the owner never registered (sent by the registered runner).
     let stranger = kaapana_certs::Identity::generate().unwrap();
@@ -322,4 +327,15 @@ fn a_manifest_of_an_unknown_signer_or_tampered_is_rejected_before_any_byte() {
     assert_eq!(d.metric(r#"kaapana_node_rejections_total{reason="bad_signature"}"#), 1.0);
     let store = s.stop_and_open_store();
     assert_eq!(store.result(&job).unwrap(), None);
+}
+
+#[test]
+fn a_result_for_a_job_the_owner_did_not_submit_to_that_runner_is_refused() {
+    let s = Setup::new(false);
+    let (file, blob) = s.bundle("bundle.tar", MIB);
+    let (reason, detail) = rejected(s.send(&s.signed(random_job(), blob), &file));
+    assert_eq!(reason, RejectCode::NotYourJob, "{detail}");
+    assert!(detail.contains("was not submitted to"), "{detail}");
+    assert!(s.files_in("sha256").is_empty(), "nothing may be kept");
+    assert_eq!(s.daemon().metric("kaapana_node_rejections_total{reason=\"not_your_job\"}"), 1.0);
 }

@@ -2,8 +2,8 @@
 //! machine: image check → started → exited (or executor failure).
 //!
 //! Each job gets `DATA_DIR/jobs/<job id>/` with `output/` (mounted writable at `/output`) and
-//! `job.log` (its stdout and stderr). Its dataset, `DATA_DIR/datasets/<name>/`, is mounted
-//! read-only at `/input`.
+//! `job.log` (its stdout and stderr). Its dataset (see [`crate::datasets`]) is mounted read-only
+//! at `/input`; a single-file job sees only its item, at `/input/<item>/`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use kaapana_protocol::{Header, JobId, JobManifest, JobTimings, ResultManifest, S
 use super::jobs::{JobError, runner_event};
 use super::{NodeState, now};
 use crate::blobs::BlobStore;
+use crate::datasets::JobData;
 use crate::executor::JobRun;
 use crate::net::results::{ResultPart, SendOptions, send_result_part};
 
@@ -68,22 +69,39 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     if let Err(why) = ensure_image(state, executor.as_ref(), &manifest.image).await {
         return fail(state, job_id, why).await;
     }
-    // Datasets are folders under DATA_DIR/datasets/<name>/ (one sub-folder per item).
-    let input = match &manifest.dataset {
+    // The dataset's folder at /input (batch), or the one item at /input/<item>/ (single-file).
+    let (input, upstream) = match &manifest.dataset {
         Some(d) => {
-            let dir = state.files.dir.root().join("datasets").join(&d.name);
-            if !dir.is_dir() {
-                let why = format!("dataset {} is not available at {}", d.name, state.name);
-                return fail(state, job_id, why).await;
+            let resolved = state.datasets().resolve(&manifest.owner, &d.name, d.item.as_ref());
+            match resolved {
+                Ok(JobData::Dataset(dir)) => (Some(dir), Vec::new()),
+                Ok(JobData::Item { item, folder }) => (None, vec![(item, folder)]),
+                Err(e) => {
+                    let why = format!("dataset {} is not available at {}: {e}", d.name, state.name);
+                    return fail(state, job_id, why).await;
+                }
             }
-            Some(dir)
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     let dir = job_dir(state, &job_id);
     let output = dir.join("output");
     if let Err(e) = std::fs::create_dir_all(&output) {
         return fail(state, job_id, format!("cannot create {}: {e}", output.display())).await;
+    }
+    // Upstream results, unpacked from the blob store, at /input/<job name>/.
+    let mut upstream = upstream;
+    if !manifest.inputs.is_empty() {
+        let (inputs, into) = (manifest.inputs.clone(), dir.join("inputs"));
+        let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string());
+        let unpacked = tokio::task::spawn_blocking(move || unpack_inputs(&blobs?, &inputs, &into))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match unpacked {
+            Ok(folders) => upstream.extend(folders),
+            Err(why) => return fail(state, job_id, why).await,
+        }
     }
     runner_event(state, job_id, RunnerEvent::Started).await?;
     let outcome = executor
@@ -93,7 +111,7 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             command: manifest.command.clone(),
             env: manifest.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
             input,
-            upstream: Vec::new(),
+            upstream,
             output,
             log: dir.join("job.log"),
             limits: manifest.limits,
@@ -119,6 +137,39 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         }
         Err(e) => fail(state, job_id, e.to_string()).await,
     }
+}
+
+/// Unpacks each upstream result bundle into `into/<job name>/`; the bundles must be in this
+/// instance's blob store (they are at the workflow's owner, which stored them when they came).
+fn unpack_inputs(
+    blobs: &BlobStore,
+    inputs: &[kaapana_protocol::InputBundle],
+    into: &std::path::Path,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let Some(path) = blobs.path(&input.bundle.digest) else {
+            return Err(format!(
+                "the result of upstream job {} ({}) is not stored at this instance; upstream \
+                 results can only be read at the workflow's owner",
+                input.job_name, input.job_id
+            ));
+        };
+        let folder = into.join(&input.job_name);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder)
+                .map_err(|e| format!("cannot clear {}: {e}", folder.display()))?;
+        }
+        std::fs::create_dir_all(&folder)
+            .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        tar::Archive::new(file).unpack(&folder).map_err(|e| {
+            format!("cannot unpack the result of upstream job {}: {e}", input.job_name)
+        })?;
+        out.push((input.job_name.clone(), folder));
+    }
+    Ok(out)
 }
 
 /// How long a signed result stays valid (it may wait for an owner that is away).
@@ -163,6 +214,14 @@ async fn deliver_result(
     };
     let signed = state.sign(&manifest).map_err(|e| e.to_string())?;
     write_durably(&dir.join("result.manifest"), signed.as_bytes())?;
+    if job.owner == state.instance_id {
+        // A job of this instance's own workflow: its bundle is in the blob store already.
+        super::workflows::record_result(state, &job.owner, &signed, &manifest, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::write(dir.join("result.sent"), b"");
+        return Ok(());
+    }
     send_until_stored(state, job.owner, &signed, &bundle_path, log.map(|_| log_path)).await
 }
 
@@ -254,7 +313,20 @@ pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::R
         signed.verify_stored().ok().and_then(|v| v.payload().log).map(|_| dir.join("job.log"));
     let (s, owner) = (Arc::clone(state), job.owner);
     tokio::spawn(async move {
-        if let Err(e) = send_until_stored(&s, owner, &signed, &bundle, log).await {
+        let sent = if owner == s.instance_id {
+            match signed.verify_stored() {
+                Ok(v) => super::workflows::record_result(&s, &owner, &signed, v.payload(), true)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|()| {
+                        let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
+                    }),
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            send_until_stored(&s, owner, &signed, &bundle, log).await
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "result not resent");
         }
     });

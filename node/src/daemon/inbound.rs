@@ -100,7 +100,7 @@ pub(super) async fn handle(
         if !inbox.is_empty() {
             ops.push(WriteOp::AppendInbox(inbox));
         }
-        ops.append(&mut prepared.ops);
+        ops.append(&mut prepared.take_ops());
         let written = state.store.write_async(ops).await;
         if written.is_ok() {
             std::mem::take(&mut prepared.after).run(state);

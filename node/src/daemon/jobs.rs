@@ -6,16 +6,18 @@
 //! transition in order as soon as it is reachable. One async lock serialises job changes, so
 //! that read-modify-write of a job record never interleaves.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kaapana_federation::{AllowList, Execution, Policy};
 use kaapana_federation::{OwnerJob, RunnerCommand, RunnerEvent, RunnerJob, Update};
 use kaapana_protocol::{
-    AnyVerified, Header, InstanceId, JobId, JobManifest, JobUpdate, Signed, Timestamp,
+    AnyVerified, Header, InstanceId, JobId, JobManifest, JobUpdate, Signed, Timestamp, WorkflowId,
 };
 
 use super::{NodeState, now};
-use crate::store::{OwnerJobRecord, RunnerJobRecord, StoreError, WriteOp};
+use crate::store::{OwnerJobRecord, RunnerJobRecord, StoreError, WorkflowRecord, WriteOp};
 
 /// How long job updates stay valid (they may wait in the outbox while the owner is away).
 const UPDATE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -45,10 +47,18 @@ pub(crate) struct AfterCommit {
     wake: Vec<InstanceId>,
     execute: Vec<JobId>,
     kill: Vec<JobId>,
-    events: Vec<(&'static str, Option<InstanceId>, String)>,
+    pub(crate) events: Vec<(&'static str, Option<InstanceId>, String)>,
 }
 
 impl AfterCommit {
+    /// One more message queued for `peer`: count it and wake its outbox worker.
+    pub(crate) fn queued_one(&mut self, peer: InstanceId) {
+        self.queued += 1;
+        if !self.wake.contains(&peer) {
+            self.wake.push(peer);
+        }
+    }
+
     /// Carries the follow-ups out.
     pub(crate) fn run(self, state: &Arc<NodeState>) {
         state.metrics.outbox_depth.inc_by(i64::try_from(self.queued).unwrap_or(i64::MAX));
@@ -69,12 +79,62 @@ impl AfterCommit {
 
 /// Store operations and follow-ups for accepted job messages, to be committed together with
 /// the messages themselves.
+///
+/// Owner-side job and workflow records changed while preparing are kept here, not in the
+/// store, until the commit: a later message of the same batch reads them from here
+/// ([`Prepared::owner_job`], [`Prepared::workflow`]), so no change is lost to a stale read.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
     /// Written in the same commit as the messages.
     pub(crate) ops: Vec<WriteOp>,
     /// Done after that commit.
     pub(crate) after: AfterCommit,
+    owner_jobs: HashMap<JobId, OwnerJobRecord>,
+    workflows: HashMap<WorkflowId, WorkflowRecord>,
+}
+
+impl Prepared {
+    /// The owner-side record of `id`, as changed so far in this batch.
+    pub(crate) fn owner_job(
+        &self,
+        state: &NodeState,
+        id: &JobId,
+    ) -> Result<Option<OwnerJobRecord>, StoreError> {
+        match self.owner_jobs.get(id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => state.store.owner_job(id),
+        }
+    }
+
+    /// Keeps a changed owner-side job record for the commit.
+    pub(crate) fn put_owner_job(&mut self, record: OwnerJobRecord) {
+        self.owner_jobs.insert(record.job.job_id, record);
+    }
+
+    /// The workflow `id`, as changed so far in this batch.
+    pub(crate) fn workflow(
+        &self,
+        state: &NodeState,
+        id: &WorkflowId,
+    ) -> Result<Option<WorkflowRecord>, StoreError> {
+        match self.workflows.get(id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => state.store.workflow(id),
+        }
+    }
+
+    /// Keeps a changed workflow for the commit.
+    pub(crate) fn put_workflow(&mut self, record: WorkflowRecord) {
+        self.workflows.insert(record.workflow.workflow_id, record);
+    }
+
+    /// Every store operation of the batch, changed records last.
+    pub(crate) fn take_ops(&mut self) -> Vec<WriteOp> {
+        let mut ops = std::mem::take(&mut self.ops);
+        ops.extend(self.owner_jobs.drain().map(|(_, r)| WriteOp::PutOwnerJob(Box::new(r))));
+        ops.extend(self.workflows.drain().map(|(_, r)| WriteOp::PutWorkflow(Box::new(r))));
+        ops
+    }
 }
 
 /// Turns an accepted message into job changes (called with the jobs lock held).
@@ -121,6 +181,46 @@ fn on_job_manifest(
     apply_runner_commands(state, record, commands, now, out)
 }
 
+/// A job of this instance's own workflow that runs here (e.g. the aggregation step): it is
+/// received as a peer's would be, under the owner's own policy (everything allowed, run at
+/// once, logs kept).
+pub(crate) fn receive_local(
+    state: &NodeState,
+    job: &JobManifest,
+    envelope: &[u8],
+    now: Timestamp,
+    out: &mut Prepared,
+) -> Result<(), JobError> {
+    if state.store.runner_job(&job.job_id)?.is_some() {
+        return Ok(());
+    }
+    let own = Policy {
+        allowed_workflows: AllowList::Any,
+        allowed_datasets: AllowList::Any,
+        execution: Execution::Automatic,
+        share_logs: true,
+    };
+    let (runner_job, commands) = RunnerJob::receive(job, &state.name, &own, now);
+    out.after.events.push(("job_received", Some(state.instance_id), runner_job.to_string()));
+    let record = RunnerJobRecord { job: runner_job, manifest: envelope.to_vec() };
+    apply_runner_commands(state, record, commands, now, out)
+}
+
+/// Aborts a job of this instance's own workflow that runs here.
+pub(crate) fn abort_local(
+    state: &NodeState,
+    job_id: &JobId,
+    now: Timestamp,
+    out: &mut Prepared,
+) -> Result<(), JobError> {
+    let Some(mut record) = state.store.runner_job(job_id)? else { return Ok(()) };
+    if record.job.state.is_terminal() {
+        return Ok(());
+    }
+    let commands = record.job.handle(RunnerEvent::Aborted { by: state.name.clone() }, now)?;
+    apply_runner_commands(state, record, commands, now, out)
+}
+
 /// Queues the effects of runner commands: the record, signed updates for the owner, and
 /// executor actions.
 fn apply_runner_commands(
@@ -131,10 +231,15 @@ fn apply_runner_commands(
     out: &mut Prepared,
 ) -> Result<(), JobError> {
     let owner = record.job.owner;
+    let local = owner == state.instance_id;
     let mut updates = Vec::new();
+    let mut local_updates = Vec::new();
     for c in commands {
         match c {
             RunnerCommand::Persist => {}
+            RunnerCommand::SendUpdate(u) if local => {
+                local_updates.push(make_update(&record.job, &u, now));
+            }
             RunnerCommand::SendUpdate(u) => updates.push(sign_update(state, &record.job, &u, now)?),
             RunnerCommand::Execute => out.after.execute.push(record.job.job_id),
             RunnerCommand::Kill => out.after.kill.push(record.job.job_id),
@@ -145,6 +250,10 @@ fn apply_runner_commands(
         }
     }
     out.ops.push(WriteOp::PutRunnerJob(Box::new(record)));
+    // This instance runs a job of its own workflow: its updates apply here directly.
+    for update in local_updates {
+        on_job_update(state, owner, &update, now, out)?;
+    }
     if !updates.is_empty() {
         out.after.queued += updates.len();
         out.ops.push(WriteOp::EnqueueOutbox { peer: owner, envelopes: updates });
@@ -159,7 +268,13 @@ fn sign_update(
     u: &Update,
     now: Timestamp,
 ) -> Result<Vec<u8>, JobError> {
-    let update = JobUpdate {
+    Signed::sign(state.signing_key(), &make_update(job, u, now))
+        .map(Signed::into_bytes)
+        .map_err(|e| JobError::Sign(e.to_string()))
+}
+
+fn make_update(job: &RunnerJob, u: &Update, now: Timestamp) -> JobUpdate {
+    JobUpdate {
         header: Header::new(now, UPDATE_LIFETIME),
         job_id: job.job_id,
         workflow_id: job.workflow_id,
@@ -168,10 +283,7 @@ fn sign_update(
         state: u.state,
         reason: u.reason.as_ref().map(|r| truncate(r, kaapana_protocol::MAX_TEXT_LEN)),
         retryable: u.retryable,
-    };
-    Signed::sign(state.signing_key(), &update)
-        .map(Signed::into_bytes)
-        .map_err(|e| JobError::Sign(e.to_string()))
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -189,7 +301,7 @@ fn on_job_update(
     now: Timestamp,
     out: &mut Prepared,
 ) -> Result<(), JobError> {
-    let Some(mut record) = state.store.owner_job(&update.job_id)? else {
+    let Some(mut record) = out.owner_job(state, &update.job_id)? else {
         out.after.events.push((
             "job_update_ignored",
             Some(signer),
@@ -205,7 +317,9 @@ fn on_job_update(
                 Some(signer),
                 format!("job {} is {:?}{reason}", update.job_id, record.job.state),
             ));
-            out.ops.push(WriteOp::PutOwnerJob(Box::new(record)));
+            let job = record.job.clone();
+            out.put_owner_job(record);
+            super::workflows::on_job_changed(state, &job, now, out)?;
         }
         Ok(false) => {}
         Err(e) => out.after.events.push(("job_update_ignored", Some(signer), e.to_string())),
@@ -250,7 +364,7 @@ pub(crate) async fn runner_event(
     let job = record.job.clone();
     let mut prepared = Prepared::default();
     apply_runner_commands(state, record, commands, now, &mut prepared)?;
-    state.store.write_async(prepared.ops).await?;
+    state.store.write_async(prepared.take_ops()).await?;
     prepared.after.events.push(("job_state", Some(job.owner), job.to_string()));
     prepared.after.run(state);
     Ok(job)

@@ -11,6 +11,7 @@ mod execution;
 mod inbound;
 mod jobs;
 mod outbox;
+mod workflows;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,6 +31,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use events::{Event, EventLog};
 pub use jobs::JobError;
+pub use workflows::WorkflowError;
+pub(crate) use workflows::{
+    cancel as cancel_workflow, header as workflow_header, submit as submit_workflow,
+};
+pub(crate) use workflows::{expects_result, record_result};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;
@@ -60,6 +66,9 @@ pub enum DaemonError {
     /// The network.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The datasets could not be loaded.
+    #[error(transparent)]
+    Datasets(#[from] crate::datasets::DatasetError),
     /// The executor could not start.
     #[error(
         "{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)"
@@ -131,6 +140,10 @@ pub struct NodeState {
     jobs_lock: tokio::sync::Mutex<()>,
     /// Runs jobs; `None` on a node without a container runtime.
     executor: Option<Arc<dyn crate::executor::Executor>>,
+    /// When this daemon started.
+    started_at: Timestamp,
+    /// The site's datasets.
+    datasets: std::sync::RwLock<crate::datasets::Datasets>,
     cancel: CancellationToken,
     tasks: Mutex<Option<mpsc::UnboundedSender<InstanceId>>>,
 }
@@ -143,6 +156,61 @@ impl NodeState {
     /// A snapshot of the registry.
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    /// The site's datasets.
+    pub fn datasets(&self) -> std::sync::RwLockReadGuard<'_, crate::datasets::Datasets> {
+        self.datasets.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn datasets_mut(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, crate::datasets::Datasets> {
+        self.datasets.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a dataset folder: checks it, stores it, scans it, and shows it to the peers
+    /// whose policy allows it.
+    pub async fn add_dataset(
+        self: &Arc<Self>,
+        name: &str,
+        folder: &std::path::Path,
+    ) -> Result<(), crate::datasets::DatasetError> {
+        let existing = self.store.datasets()?;
+        let (record, provider, _) = crate::datasets::check_new(name, folder, &existing, now())?;
+        self.store.write_async(vec![WriteOp::PutDataset(record)]).await?;
+        self.datasets_mut().insert(provider);
+        self.event("dataset_added", None, format!("dataset {name}"));
+        self.readvertise();
+        Ok(())
+    }
+
+    /// Forgets a dataset (its files stay).
+    pub async fn remove_dataset(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<(), crate::datasets::DatasetError> {
+        if !self.store.datasets()?.iter().any(|d| d.name == name) {
+            return Err(crate::datasets::DatasetError::NotFound(name.into()));
+        }
+        self.store.write_async(vec![WriteOp::RemoveDataset(name.into())]).await?;
+        self.datasets_mut().remove(name);
+        self.readvertise();
+        Ok(())
+    }
+
+    /// Pushes fresh capability ads to every connected peer (after a dataset or policy change).
+    pub(crate) fn readvertise(self: &Arc<Self>) {
+        let peers: Vec<InstanceId> = self
+            .registry()
+            .iter()
+            .map(|i| i.instance_id)
+            .filter(|i| self.is_connected(i))
+            .collect();
+        for peer in peers {
+            let s = Arc::clone(self);
+            tokio::spawn(async move { s.push_capabilities(peer).await });
+        }
     }
 
     /// A snapshot of every peer's status.
@@ -175,15 +243,32 @@ impl NodeState {
 
     /// The capability ad this node shows `peer`: what that peer may use here.
     fn capability_ad(&self, peer: &RegisteredInstance) -> CapabilityAd {
+        let allowed_workflows = match &peer.policy.allowed_workflows {
+            AllowList::Any => NameScope::Any,
+            AllowList::Only(names) => NameScope::Only(names.iter().cloned().collect()),
+        };
+        let datasets = self
+            .datasets()
+            .summaries_for(&peer.instance_id, |d| peer.policy.allowed_datasets.allows(d));
+        self.make_ad(allowed_workflows, datasets)
+    }
+
+    /// The ad of this instance as a runner of its own workflows (everything allowed).
+    pub(crate) fn own_capability_ad(&self) -> CapabilityAd {
+        let datasets = self.datasets().own_summaries(&self.instance_id);
+        self.make_ad(NameScope::Any, datasets)
+    }
+
+    fn make_ad(
+        &self,
+        allowed_workflows: NameScope,
+        datasets: Vec<kaapana_protocol::DatasetSummary>,
+    ) -> CapabilityAd {
         let now = now();
         let sequence = {
             let mut seq = lock(&self.capability_sequence);
             *seq = (*seq + 1).max(now.as_millis());
             *seq
-        };
-        let allowed_workflows = match &peer.policy.allowed_workflows {
-            AllowList::Any => NameScope::Any,
-            AllowList::Only(names) => NameScope::Only(names.iter().cloned().collect()),
         };
         CapabilityAd {
             header: Header::new(now, CAPABILITY_LIFETIME),
@@ -193,9 +278,20 @@ impl NodeState {
             executors: self.executor.iter().map(|e| e.kind()).collect(),
             allowed_images: Vec::new(),
             allowed_workflows,
-            datasets: Vec::new(),
+            datasets,
             resources: local_resources(),
         }
+    }
+
+    /// How long `peer` has been out of reach: zero while connected; since the last time it was
+    /// heard from, or since this daemon started.
+    pub(crate) fn unreachable_for(&self, peer: &InstanceId, now: Timestamp) -> Duration {
+        let status = self.peer_status(peer);
+        if status.connections > 0 {
+            return Duration::ZERO;
+        }
+        let since = status.last_seen.unwrap_or(self.started_at).max(self.started_at);
+        Duration::from_millis(now.as_millis().saturating_sub(since.as_millis()))
     }
 
     /// Signs and sends this node's capability ad to `peer` (if connected). A send that fails
@@ -511,6 +607,7 @@ impl Daemon {
         }
         metrics.outbox_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
 
+        let datasets = crate::datasets::Datasets::load(&store).await?;
         let (containerd, executor) = start_executor(&files).await?;
 
         let (spawn_tx, spawn_rx) = mpsc::unbounded_channel();
@@ -530,6 +627,8 @@ impl Daemon {
             capability_sequence: Mutex::new(0),
             jobs_lock: tokio::sync::Mutex::new(()),
             executor,
+            started_at: now,
+            datasets: std::sync::RwLock::new(datasets),
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
             files,
@@ -545,6 +644,7 @@ impl Daemon {
         tasks.spawn(drive(Arc::clone(&state), events_rx));
         tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
         tasks.spawn(periodic(Arc::clone(&state)));
+        tasks.spawn(watch_runners(Arc::clone(&state)));
         tasks.spawn(net::results::serve_results(
             Arc::clone(&state),
             net.stream_control(),
@@ -745,6 +845,20 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
 }
 
 /// Re-sends capability ads before they expire and prunes expired replay ids.
+/// Every few seconds: moves jobs off runners that have been out of reach for longer than the
+/// configured grace period.
+async fn watch_runners(state: Arc<NodeState>) {
+    let grace = Duration::from_secs(state.files.config.workflows.runner_lost_after_secs);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        workflows::check_lost_runners(&state, grace).await;
+    }
+}
+
 async fn periodic(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     tick.tick().await;

@@ -69,7 +69,6 @@ use tokio_util::sync::CancellationToken;
 use crate::blobs::{BlobError, BlobStore, Upload};
 use crate::daemon::{NodeState, now};
 use crate::metrics::{KindLabel, ReasonLabel};
-use crate::store::WriteOp;
 
 /// The protocol name.
 pub const RESULTS_PROTOCOL: &str = "/kaapana/results/1";
@@ -166,6 +165,8 @@ pub enum RejectCode {
     Incomplete,
     /// The owner could not write the blob or the result: try later.
     Storage,
+    /// The result is for a job the owner did not submit to this runner.
+    NotYourJob,
 }
 
 impl RejectCode {
@@ -179,6 +180,7 @@ impl RejectCode {
             Self::Busy => "busy",
             Self::Incomplete => "incomplete",
             Self::Storage => "storage",
+            Self::NotYourJob => "not_your_job",
         }
     }
 
@@ -187,7 +189,9 @@ impl RejectCode {
         match self {
             Self::Manifest(r) => r.is_transient(),
             Self::Busy | Self::Incomplete | Self::Storage => true,
-            Self::DigestMismatch | Self::SizeMismatch | Self::NoSuchPart => false,
+            Self::DigestMismatch | Self::SizeMismatch | Self::NoSuchPart | Self::NotYourJob => {
+                false
+            }
         }
     }
 }
@@ -702,7 +706,7 @@ impl Server {
                     format!("{} is stored with {size} bytes, not {}", blob.digest, blob.size);
                 return Some((RejectCode::SizeMismatch, detail));
             }
-            if let Err(refusal) = self.record(from, signed, manifest, &what, true).await {
+            if let Err(refusal) = self.record(from, signed, manifest, part, &what, true).await {
                 return Some(refusal);
             }
             let _ = write_frame(stream, &Reply::Complete).await;
@@ -747,13 +751,15 @@ impl Server {
             (End::Broken(_) | End::Idle | End::Eof, Ok(())) => {
                 let upload = upload?;
                 match tokio::task::spawn_blocking(move || upload.finish()).await {
-                    Ok(Ok(_)) => match self.record(from, signed, manifest, &what, false).await {
-                        Ok(()) => {
-                            let _ = write_frame(stream, &Reply::Stored).await;
-                            None
+                    Ok(Ok(_)) => {
+                        match self.record(from, signed, manifest, part, &what, false).await {
+                            Ok(()) => {
+                                let _ = write_frame(stream, &Reply::Stored).await;
+                                None
+                            }
+                            Err(refusal) => Some(refusal),
                         }
-                        Err(refusal) => Some(refusal),
-                    },
+                    }
                     Ok(Err(e @ BlobError::DigestMismatch { .. })) => {
                         Some((RejectCode::DigestMismatch, format!("{what}: {e}; nothing was kept")))
                     }
@@ -783,6 +789,19 @@ impl Server {
             .verify(now(), &self.state.verify_options)
             .map_err(|e| manifest(RejectReason::from(&e), e.to_string()))?;
         let (signed, payload) = verified.into_parts();
+        match crate::daemon::expects_result(&self.state, &payload.job_id, &signer) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err((
+                    RejectCode::NotYourJob,
+                    format!(
+                        "job {} was not submitted to {signer} by this instance",
+                        payload.job_id
+                    ),
+                ));
+            }
+            Err(e) => return Err((RejectCode::Storage, e.to_string())),
+        }
         let blob = offer.part.blob(&payload).ok_or_else(|| {
             (RejectCode::NoSuchPart, format!("the manifest names no {}", offer.part.name()))
         })?;
@@ -795,11 +814,14 @@ impl Server {
         from: &InstanceId,
         signed: &Signed<ResultManifest>,
         manifest: &ResultManifest,
+        part: ResultPart,
         what: &str,
         had_blob: bool,
     ) -> Result<(), Refusal> {
-        let op = WriteOp::PutResult { job: manifest.job_id, envelope: signed.as_bytes().to_vec() };
-        if let Err(e) = self.state.store.write_async(vec![op]).await {
+        let bundle = part == ResultPart::Bundle;
+        if let Err(e) =
+            crate::daemon::record_result(&self.state, from, signed, manifest, bundle).await
+        {
             return Err((RejectCode::Storage, format!("cannot record the result: {e}")));
         }
         self.state

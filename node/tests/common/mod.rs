@@ -343,6 +343,30 @@ impl Daemon {
         }
     }
 
+    /// Submits a job that nobody will run to the instance registered as `runner` (for tests
+    /// that play the runner themselves: the owner stores results only of jobs it submitted).
+    pub fn submit_placeholder_job(&self, runner: &str) -> kaapana_protocol::JobId {
+        let job: kaapana_node::api::OwnerJobView = self
+            .api()
+            .post(
+                "/v1/jobs",
+                &kaapana_node::api::SubmitJobRequest {
+                    runner: runner.into(),
+                    workflow_name: "federated-statistics".into(),
+                    job_name: "placeholder".into(),
+                    image: format!("sha256:{}", "ab".repeat(32)),
+                    command: vec![],
+                    env: vec![],
+                    dataset: None,
+                    timeout_secs: 60,
+                    cpu_millis: 0,
+                    memory_bytes: 0,
+                },
+            )
+            .unwrap();
+        job.job_id.parse().unwrap()
+    }
+
     /// Whether the daemon shows `peer` as connected.
     pub fn is_connected_to(&self, peer: &str) -> bool {
         self.instance(peer).and_then(|i| i.connected).unwrap_or(false)

@@ -1,0 +1,344 @@
+//! End-to-end tests of cross-site workflows between real daemons on a real containerd: a site
+//! job feeding an aggregation at the owner, policy denial, approval, cancellation and
+//! single-file processing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::containerd::TestContainerd;
+use common::{Daemon, Site};
+use kaapana_node::api::{JobsView, SubmitWorkflowRequest, WorkflowView};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Two sites on one containerd: site-a (the owner, which runs aggregation steps) and site-b
+/// (the runner, with dataset `lung-ct`), registered with each other; site-b registers site-a
+/// with `policy`. The job image is imported once (both use the same containerd namespace).
+struct TwoSites {
+    ctd: TestContainerd,
+    rt: tokio::runtime::Runtime,
+    tmp: tempfile::TempDir,
+    a: Site,
+    b: Site,
+    image: String,
+    /// The value in each item of site-b's dataset, by item.
+    values: Vec<(String, u32)>,
+}
+
+fn two_sites(policy: &[&str]) -> TwoSites {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ctd = rt.block_on(TestContainerd::start());
+    let tmp = common::test_dir();
+    let root = tmp.path();
+    let a = Site::init_networked(root, "site-a");
+    let b = Site::init_networked(root, "site-b");
+    let (bundle_a, bundle_b) = (a.export(root), b.export(root));
+    a.register(&b, &bundle_b);
+    let mut args = vec!["instance", "add", bundle_a.to_str().unwrap()];
+    args.extend_from_slice(policy);
+    b.ok(&args);
+    a.set_executor(Some(ctd.containerd().socket()));
+    b.set_executor(Some(ctd.containerd().socket()));
+    let tar = common::containerd::build_busybox_image(root, "busybox", false);
+    b.ok(&["image", "import", tar.tar.to_str().unwrap()]);
+    let values = vec![
+        ("1.2.826.0.1.3680043.8.1".to_owned(), 17),
+        ("1.2.826.0.1.3680043.8.2".to_owned(), 250),
+        ("1.2.826.0.1.3680043.8.3".to_owned(), 4),
+    ];
+    let dataset = root.join("lung-ct");
+    for (item, value) in &values {
+        std::fs::create_dir_all(dataset.join(item)).unwrap();
+        std::fs::write(dataset.join(item).join("value"), format!("{value}\n")).unwrap();
+    }
+    b.ok(&["dataset", "add", "lung-ct", dataset.to_str().unwrap()]);
+    TwoSites { ctd, rt, image: tar.digest.to_string(), tmp, a, b, values }
+}
+
+impl TwoSites {
+    fn start(&self) -> (Daemon, Daemon) {
+        let (da, db) = (self.a.start(), self.b.start());
+        da.wait_until("site-b's capabilities", T, |d| {
+            d.instance("site-b").is_some_and(|i| i.capabilities.is_some())
+        });
+        (da, db)
+    }
+
+    fn write(&self, name: &str, toml: &str) -> PathBuf {
+        let path = self.tmp.path().join(name);
+        std::fs::write(&path, toml.replace("IMAGE", &self.image)).unwrap();
+        path
+    }
+
+    /// Waits until containerd holds no container, task or job snapshot.
+    fn wait_clean(&self, owner: &Daemon) {
+        owner.wait_until("containerd to be clean", T, |_| {
+            let inv = self.rt.block_on(self.ctd.inventory());
+            inv.containers.is_empty() && inv.tasks.is_empty() && inv.active_snapshots().is_empty()
+        });
+        self.rt.block_on(self.ctd.assert_clean());
+    }
+}
+
+fn submit(owner: &Daemon, toml_file: &Path) -> WorkflowView {
+    let toml = std::fs::read_to_string(toml_file).unwrap();
+    owner.api().post("/v1/workflows", &SubmitWorkflowRequest { toml }).unwrap()
+}
+
+fn show(owner: &Daemon, id: &str) -> WorkflowView {
+    owner.api().get(&format!("/v1/workflows/{id}")).unwrap()
+}
+
+fn wait_workflow(owner: &Daemon, id: &str, state: &str) -> WorkflowView {
+    owner.wait_until(&format!("workflow {id} {state}"), T, |d| {
+        let w = show(d, id);
+        assert!(
+            w.state == "running" || w.state == state,
+            "workflow ended {} instead of {state}: {w:#?}",
+            w.state
+        );
+        w.state == state
+    });
+    show(owner, id)
+}
+
+#[test]
+fn a_site_job_feeds_an_aggregation_at_the_owner() {
+    let s = two_sites(&[
+        "--allow-workflow",
+        "lung-stats",
+        "--allow-dataset",
+        "lung-ct",
+        "--auto-execute",
+    ]);
+    let (da, _db) = s.start();
+    let file = s.write(
+        "lung-stats.toml",
+        r#"
+name = "lung-stats"
+
+[[job]]
+name = "count"
+runner = "site-b"
+dataset = "lung-ct"
+image = "IMAGE"
+command = ["sh", "-c", "ls /input | wc -l > /output/n && cat /input/*/value | awk '{s+=$1} END {print s}' > /output/sum"]
+memory = "64MiB"
+timeout = "1m"
+
+[[job]]
+name = "aggregate"
+runner = "owner"
+inputs = ["count"]
+image = "IMAGE"
+command = ["sh", "-c", "echo items=$(cat /input/count/n) sum=$(cat /input/count/sum) > /output/merged.txt"]
+timeout = "1m"
+"#,
+    );
+    // Through the CLI, as a researcher would.
+    let out = s.a.ok(&["workflow", "submit", file.to_str().unwrap()]);
+    assert!(out.contains("Submitted workflow lung-stats"), "{out}");
+    let id = out.split('(').nth(1).unwrap().split(')').next().unwrap().to_owned();
+    let w = wait_workflow(&da, &id, "finished");
+    assert_eq!(w.jobs.len(), 2);
+    let count = &w.jobs[0];
+    assert_eq!((count.name.as_str(), count.runner.as_str()), ("count", "site-b"));
+    assert_eq!((w.jobs[1].name.as_str(), w.jobs[1].runner.as_str()), ("aggregate", "site-a"));
+    assert!(w.jobs.iter().all(|j| j.state == "finished" && j.result.is_some()), "{w:#?}");
+
+    let shown = s.a.ok(&["workflow", "show", &id]);
+    assert!(shown.contains("aggregate") && shown.contains("site-b"), "{shown}");
+    assert!(s.a.ok(&["workflow", "list"]).contains("finished"));
+    let out_dir = s.tmp.path().join("results");
+    s.a.ok(&["workflow", "result", &id, "--out", out_dir.to_str().unwrap()]);
+    let sum: u32 = s.values.iter().map(|(_, v)| v).sum();
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("aggregate/merged.txt")).unwrap(),
+        format!("items=3 sum={sum}\n")
+    );
+    assert_eq!(std::fs::read_to_string(out_dir.join("count/n")).unwrap().trim(), "3");
+    s.wait_clean(&da);
+}
+
+#[test]
+fn a_denied_job_fails_its_workflow_with_the_rule_at_the_owner() {
+    let s = two_sites(&[
+        "--allow-workflow",
+        "lung-stats",
+        "--allow-dataset",
+        "lung-ct",
+        "--auto-execute",
+    ]);
+    let (da, db) = s.start();
+    let file = s.write(
+        "denied.toml",
+        r#"
+name = "lung-stats"
+[[job]]
+name = "count"
+runner = "site-b"
+dataset = "brain-mri"
+image = "IMAGE"
+command = ["true"]
+[[job]]
+name = "aggregate"
+runner = "owner"
+inputs = ["count"]
+image = "IMAGE"
+"#,
+    );
+    let w = submit(&da, &file);
+    let w = wait_workflow(&da, &w.workflow_id, "failed");
+    let reason = w.reason.clone().unwrap();
+    assert!(reason.contains("dataset brain-mri is not allowed for instance site-a"), "{reason}");
+    assert_eq!(
+        w.jobs[0].reason.as_deref(),
+        Some("dataset brain-mri is not allowed for instance site-a")
+    );
+    // The aggregation never ran.
+    assert_eq!(w.jobs[1].state, "failed");
+    assert_eq!(w.jobs[1].result, None);
+    let jobs: JobsView = db.api().get("/v1/jobs").unwrap();
+    assert_eq!(jobs.running_here.len(), 1);
+
+    // A capability query nothing matches is refused when the workflow is submitted.
+    let file = s.write(
+        "nomatch.toml",
+        r#"
+name = "lung-stats"
+[[job]]
+name = "count"
+query = { dataset = "brain-mri", pick = "all" }
+image = "IMAGE"
+"#,
+    );
+    let err = s.a.fails(&["workflow", "submit", file.to_str().unwrap()]);
+    assert!(err.contains("brain-mri"), "{err}");
+
+    // Upstream results are stored at the owner only: a step reading them elsewhere is refused.
+    let file = s.write(
+        "remote-inputs.toml",
+        r#"
+name = "lung-stats"
+[[job]]
+name = "count"
+runner = "owner"
+image = "IMAGE"
+[[job]]
+name = "aggregate"
+runner = "site-b"
+inputs = ["count"]
+image = "IMAGE"
+"#,
+    );
+    let err = s.a.fails(&["workflow", "submit", file.to_str().unwrap()]);
+    assert!(err.contains("job aggregate reads the results of other jobs"), "{err}");
+}
+
+#[test]
+fn a_job_awaiting_approval_runs_once_the_runners_admin_approves() {
+    let s = two_sites(&["--allow-any-workflow", "--allow-any-dataset"]);
+    let (da, db) = s.start();
+    let file = s.write(
+        "approve.toml",
+        r#"
+name = "lung-stats"
+[[job]]
+name = "count"
+runner = "site-b"
+dataset = "lung-ct"
+image = "IMAGE"
+command = ["sh", "-c", "ls /input > /output/items"]
+"#,
+    );
+    let w = submit(&da, &file);
+    let job = w.jobs[0].job_id.clone();
+    da.wait_until("the job to await approval", T, |d| {
+        show(d, &w.workflow_id).jobs[0].state == "pending (awaiting approval)"
+    });
+    let pending = s.b.ok(&["job", "list", "--pending"]);
+    assert!(pending.contains(&job) && pending.contains("site-a"), "{pending}");
+    s.b.ok(&["job", "approve", &job]);
+    let done = wait_workflow(&da, &w.workflow_id, "finished");
+    assert_eq!(done.jobs[0].state, "finished");
+    drop(db);
+    s.wait_clean(&da);
+}
+
+#[test]
+fn cancelling_a_workflow_stops_its_container_at_the_runner() {
+    let s = two_sites(&["--allow-any-workflow", "--allow-any-dataset", "--auto-execute"]);
+    let (da, db) = s.start();
+    let file = s.write(
+        "slow.toml",
+        r#"
+name = "slow"
+[[job]]
+name = "sleep"
+runner = "site-b"
+image = "IMAGE"
+command = ["sleep", "300"]
+[[job]]
+name = "after"
+runner = "owner"
+inputs = ["sleep"]
+image = "IMAGE"
+"#,
+    );
+    let w = submit(&da, &file);
+    da.wait_until("the job to run", T, |d| show(d, &w.workflow_id).jobs[0].state == "running");
+    let out = s.a.ok(&["workflow", "cancel", &w.workflow_id]);
+    assert!(out.contains("cancelled"), "{out}");
+    let w = show(&da, &w.workflow_id);
+    assert_eq!(w.state, "cancelled");
+    // The runner aborts its job, says who did, and its container is gone.
+    let job = w.jobs[0].job_id.clone();
+    db.wait_until("the runner to abort the job", T, |d| {
+        let jobs: JobsView = d.api().get("/v1/jobs").unwrap();
+        jobs.running_here.iter().any(|j| {
+            j.job_id == job
+                && j.state == "failed"
+                && j.reason.as_deref() == Some("aborted by site-a")
+        })
+    });
+    s.wait_clean(&da);
+}
+
+#[test]
+fn single_file_processing_makes_one_job_and_one_result_per_item() {
+    let s = two_sites(&["--allow-any-workflow", "--allow-dataset", "lung-ct", "--auto-execute"]);
+    let (da, _db) = s.start();
+    let file = s.write(
+        "per-item.toml",
+        r#"
+name = "per-item"
+[[job]]
+name = "item"
+query = { dataset = "lung-ct", pick = "all" }
+processing = "single-file"
+max_parallel = 2
+image = "IMAGE"
+command = ["sh", "-c", "ls /input > /output/items && cat /input/*/value > /output/value"]
+"#,
+    );
+    let w = submit(&da, &file);
+    assert_eq!(w.jobs.len(), s.values.len(), "{w:#?}");
+    let w = wait_workflow(&da, &w.workflow_id, "finished");
+    let out_dir = s.tmp.path().join("per-item");
+    s.a.ok(&["workflow", "result", &w.workflow_id, "--out", out_dir.to_str().unwrap()]);
+    // Each job saw exactly one item, and together they saw every item once.
+    let mut seen = Vec::new();
+    for j in &w.jobs {
+        assert_eq!(j.runner, "site-b");
+        let items = std::fs::read_to_string(out_dir.join(&j.name).join("items")).unwrap();
+        let value = std::fs::read_to_string(out_dir.join(&j.name).join("value")).unwrap();
+        assert_eq!(items.lines().count(), 1, "{items}");
+        seen.push((items.trim().to_owned(), value.trim().parse::<u32>().unwrap()));
+    }
+    seen.sort();
+    assert_eq!(seen, s.values);
+    s.wait_clean(&da);
+}
