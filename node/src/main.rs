@@ -10,12 +10,16 @@ use clap::{Args, Parser, Subcommand};
 use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
 use kaapana_node::api::{
-    AddInstanceRequest, InstanceView, JobsView, OwnerJobView, RejectRequest, ResultView,
-    RunnerJobView, SubmitJobRequest,
+    AddDatasetRequest, AddInstanceRequest, DatasetView, InstanceView, JobsView, OwnerJobView,
+    RejectRequest, ResultView, RunnerJobView, SubmitJobRequest, SubmitWorkflowRequest,
+    WorkflowView,
 };
 use kaapana_node::client::ApiClient;
 use kaapana_node::data_dir::DataDir;
+use kaapana_node::datasets;
 use kaapana_protocol::Timestamp;
+
+mod demo;
 
 /// Federated peer-to-peer runner for Kaapana: instance identity, certificate exchange between
 /// sites, and (soon) signed workflows and jobs that run where the data is.
@@ -69,6 +73,82 @@ enum Command {
     /// Container images for jobs run here (in containerd).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Cross-site workflows this instance owns: submit a workflow file, follow its jobs at
+    /// their runner-instances, cancel it, collect its results. Needs a running daemon.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// Datasets at this site: named folders with one sub-folder per item (DICOM series).
+    /// Peers see names, item counts and sizes, never contents or item identifiers.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// The demo: three sites on this machine (each its own data directory, daemon, containerd
+    /// and synthetic dataset) register each other by certificate exchange and run a federated
+    /// statistics workflow; the merged result is checked against the data. Needs root.
+    Demo {
+        /// How many sites (site-a, site-b, ...).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=6))]
+        sites: u8,
+        /// Work in DIR (new or empty) and keep it afterwards (data directories, daemon logs,
+        /// datasets, workflow file, results); default: a temporary directory, removed.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkflowCommand {
+    /// Plan, sign and start a workflow from its TOML file (format: README, "Workflow files").
+    Submit {
+        /// The workflow file.
+        file: PathBuf,
+        /// Follow its jobs until it ends; exit 0 only if it finished.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the workflows this instance owns.
+    List,
+    /// Show a workflow: each job with its step, runner, state and result.
+    Show {
+        /// The workflow id.
+        id: String,
+    },
+    /// Follow a workflow's jobs until it ends; exit 0 only if it finished.
+    Wait {
+        /// The workflow id.
+        id: String,
+    },
+    /// Cancel a workflow: its jobs stop at every runner-instance.
+    Cancel {
+        /// The workflow id.
+        id: String,
+    },
+    /// Unpack the result bundle of each of its finished jobs into DIR/<job name>/.
+    Result {
+        /// The workflow id.
+        id: String,
+        /// The folder to unpack into (created if missing; must be empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DatasetCommand {
+    /// Register a folder as a dataset: one sub-folder per item (e.g. one per DICOM series,
+    /// named by its series UID). Jobs see it read-only at /input.
+    Add {
+        /// The dataset's name, as peers and workflows name it.
+        name: String,
+        /// The folder.
+        folder: PathBuf,
+    },
+    /// List the registered datasets with their item counts and sizes.
+    List,
+    /// Forget a dataset (its files stay where they are).
+    Remove {
+        /// The dataset's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -325,6 +405,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("data dir:     {}", dir.root().display());
         }
         Command::Instance(cmd) => instance_command(&dir, cmd)?,
+        Command::Dataset(cmd) => dataset_command(&dir, cmd)?,
+        Command::Workflow(cmd) => workflow_command(&dir, cmd)?,
+        Command::Demo { sites, keep } => demo::run(usize::from(sites), keep)?,
         Command::Job(cmd) => job_command(&dir, cmd)?,
         Command::Image(cmd) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -492,6 +575,241 @@ async fn image_command(dir: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
     };
     containerd.shutdown().await;
     Ok(result?)
+}
+
+fn dataset_command(dir: &DataDir, cmd: DatasetCommand) -> anyhow::Result<()> {
+    // With a daemon running, changes go through it (it holds the store and tells the peers).
+    let daemon = ApiClient::connect(dir);
+    match (cmd, daemon) {
+        (DatasetCommand::Add { name, folder }, Some(api)) => {
+            let folder = std::path::absolute(&folder)
+                .with_context(|| format!("cannot resolve {}", folder.display()))?;
+            let v: DatasetView = api.post("/v1/datasets", &AddDatasetRequest { name, folder })?;
+            print_dataset_added(&v);
+        }
+        (DatasetCommand::Add { name, folder }, None) => {
+            let store = admin::NodeFiles::open(dir)?.store()?;
+            let existing = store.datasets()?;
+            let (record, provider, scan) = datasets::check_new(&name, &folder, &existing, now())?;
+            store.write(vec![kaapana_node::store::WriteOp::PutDataset(record)])?;
+            print_dataset_added(&DatasetView::new(
+                &name,
+                &datasets::DatasetEntry { provider, scan: Some(scan), error: None },
+            ));
+        }
+        (DatasetCommand::List, daemon) => {
+            let views: Vec<DatasetView> = match daemon {
+                Some(api) => api.get("/v1/datasets")?,
+                None => {
+                    let store = admin::NodeFiles::open(dir)?.store()?;
+                    store
+                        .datasets()?
+                        .iter()
+                        .map(|r| {
+                            let entry = match datasets::provider_for(r) {
+                                Ok(p) => match p.scan() {
+                                    Ok(s) => datasets::DatasetEntry {
+                                        provider: p,
+                                        scan: Some(s),
+                                        error: None,
+                                    },
+                                    Err(e) => datasets::DatasetEntry {
+                                        provider: p,
+                                        scan: None,
+                                        error: Some(e.to_string()),
+                                    },
+                                },
+                                Err(e) => {
+                                    return DatasetView {
+                                        name: r.name.clone(),
+                                        provider: r.provider.clone(),
+                                        location: r.location.clone(),
+                                        items: None,
+                                        bytes: None,
+                                        error: Some(e.to_string()),
+                                    };
+                                }
+                            };
+                            DatasetView::new(&r.name, &entry)
+                        })
+                        .collect()
+                }
+            };
+            if views.is_empty() {
+                println!("No datasets; add one with `kaapana-node dataset add NAME FOLDER`.");
+            }
+            for v in views {
+                match (v.items, v.bytes) {
+                    (Some(items), Some(bytes)) => println!(
+                        "{:<24} {items:>7} items {:>12} bytes  {} {}",
+                        v.name, bytes, v.provider, v.location
+                    ),
+                    _ => println!("{:<24} unreadable: {}", v.name, v.error.unwrap_or_default()),
+                }
+            }
+        }
+        (DatasetCommand::Remove { name }, Some(api)) => {
+            let _: serde_json::Value = api.delete(&format!("/v1/datasets/{name}"))?;
+            println!("Dataset {name} removed (its files stay).");
+        }
+        (DatasetCommand::Remove { name }, None) => {
+            let store = admin::NodeFiles::open(dir)?.store()?;
+            if !store.datasets()?.iter().any(|d| d.name == name) {
+                anyhow::bail!(datasets::DatasetError::NotFound(name));
+            }
+            store.write(vec![kaapana_node::store::WriteOp::RemoveDataset(name.clone())])?;
+            println!("Dataset {name} removed (its files stay).");
+        }
+    }
+    Ok(())
+}
+
+fn workflow_command(dir: &DataDir, cmd: WorkflowCommand) -> anyhow::Result<()> {
+    let Some(api) = ApiClient::connect(dir) else {
+        anyhow::bail!(
+            "no daemon runs for {}: start it with `kaapana-node run` (workflows need the network)",
+            dir.root().display()
+        );
+    };
+    match cmd {
+        WorkflowCommand::Submit { file, wait } => {
+            let toml = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let w: WorkflowView = api
+                .post("/v1/workflows", &SubmitWorkflowRequest { toml })
+                .with_context(|| format!("workflow file {}", file.display()))?;
+            println!("Submitted workflow {} ({}): {} jobs", w.name, w.workflow_id, w.jobs.len());
+            print_workflow(&w);
+            if wait {
+                follow_workflow(&api, &w.workflow_id)?;
+            }
+        }
+        WorkflowCommand::List => {
+            let all: Vec<WorkflowView> = api.get("/v1/workflows")?;
+            if all.is_empty() {
+                println!("No workflows; submit one with `kaapana-node workflow submit FILE.toml`.");
+            }
+            for w in all {
+                println!(
+                    "{}  {:<28} {:<9} {}  (submitted {})",
+                    w.workflow_id, w.name, w.state, w.progress, w.created_at
+                );
+            }
+        }
+        WorkflowCommand::Show { id } => {
+            let w: WorkflowView = api.get(&format!("/v1/workflows/{id}"))?;
+            println!("Workflow {} ({})", w.name, w.workflow_id);
+            print_workflow(&w);
+        }
+        WorkflowCommand::Wait { id } => follow_workflow(&api, &id)?,
+        WorkflowCommand::Cancel { id } => {
+            let w: WorkflowView =
+                api.post(&format!("/v1/workflows/{id}/cancel"), &serde_json::json!({}))?;
+            println!("Workflow {} ({}) {}", w.name, w.workflow_id, w.state);
+        }
+        WorkflowCommand::Result { id, out } => {
+            let w: WorkflowView = api.get(&format!("/v1/workflows/{id}"))?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            if std::fs::read_dir(&out)?.next().is_some() {
+                anyhow::bail!("{} is not empty; choose an empty folder", out.display());
+            }
+            let mut n = 0;
+            for j in w.jobs.iter().filter(|j| j.result.is_some()) {
+                let r: ResultView = api.get(&format!("/v1/jobs/{}/result", j.job_id))?;
+                let Some(path) = r.bundle.path else { continue };
+                let into = out.join(&j.name);
+                std::fs::create_dir_all(&into)?;
+                let file =
+                    std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                tar::Archive::new(file)
+                    .unpack(&into)
+                    .with_context(|| format!("cannot unpack into {}", into.display()))?;
+                println!("  {:<28} from {:<16} -> {}", j.name, j.runner, into.display());
+                n += 1;
+            }
+            println!("Unpacked {n} verified result bundles of workflow {} ({})", w.name, w.state);
+        }
+    }
+    Ok(())
+}
+
+fn print_workflow(w: &WorkflowView) {
+    let why = w.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+    println!("  state: {}{why} ({})", w.state, w.progress);
+    for j in &w.jobs {
+        let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        let attempt =
+            if j.attempt > 0 { format!(" (attempt {})", j.attempt + 1) } else { String::new() };
+        println!("  {:<28} at {:<16} {}{attempt}{why}", j.name, j.runner, j.state);
+    }
+}
+
+/// Prints each job's state changes until the workflow ends; fails unless it finished.
+fn follow_workflow(api: &ApiClient, id: &str) -> anyhow::Result<()> {
+    follow_workflow_until(api, id, None)
+}
+
+/// [`follow_workflow`], failing at `deadline` if the workflow is still running then.
+fn follow_workflow_until(
+    api: &ApiClient,
+    id: &str,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<()> {
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let started = std::time::Instant::now();
+    loop {
+        let w: WorkflowView = api.get(&format!("/v1/workflows/{id}"))?;
+        for j in &w.jobs {
+            let line = format!("{} {}", j.state, j.reason.clone().unwrap_or_default());
+            if seen.get(&j.name) != Some(&line) {
+                let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                println!(
+                    "  [{:>5.1}s] {:<28} at {:<16} {}{why}",
+                    started.elapsed().as_secs_f64(),
+                    j.name,
+                    j.runner,
+                    j.state
+                );
+                seen.insert(j.name.clone(), line);
+            }
+        }
+        if w.state != "running" {
+            let why = w.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            println!(
+                "Workflow {} {}{why} after {:.1} s",
+                w.name,
+                w.state,
+                started.elapsed().as_secs_f64()
+            );
+            if w.state == "finished" {
+                return Ok(());
+            }
+            anyhow::bail!("workflow {} {}{why}", w.workflow_id, w.state);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            anyhow::bail!(
+                "workflow {} still runs after {:.0} s ({})",
+                w.workflow_id,
+                started.elapsed().as_secs_f64(),
+                w.progress
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+fn print_dataset_added(v: &DatasetView) {
+    println!(
+        "Dataset {} registered: {} items, {} bytes, at {}",
+        v.name,
+        v.items.unwrap_or(0),
+        v.bytes.unwrap_or(0),
+        v.location
+    );
+    println!(
+        "Peers whose policy allows it see its name and size (`instance add --allow-dataset`)."
+    );
 }
 
 fn job_command(dir: &DataDir, cmd: JobCommand) -> anyhow::Result<()> {

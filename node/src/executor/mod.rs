@@ -23,6 +23,7 @@ use futures::future::BoxFuture;
 use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, JobId, ResourceLimits, Timestamp};
 
 mod api;
+pub mod busybox;
 pub mod containerd;
 pub mod image;
 pub mod lifecycle;

@@ -8,7 +8,6 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,41 +22,11 @@ use containerd_client::tonic::Request;
 use containerd_client::tonic::transport::Channel;
 use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, JobRun};
 use kaapana_protocol::{ImageDigest, JobId, ResourceLimits, Sha256Digest};
-use serde_json::json;
 use tempfile::TempDir;
 
 /// The namespace the tests' executors use.
 pub const NAMESPACE: &str = "kaapana-node";
 const SNAPSHOTTER: &str = "overlayfs";
-
-/// busybox applets the test image links to `/bin/busybox`.
-const APPLETS: &[&str] = &[
-    "sh",
-    "sha256sum",
-    "cat",
-    "ls",
-    "nc",
-    "sleep",
-    "head",
-    "dd",
-    "tr",
-    "echo",
-    "ip",
-    "awk",
-    "true",
-    "false",
-    "wc",
-    "id",
-    "mkdir",
-    "env",
-    "sed",
-    "grep",
-    "printf",
-    "test",
-    "yes",
-    "touch",
-    "hostname",
-];
 
 /// An OCI image layout tarball built by [`build_busybox_image`].
 #[derive(Debug, Clone)]
@@ -72,104 +41,14 @@ fn digest_of(bytes: &[u8]) -> String {
     Sha256Digest::of(bytes).to_string()
 }
 
-fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(data.len() as u64);
-    h.set_mode(mode);
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    b.append_data(&mut h, path, data).unwrap();
-}
-
-fn add_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_size(0);
-    h.set_mode(mode);
-    h.set_mtime(0);
-    b.append_data(&mut h, path, std::io::empty()).unwrap();
-}
-
-fn add_symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_size(0);
-    h.set_mode(0o777);
-    h.set_mtime(0);
-    b.append_link(&mut h, path, target).unwrap();
-}
-
 /// Builds an OCI image layout tarball in `dir` from Debian's static busybox: one layer
 /// (`/bin/busybox`, applet symlinks, `/etc/passwd`, `/tmp`), gzip-compressed if `gzip`.
-/// `tag` goes into the image's files, so different tags give different digests.
+/// `tag` goes into the image's files, so different tags give different digests. (The image
+/// is the library's [`kaapana_node::executor::busybox::build_image`], which the demo uses.)
 pub fn build_busybox_image(dir: &Path, tag: &str, gzip: bool) -> TestImage {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox is missing: apt-get install busybox-static");
-    let mut layer = tar::Builder::new(Vec::new());
-    for d in ["bin", "etc"] {
-        add_dir(&mut layer, d, 0o755);
-    }
-    add_dir(&mut layer, "tmp", 0o1777);
-    add_file(&mut layer, "bin/busybox", 0o755, &busybox);
-    for a in APPLETS {
-        add_symlink(&mut layer, &format!("bin/{a}"), "busybox");
-    }
-    add_file(&mut layer, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-    add_file(&mut layer, "etc/image-tag", 0o644, tag.as_bytes());
-    let layer = layer.into_inner().unwrap();
-    let diff_id = digest_of(&layer);
-    let (layer_blob, layer_type) = if gzip {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&layer).unwrap();
-        (gz.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
-    } else {
-        (layer, "application/vnd.oci.image.layer.v1.tar")
-    };
-
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": digest_of(&config),
-            "size": config.len(),
-        },
-        "layers": [{"mediaType": layer_type, "digest": digest_of(&layer_blob), "size": layer_blob.len()}],
-    }))
-    .unwrap();
-    let manifest_digest = digest_of(&manifest);
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-        }],
-    }))
-    .unwrap();
-
-    let mut outer = tar::Builder::new(Vec::new());
-    add_file(&mut outer, "oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add_file(&mut outer, "index.json", 0o644, &index);
-    add_dir(&mut outer, "blobs", 0o755);
-    add_dir(&mut outer, "blobs/sha256", 0o755);
-    for blob in [&layer_blob, &config, &manifest] {
-        let name = format!("blobs/sha256/{}", Sha256Digest::of(blob).hex());
-        add_file(&mut outer, &name, 0o644, blob);
-    }
-    let tar = dir.join(format!("{tag}{}.oci.tar", if gzip { "-gz" } else { "" }));
-    std::fs::write(&tar, outer.into_inner().unwrap()).unwrap();
-    TestImage { tar, digest: ImageDigest::parse(&manifest_digest).unwrap() }
+    let (tar, digest) = kaapana_node::executor::busybox::build_image(dir, tag, gzip)
+        .unwrap_or_else(|e| panic!("cannot build the busybox image: {e}"));
+    TestImage { tar, digest }
 }
 
 /// A new random job id.

@@ -1,0 +1,969 @@
+//! `kaapana-node demo`: a federation of three sites on this machine runs a federated
+//! statistics workflow, from certificate exchange to verified, merged results.
+//!
+//! Everything happens as it would between real sites, only on loopback: each site has its
+//! own data directory, identity, containerd (started and supervised by its daemon) and
+//! synthetic dataset; the sites register each other by exchanging bundles and checking
+//! fingerprints; their daemons are separate processes of this binary. site-a submits a
+//! workflow whose `site-stats` step runs at every site that has the dataset (site-a included)
+//! and whose `aggregate` step merges the per-site statistics at site-a. The demo then checks
+//! the merged statistics against the synthetic data.
+//!
+//! The work directory holds:
+//!
+//! ```text
+//! site-a/  site-b/  site-c/        the sites' data directories (each with its containerd)
+//! site-a.bundle ...                the exchange bundles
+//! site-a.out, site-a.log ...       each daemon's stdout and log (stderr)
+//! data/site-a/synthetic-ct/<series UID>/{slices.txt,image.dcm}   the datasets
+//! image/kaapana-demo.oci.tar       the busybox job image
+//! federated-statistics.toml        the workflow file
+//! results/<job>/...                the unpacked result bundles (results/aggregate/merged.txt)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kaapana_federation::{AllowList, Execution, Policy};
+use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
+use kaapana_node::api::{SubmitWorkflowRequest, WorkflowView};
+use kaapana_node::client::ApiClient;
+use kaapana_node::data_dir::DataDir;
+use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, busybox, lifecycle};
+use kaapana_node::store::WriteOp;
+use kaapana_protocol::ImageDigest;
+
+/// The workflow's name, which every site's policy allows for the others.
+const WORKFLOW: &str = "federated-statistics";
+/// The dataset's name at every site.
+const DATASET: &str = "synthetic-ct";
+/// The seed of the synthetic data.
+const SEED: u64 = 0x6b61_6170_616e_6121;
+/// Items per site for the first three sites (more sites: from the seed).
+const ITEMS: [usize; 3] = [40, 25, 33];
+/// Slice counts are drawn from this range.
+const SLICES: std::ops::RangeInclusive<u64> = 20..=300;
+/// Histogram bins of 50 slices: 000-049 ... 300-349.
+const BINS: u64 = 7;
+const BIN_WIDTH: u64 = 50;
+/// How long the daemons get to start, connect and exchange capability ads.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the workflow may take.
+const WORKFLOW_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a daemon gets after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The site-stats step: statistics of the site's slice counts, from every item's slices.txt.
+const SITE_STATS: &str = r#"awk '
+  { n++; s += $1; if (n == 1 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1; b[int($1 / 50)]++ }
+  END {
+    printf "items %d\nslices_sum %d\nslices_min %d\nslices_max %d\n", n, s, lo, hi
+    for (i = 0; i < 7; i++) printf "bin_%03d_%03d %d\n", i * 50, i * 50 + 49, b[i]
+  }' /input/*/slices.txt > /output/stats.txt
+cat /output/stats.txt"#;
+
+/// The aggregate step: merges the sites' stats.txt (at /input/<job name>/stats.txt).
+const AGGREGATE: &str = r#"awk '
+  FNR == 1 { sites++ }
+  $1 == "items" { n += $2 }
+  $1 == "slices_sum" { s += $2 }
+  $1 == "slices_min" { if (!has_lo || $2 < lo) lo = $2; has_lo = 1 }
+  $1 == "slices_max" { if (!has_hi || $2 > hi) hi = $2; has_hi = 1 }
+  $1 ~ /^bin_/ { b[$1] += $2 }
+  END {
+    printf "sites %d\nitems %d\nslices_sum %d\nslices_min %d\nslices_max %d\n", sites, n, s, lo, hi
+    printf "slices_mean %.2f\n", n ? s / n : 0
+    for (i = 0; i < 7; i++) { k = sprintf("bin_%03d_%03d", i * 50, i * 50 + 49); printf "%s %d\n", k, b[k] }
+  }' /input/*/stats.txt > /output/merged.txt
+cat /output/merged.txt"#;
+
+/// A step of the demo, in bold.
+fn step(text: &str) {
+    use std::io::IsTerminal as _;
+    if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        println!("\n\x1b[1m== {text}\x1b[0m");
+    } else {
+        println!("\n== {text}");
+    }
+}
+
+/// Marks an error as having happened at a site (its log tail is shown).
+#[derive(Debug)]
+struct AtSite(String);
+
+impl std::fmt::Display for AtSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at {}", self.0)
+    }
+}
+
+/// Runs the demo with `sites` sites; in `keep` (kept) or a temporary directory (removed).
+pub(crate) fn run(sites: usize, keep: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let work = WorkDir::new(keep)?;
+    let mut demo = Demo {
+        root: work.path.clone(),
+        sites: (0..sites).map(|i| Site::new(&work.path, i)).collect(),
+        daemons: Daemons::default(),
+        daemons_started: None,
+    };
+    let result = demo.run();
+    if let Err(e) = &result {
+        // The tail of the failing site's log (the owner's when no site is to blame).
+        let failing = e.downcast_ref::<AtSite>().map_or("site-a", |s| s.0.as_str()).to_owned();
+        if let Some(site) = demo.sites.iter().find(|s| s.name == failing) {
+            site.print_log_tail(30);
+        }
+    }
+    // Daemons first (they use the work directory), then the directory.
+    let stopped = demo.daemons.stop_all();
+    drop(demo);
+    drop(work);
+    let total = started.elapsed().as_secs_f64();
+    match (result, stopped) {
+        (Ok(()), Ok(())) => {
+            println!("\nDemo finished in {total:.1} s.");
+            Ok(())
+        }
+        (Ok(()), Err(e)) => Err(e.context(format!("the demo failed after {total:.1} s"))),
+        (Err(e), stopped) => {
+            if let Err(s) = stopped {
+                eprintln!("also: {s:#}");
+            }
+            Err(e.context(format!("the demo failed after {total:.1} s")))
+        }
+    }
+}
+
+/// The work directory: a new temporary one (removed on drop), or the one given with `--keep`.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn new(keep: Option<PathBuf>) -> anyhow::Result<Self> {
+        match keep {
+            Some(dir) => {
+                fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                if fs::read_dir(&dir)?.next().is_some() {
+                    bail!("{} is not empty; --keep needs an empty or new folder", dir.display());
+                }
+                let path = std::path::absolute(&dir)?;
+                Ok(Self { path, keep: true })
+            }
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let path = std::env::temp_dir()
+                    .join(format!("kaapana-demo.{}.{nanos:08x}", std::process::id()));
+                fs::create_dir(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                Ok(Self { path, keep: false })
+            }
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            println!("Kept the work directory {}", self.path.display());
+            return;
+        }
+        // Never recurse into a file system still mounted below it (a job's root file system
+        // left behind by a killed containerd): leave it for a look instead.
+        let root = self.path.to_string_lossy().into_owned();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|p| p.starts_with(&root)) {
+            eprintln!("{} still has mounts below it; not removed", self.path.display());
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// One site of the demo.
+struct Site {
+    /// `site-a`, `site-b`, ...
+    name: String,
+    /// 1, 2, ... (in its items' series UIDs).
+    number: usize,
+    dir: DataDir,
+    /// Its dataset folder.
+    dataset: PathBuf,
+    /// The daemon's stdout and stderr.
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Site {
+    fn new(root: &Path, i: usize) -> Self {
+        let name = format!("site-{}", char::from(b'a' + i as u8));
+        Self {
+            number: i + 1,
+            dir: DataDir::new(root.join(&name)),
+            dataset: root.join("data").join(&name).join(DATASET),
+            out: root.join(format!("{name}.out")),
+            log: root.join(format!("{name}.log")),
+            name,
+        }
+    }
+
+    fn print_log_tail(&self, lines: usize) {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        eprintln!("\n--- the last {lines} lines of {}'s log ({}):", self.name, self.log.display());
+        for l in &all[all.len().saturating_sub(lines)..] {
+            eprintln!("  {l}");
+        }
+    }
+}
+
+/// The daemons started so far; [`Daemons::stop_all`] (or drop) stops them with SIGTERM.
+#[derive(Default)]
+struct Daemons(Vec<(String, Child)>);
+
+impl Daemons {
+    /// SIGTERM to every daemon, then waits for each (SIGKILL after [`STOP_TIMEOUT`]).
+    fn stop_all(&mut self) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for (_, child) in &self.0 {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let mut failed = Vec::new();
+        for (name, mut child) in self.0.drain(..) {
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            match status {
+                Some(s) if s.success() => {}
+                Some(s) => failed.push(format!("{name} exited with {s}")),
+                None => failed.push(format!("{name} did not stop within {STOP_TIMEOUT:?}: killed")),
+            }
+        }
+        if failed.is_empty() { Ok(()) } else { bail!("{}", failed.join("; ")) }
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_all() {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
+struct Demo {
+    root: PathBuf,
+    sites: Vec<Site>,
+    daemons: Daemons,
+    /// When the daemons were started.
+    daemons_started: Option<Instant>,
+}
+
+/// Statistics of slice counts: what the site-stats step computes, and the aggregate merges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Stats {
+    items: u64,
+    sum: u64,
+    min: u64,
+    max: u64,
+    bins: [u64; BINS as usize],
+}
+
+impl Stats {
+    fn of(slices: &[u64]) -> Self {
+        let mut s = Self {
+            items: slices.len() as u64,
+            sum: slices.iter().sum(),
+            min: slices.iter().copied().min().unwrap_or(0),
+            max: slices.iter().copied().max().unwrap_or(0),
+            bins: [0; BINS as usize],
+        };
+        for &x in slices {
+            if let Some(b) = s.bins.get_mut((x / BIN_WIDTH) as usize) {
+                *b += 1;
+            }
+        }
+        s
+    }
+
+    /// The lines a stats.txt or merged.txt has for these statistics, by key.
+    fn lines(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("items".to_owned(), self.items.to_string());
+        m.insert("slices_sum".to_owned(), self.sum.to_string());
+        m.insert("slices_min".to_owned(), self.min.to_string());
+        m.insert("slices_max".to_owned(), self.max.to_string());
+        for (i, n) in self.bins.iter().enumerate() {
+            let lo = i as u64 * BIN_WIDTH;
+            m.insert(format!("bin_{lo:03}_{:03}", lo + BIN_WIDTH - 1), n.to_string());
+        }
+        m
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so that every run has the same data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn range(&mut self, r: &std::ops::RangeInclusive<u64>) -> u64 {
+        r.start() + self.next() % (r.end() - r.start() + 1)
+    }
+}
+
+/// Parses `key value` lines.
+fn parse_lines(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Compares `got` with `want` (only `want`'s keys); the differences, one per line.
+fn diff(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) -> Vec<String> {
+    want.iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!("{k}: expected {v}, got {}", got.get(k).map_or("nothing", String::as_str))
+        })
+        .collect()
+}
+
+fn now() -> kaapana_protocol::Timestamp {
+    kaapana_protocol::Timestamp::from_system_time(std::time::SystemTime::now())
+}
+
+/// A loopback port free for TCP now, below Linux's ephemeral range (32768 and up) so that no
+/// outgoing connection of another daemon takes it before its owner listens.
+fn free_port(next: &mut u16) -> anyhow::Result<u16> {
+    for _ in 0..2000 {
+        let port = *next;
+        *next = if *next >= 32_000 { 20_000 } else { *next + 1 };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port on 127.0.0.1 between 20000 and 32000")
+}
+
+impl Demo {
+    fn run(&mut self) -> anyhow::Result<()> {
+        let names: Vec<&str> = self.sites.iter().map(|s| s.name.as_str()).collect();
+        println!(
+            "kaapana-node demo: {} sites ({}) on this machine, each with its own identity, \
+             containerd and dataset; work directory {}",
+            names.len(),
+            names.join(", "),
+            self.root.display()
+        );
+
+        self.register()?;
+        let expected = self.make_datasets()?;
+        let tar = self.build_image()?;
+        self.start_daemons()?;
+        let digest = self.import_image(&tar)?;
+        self.wait_for_peers(&expected)?;
+        let (api, workflow) = self.submit(&digest)?;
+        self.follow(&api, &workflow)?;
+        self.check_results(&api, &workflow, &expected)?;
+
+        step("graceful shutdown (SIGTERM to every daemon)");
+        self.daemons.stop_all()?;
+        println!("All daemons stopped.");
+        Ok(())
+    }
+
+    /// Creates the sites and registers every pair both ways by certificate exchange.
+    fn register(&mut self) -> anyhow::Result<()> {
+        step("each site creates its identity (Ed25519 key, X.509 instance certificate)");
+        let mut next_port = 20_000 + (std::process::id() % 600) as u16 * 20;
+        let mut fingerprints = Vec::new();
+        for s in &self.sites {
+            let port = free_port(&mut next_port)?;
+            let opts = InitOptions {
+                name: s.name.clone(),
+                listen: Some(vec![format!("/ip4/127.0.0.1/tcp/{port}")]),
+                advertise: Vec::new(),
+                api_listen: Some("127.0.0.1:0".into()),
+                valid_days: DEFAULT_VALID_DAYS,
+            };
+            let report = admin::init(&s.dir, &opts, now())
+                .context(AtSite(s.name.clone()))
+                .context("init")?;
+            println!(
+                "$ kaapana-node init --name {} --listen {} --api-listen 127.0.0.1:0\n  {}  fingerprint {}",
+                s.name,
+                opts.listen.as_deref().unwrap_or_default().join(" "),
+                report.instance_id,
+                report.fingerprint
+            );
+            fingerprints.push(report.fingerprint.to_string());
+        }
+
+        step(
+            "each exports its bundle; a forged one is refused; every site registers every other, checking the fingerprint read out by phone",
+        );
+        let mut bundles = Vec::new();
+        for s in &self.sites {
+            let (text, _) = admin::export_bundle(&s.dir, now()).context(AtSite(s.name.clone()))?;
+            let path = self.root.join(format!("{}.bundle", s.name));
+            fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            bundles.push(path);
+        }
+        if self.sites.len() >= 3 {
+            self.forged_bundle_is_refused(&bundles, &fingerprints[0])?;
+        }
+        let policy = Policy {
+            allowed_workflows: AllowList::Only(BTreeSet::from([WORKFLOW.to_owned()])),
+            allowed_datasets: AllowList::Only(BTreeSet::from([DATASET.to_owned()])),
+            execution: Execution::Automatic,
+            share_logs: true,
+        };
+        println!(
+            "policy for every peer: --allow-workflow {WORKFLOW} --allow-dataset {DATASET} --auto-execute --share-logs"
+        );
+        for s in &self.sites {
+            for (j, other) in self.sites.iter().enumerate() {
+                if other.name == s.name {
+                    continue;
+                }
+                let text = fs::read_to_string(&bundles[j])?;
+                let inst = admin::add_instance(
+                    &s.dir,
+                    &text,
+                    policy.clone(),
+                    Some(&fingerprints[j]),
+                    now(),
+                )
+                .context(AtSite(s.name.clone()))
+                .with_context(|| format!("registering {}", other.name))?;
+                println!(
+                    "$ kaapana-node instance add {}.bundle --expect-fingerprint \"{}…\"   # at {}: registered {} ({})",
+                    other.name,
+                    &fingerprints[j][..14.min(fingerprints[j].len())],
+                    s.name,
+                    inst.name,
+                    inst.instance_id
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A forged bundle (site-a's certificate with site-b's signed name and addresses) is
+    /// refused at site-c, even though the certificate has the fingerprint it expects.
+    fn forged_bundle_is_refused(
+        &self,
+        bundles: &[PathBuf],
+        fingerprint_a: &str,
+    ) -> anyhow::Result<()> {
+        let block = |text: &str, label: &str| -> String {
+            let begin = format!("-----BEGIN {label}-----");
+            let end = format!("-----END {label}-----");
+            match (text.find(&begin), text.find(&end)) {
+                (Some(b), Some(e)) if b < e => format!("{}\n", &text[b..e + end.len()]),
+                _ => String::new(),
+            }
+        };
+        let a = fs::read_to_string(&bundles[0])?;
+        let b = fs::read_to_string(&bundles[1])?;
+        let forged =
+            format!("{}{}", block(&a, "CERTIFICATE"), block(&b, "KAAPANA INSTANCE BUNDLE"));
+        let path = self.root.join("forged.bundle");
+        fs::write(&path, &forged)?;
+        let policy = Policy {
+            allowed_workflows: AllowList::Any,
+            allowed_datasets: AllowList::Any,
+            execution: Execution::Automatic,
+            share_logs: true,
+        };
+        let c = &self.sites[2];
+        println!(
+            "$ kaapana-node instance add forged.bundle --expect-fingerprint \"{}…\"   # at {}: site-a's certificate, site-b's signed addresses",
+            &fingerprint_a[..14.min(fingerprint_a.len())],
+            c.name
+        );
+        match admin::add_instance(&c.dir, &forged, policy, Some(fingerprint_a), now()) {
+            Ok(inst) => Err(anyhow::anyhow!(
+                "the forged bundle was accepted (registered {} {})",
+                inst.name,
+                inst.instance_id
+            ))
+            .context(AtSite(c.name.clone())),
+            Err(e) => {
+                println!("  refused: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes each site's synthetic dataset and registers it; returns each site's statistics.
+    fn make_datasets(&mut self) -> anyhow::Result<Vec<Stats>> {
+        step(&format!(
+            "each site registers its own synthetic dataset `{DATASET}` (one folder per CT series; it never leaves the site)"
+        ));
+        let mut all = Vec::new();
+        for s in &self.sites {
+            let mut rng = Rng::new(SEED ^ (s.number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let items =
+                ITEMS.get(s.number - 1).copied().unwrap_or_else(|| 20 + (rng.next() % 30) as usize);
+            let mut slices = Vec::with_capacity(items);
+            for k in 1..=items {
+                let uid = format!("1.2.826.0.1.3680043.10.{}.{k}", s.number);
+                let item = s.dataset.join(&uid);
+                fs::create_dir_all(&item)
+                    .with_context(|| format!("cannot create {}", item.display()))?;
+                let n = rng.range(&SLICES);
+                fs::write(item.join("slices.txt"), format!("{n}\n"))?;
+                // A DICOM file's shape: 128-byte preamble, "DICM", then filler.
+                let mut dcm = vec![0u8; 128];
+                dcm.extend_from_slice(b"DICM");
+                dcm.extend((0..256 + n).map(|_| (rng.next() >> 56) as u8));
+                fs::write(item.join("image.dcm"), dcm)?;
+                slices.push(n);
+            }
+            let stats = Stats::of(&slices);
+            let store = admin::NodeFiles::open(&s.dir)?.store()?;
+            let existing = store.datasets()?;
+            let (record, _, scan) =
+                kaapana_node::datasets::check_new(DATASET, &s.dataset, &existing, now())
+                    .context(AtSite(s.name.clone()))?;
+            store.write(vec![WriteOp::PutDataset(record)]).context(AtSite(s.name.clone()))?;
+            println!(
+                "$ kaapana-node dataset add {DATASET} data/{}/{DATASET}   # {}: {} items, {} bytes, {} slices in all",
+                s.name,
+                s.name,
+                scan.items.len(),
+                scan.bytes,
+                stats.sum
+            );
+            all.push(stats);
+        }
+        Ok(all)
+    }
+
+    /// Builds the job image once.
+    fn build_image(&self) -> anyhow::Result<PathBuf> {
+        step("the job image: a one-layer OCI image built from the static busybox");
+        let dir = self.root.join("image");
+        fs::create_dir_all(&dir)?;
+        let (tar, digest) = busybox::build_image(&dir, "kaapana-demo", false)?;
+        println!("{} ({digest})", tar.strip_prefix(&self.root).unwrap_or(&tar).display());
+        Ok(tar)
+    }
+
+    /// Starts every daemon and waits until each says it runs.
+    fn start_daemons(&mut self) -> anyhow::Result<()> {
+        step(
+            "the daemons start (each starts its own containerd); only registered instances may connect",
+        );
+        let exe = std::env::current_exe().context("cannot find this program's path")?;
+        self.daemons_started = Some(Instant::now());
+        for s in &self.sites {
+            let out = fs::File::create(&s.out)?;
+            let log = fs::File::create(&s.log)?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--data-dir")
+                .arg(s.dir.root())
+                .arg("run")
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(log);
+            cmd.env("NO_COLOR", "1");
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "info");
+            }
+            let child = cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))?;
+            self.daemons.0.push((s.name.clone(), child));
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for (i, s) in self.sites.iter().enumerate() {
+            loop {
+                let out = fs::read_to_string(&s.out).unwrap_or_default();
+                if let Some(line) = out.lines().find(|l| l.contains("API on")) {
+                    let api = line.split("API on ").nth(1).and_then(|r| r.split(';').next());
+                    println!(
+                        "$ kaapana-node run   # {} runs (pid {}), API on {}",
+                        s.name,
+                        self.daemons.0.get(i).map_or(0, |(_, c)| c.id()),
+                        api.unwrap_or("?").trim()
+                    );
+                    break;
+                }
+                if let Some((_, child)) = self.daemons.0.get_mut(i)
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    return Err(anyhow::anyhow!("the daemon exited ({status}) before it ran"))
+                        .context(AtSite(s.name.clone()));
+                }
+                if Instant::now() > deadline {
+                    return Err(anyhow::anyhow!(
+                        "the daemon did not say it runs within {START_TIMEOUT:?}"
+                    ))
+                    .context(AtSite(s.name.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Imports the job image at every site, into the containerd its daemon runs.
+    fn import_image(&self, tar: &Path) -> anyhow::Result<ImageDigest> {
+        step("every site imports the job image (jobs name images by digest only)");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let mut digest = None;
+        for s in &self.sites {
+            let d = runtime
+                .block_on(async {
+                    let root = s.dir.root();
+                    let containerd = Containerd::connect(lifecycle::socket_path_for(root)).await?;
+                    let config = ExecutorConfig {
+                        scratch_dir: root.join("executor-scratch"),
+                        ..ExecutorConfig::default()
+                    };
+                    let executor = ContainerdExecutor::new(containerd.channel(), config).await?;
+                    executor.import_image(tar).await
+                })
+                .context(AtSite(s.name.clone()))
+                .context("image import")?;
+            println!("$ kaapana-node image import image/{}   # at {}: {d}", file_name(tar), s.name);
+            if digest.as_ref().is_some_and(|first| *first != d) {
+                bail!("{} imported the image as {d}, another site as {digest:?}", s.name);
+            }
+            digest = Some(d);
+        }
+        digest.context("no sites")
+    }
+
+    /// Waits until site-a is connected to every peer and has its capability ad with the
+    /// dataset (the workflow's query is answered from these ads).
+    fn wait_for_peers(&self, expected: &[Stats]) -> anyhow::Result<()> {
+        step("site-a waits for every peer's signed capability ad");
+        let owner = &self.sites[0];
+        let api = ApiClient::connect(&owner.dir)
+            .context("the daemon's API does not answer")
+            .context(AtSite(owner.name.clone()))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let instances = api.instances().context(AtSite(owner.name.clone()))?;
+            let missing: Vec<String> = self.sites[1..]
+                .iter()
+                .zip(&expected[1..])
+                .filter_map(|(s, stats)| {
+                    let Some(v) = instances.iter().find(|v| v.name == s.name) else {
+                        return Some(format!("{}: not registered", s.name));
+                    };
+                    let has_dataset = v.capabilities.as_ref().is_some_and(|c| {
+                        c.datasets.iter().any(|(n, items, _)| n == DATASET && *items == stats.items)
+                    });
+                    match (v.connected, has_dataset) {
+                        (Some(true), true) => None,
+                        (Some(true), false) => Some(format!("{}: no capability ad yet", s.name)),
+                        _ => Some(format!("{}: {}", s.name, v.status)),
+                    }
+                })
+                .collect();
+            if missing.is_empty() {
+                for v in &instances {
+                    let Some(c) = &v.capabilities else { continue };
+                    let datasets: Vec<String> = c
+                        .datasets
+                        .iter()
+                        .map(|(n, items, bytes)| format!("{n} ({items} items, {bytes} bytes)"))
+                        .collect();
+                    println!(
+                        "{:<8} connected; allows site-a workflows {}; datasets {}; {:.1} CPUs, {:.1} GiB",
+                        v.name,
+                        c.allowed_workflows.join(", "),
+                        datasets.join(", "),
+                        f64::from(c.cpu_millis) / 1000.0,
+                        c.memory_bytes as f64 / f64::from(1u32 << 30),
+                    );
+                }
+                println!(
+                    "(site-a has every peer's ad, {:.1} s after the daemons were started)",
+                    self.daemons_started.map_or(0.0, |t| t.elapsed().as_secs_f64())
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let culprit = missing
+                    .first()
+                    .and_then(|m| m.split(':').next())
+                    .unwrap_or(&owner.name)
+                    .to_owned();
+                return Err(anyhow::anyhow!(
+                    "site-a did not get every peer's capability ad within {START_TIMEOUT:?}: {}",
+                    missing.join("; ")
+                ))
+                .context(AtSite(culprit));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Writes the workflow file, prints it, submits it at site-a.
+    fn submit(&self, digest: &ImageDigest) -> anyhow::Result<(ApiClient, WorkflowView)> {
+        step(
+            "site-a submits the workflow: statistics at every site with the dataset, merged at site-a",
+        );
+        let toml = workflow_file(digest);
+        let path = self.root.join(format!("{WORKFLOW}.toml"));
+        fs::write(&path, &toml)?;
+        println!("{}:\n", file_name(&path));
+        for l in toml.lines() {
+            println!("    {l}");
+        }
+        let owner = &self.sites[0];
+        let api = ApiClient::connect(&owner.dir)
+            .context("the daemon's API does not answer")
+            .context(AtSite(owner.name.clone()))?;
+        println!("\n$ kaapana-node workflow submit {}   # at site-a", file_name(&path));
+        let w: WorkflowView = api
+            .post("/v1/workflows", &SubmitWorkflowRequest { toml })
+            .context(AtSite(owner.name.clone()))
+            .context("workflow submit")?;
+        println!("Submitted workflow {} ({}): {} jobs", w.name, w.workflow_id, w.jobs.len());
+        crate::print_workflow(&w);
+        Ok((api, w))
+    }
+
+    /// Follows the workflow's jobs until it ends (`workflow wait`).
+    fn follow(&self, api: &ApiClient, w: &WorkflowView) -> anyhow::Result<()> {
+        step("the jobs run where the data is; site-a follows their signed state changes");
+        println!("$ kaapana-node workflow wait {}", w.workflow_id);
+        let deadline = Instant::now() + WORKFLOW_TIMEOUT;
+        let outcome = crate::follow_workflow_until(api, &w.workflow_id, Some(deadline));
+        if let Err(e) = outcome {
+            // The failing site: the runner of the first failed job, else the owner.
+            let now: Option<WorkflowView> =
+                api.get(&format!("/v1/workflows/{}", w.workflow_id)).ok();
+            if let Some(now) = &now {
+                println!("\n$ kaapana-node workflow show {}", w.workflow_id);
+                crate::print_workflow(now);
+            }
+            // The failing site: the runner of the job that failed first (not one cancelled
+            // because of it), else the owner. Its job log comes back with the result when the
+            // runner shares logs, as every demo site does.
+            let failed: Vec<_> = now
+                .map(|v| v.jobs.into_iter().filter(|j| j.state.starts_with("failed")).collect())
+                .unwrap_or_default();
+            let first = failed
+                .iter()
+                .find(|j| {
+                    let why = j.reason.as_deref().unwrap_or_default();
+                    !why.contains("cancelled") && !why.starts_with("workflow ")
+                })
+                .or(failed.first());
+            let Some(job) = first else {
+                return Err(e.context(AtSite(self.sites[0].name.clone())));
+            };
+            match api.get_text(&format!("/v1/jobs/{}/log", job.job_id)) {
+                Ok(log) => {
+                    let lines: Vec<&str> = log.lines().collect();
+                    println!(
+                        "\n--- the log of job {} at {} (its last 20 lines):",
+                        job.name, job.runner
+                    );
+                    for l in &lines[lines.len().saturating_sub(20)..] {
+                        println!("  {l}");
+                    }
+                }
+                Err(le) => println!("\n(the log of job {} is not available: {le})", job.name),
+            }
+            return Err(e.context(AtSite(job.runner.clone())));
+        }
+        Ok(())
+    }
+
+    /// Unpacks the results, prints the merged statistics and checks them (and each site's).
+    fn check_results(
+        &self,
+        api: &ApiClient,
+        w: &WorkflowView,
+        expected: &[Stats],
+    ) -> anyhow::Result<()> {
+        step("site-a unpacks the verified result bundles");
+        let out = self.root.join("results");
+        println!("$ kaapana-node workflow result {} --out results", w.workflow_id);
+        crate::workflow_command(
+            &self.sites[0].dir,
+            crate::WorkflowCommand::Result { id: w.workflow_id.clone(), out: out.clone() },
+        )
+        .context(AtSite(self.sites[0].name.clone()))?;
+
+        let final_view: WorkflowView = api.get(&format!("/v1/workflows/{}", w.workflow_id))?;
+        let mut problems = Vec::new();
+        let mut runners = BTreeSet::new();
+        for j in final_view.jobs.iter().filter(|j| j.step == "site-stats") {
+            let Some(i) = self.sites.iter().position(|s| s.name == j.runner) else {
+                problems.push(format!("{} ran at {}, which is not a demo site", j.name, j.runner));
+                continue;
+            };
+            runners.insert(j.runner.clone());
+            let file = out.join(&j.name).join("stats.txt");
+            let got = parse_lines(&fs::read_to_string(&file).unwrap_or_default());
+            for d in diff(&expected[i].lines(), &got) {
+                problems.push(format!("{} ({}): {d}", j.name, j.runner));
+            }
+        }
+        for s in &self.sites {
+            if !runners.contains(&s.name) {
+                problems.push(format!("no site-stats job ran at {}", s.name));
+            }
+        }
+
+        let merged_path = out.join("aggregate").join("merged.txt");
+        let merged_text = fs::read_to_string(&merged_path)
+            .with_context(|| format!("the aggregate step left no {}", merged_path.display()))?;
+        step("merged statistics (results/aggregate/merged.txt)");
+        for l in merged_text.lines() {
+            println!("    {l}");
+        }
+
+        let mut all = Stats::default();
+        for (k, s) in expected.iter().enumerate() {
+            all.items += s.items;
+            all.sum += s.sum;
+            all.min = if k == 0 { s.min } else { all.min.min(s.min) };
+            all.max = all.max.max(s.max);
+            for (a, b) in all.bins.iter_mut().zip(s.bins) {
+                *a += b;
+            }
+        }
+        let mut want = all.lines();
+        want.insert("sites".into(), self.sites.len().to_string());
+        let got = parse_lines(&merged_text);
+        problems.extend(diff(&want, &got).into_iter().map(|d| format!("merged.txt: {d}")));
+        let mean = all.sum as f64 / all.items.max(1) as f64;
+        match got.get("slices_mean").and_then(|m| m.parse::<f64>().ok()) {
+            Some(m) if (m - mean).abs() <= 0.0051 => {}
+            other => {
+                problems.push(format!("merged.txt: slices_mean: expected {mean:.2}, got {other:?}"))
+            }
+        }
+        if !problems.is_empty() {
+            bail!("the results do not match the synthetic data:\n  {}", problems.join("\n  "));
+        }
+        println!(
+            "\nmerged statistics match the synthetic data ({} sites, {} series, {} slices, mean {mean:.2}); \
+             each site's statistics match its own data",
+            self.sites.len(),
+            all.items,
+            all.sum
+        );
+        Ok(())
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The workflow file.
+fn workflow_file(digest: &ImageDigest) -> String {
+    format!(
+        r#"# Federated statistics: slice counts of the CT series at every site, merged at the owner.
+name = "{WORKFLOW}"
+
+[[job]]
+name = "site-stats"
+# every instance whose capability ad has the dataset, this one included: one job each
+query = {{ dataset = "{DATASET}", pick = "all" }}
+processing = "batch"
+image = "{digest}"
+command = ["sh", "-c", '''
+{SITE_STATS}
+''']
+timeout = "2m"
+memory = "64MiB"
+
+[[job]]
+name = "aggregate"
+runner = "owner"
+# reads each site-stats job's result at /input/<job name>/stats.txt
+inputs = ["site-stats"]
+image = "{digest}"
+command = ["sh", "-c", '''
+{AGGREGATE}
+''']
+timeout = "2m"
+memory = "64MiB"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workflow_file_parses() {
+        let digest = ImageDigest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+        let text = workflow_file(&digest);
+        kaapana_node::workflow_file::WorkflowFile::parse(&text).unwrap();
+    }
+
+    #[test]
+    fn stats_bins_and_lines() {
+        let s = Stats::of(&[20, 49, 50, 300, 120]);
+        assert_eq!(s.items, 5);
+        assert_eq!(s.sum, 539);
+        assert_eq!((s.min, s.max), (20, 300));
+        assert_eq!(s.bins, [2, 1, 1, 0, 0, 0, 1]);
+        let l = s.lines();
+        assert_eq!(l["bin_000_049"], "2");
+        assert_eq!(l["bin_300_349"], "1");
+        assert_eq!(l.len(), 11);
+        let got = parse_lines("items 5\nslices_sum 538\n");
+        let d = diff(&l, &got);
+        assert!(d.iter().any(|x| x.contains("slices_sum: expected 539, got 538")), "{d:?}");
+        assert!(d.iter().any(|x| x.contains("bin_000_049: expected 2, got nothing")), "{d:?}");
+    }
+
+    #[test]
+    fn the_data_is_deterministic() {
+        let mut a = Rng::new(SEED);
+        let mut b = Rng::new(SEED);
+        let xs: Vec<u64> = (0..100).map(|_| a.range(&SLICES)).collect();
+        assert_eq!(xs, (0..100).map(|_| b.range(&SLICES)).collect::<Vec<_>>());
+        assert!(xs.iter().all(|x| SLICES.contains(x)));
+        assert!(xs.iter().collect::<BTreeSet<_>>().len() > 50);
+    }
+}
