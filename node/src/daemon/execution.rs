@@ -248,6 +248,13 @@ async fn send_until_stored(
             let control = state.net.stream_control();
             match send_result_part(control, owner.peer_id(), signed, part, &file, &opts).await {
                 Ok(_) => break,
+                Err(e) if !e.is_retryable() => {
+                    // The owner refuses this result for good (not its job, a replaced attempt,
+                    // a digest that does not match): sending it again cannot help.
+                    state.event("result_refused", Some(&owner), format!("{part:?}: {e}"));
+                    let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
+                    return Err(format!("the owner refused the result: {e}"));
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::debug!(%owner, error = %e, "result not delivered yet");

@@ -32,10 +32,10 @@ use tokio_util::sync::CancellationToken;
 pub use events::{Event, EventLog};
 pub use jobs::JobError;
 pub use workflows::WorkflowError;
+pub(crate) use workflows::{Expected, expects_result, record_result};
 pub(crate) use workflows::{
     cancel as cancel_workflow, header as workflow_header, submit as submit_workflow,
 };
-pub(crate) use workflows::{expects_result, record_result};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;

@@ -199,13 +199,41 @@ pub(crate) async fn record_result(
     Ok(())
 }
 
-/// Whether `job` is one this instance submitted to `runner` (so its result may be stored).
+/// Whether the owner takes a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Expected {
+    /// Yes: a job it submitted to that runner, current in its workflow.
+    Yes,
+    /// Not a job this instance submitted to that runner.
+    NotYours,
+    /// A job attempt its workflow has replaced (the job now runs as `current`).
+    Superseded {
+        /// The job's current attempt.
+        current: JobId,
+    },
+}
+
+/// Whether `result` is of a job this instance submitted to `runner` (so it may be stored), and
+/// not of an attempt its workflow has replaced since.
 pub(crate) fn expects_result(
     state: &NodeState,
-    job: &JobId,
+    result: &ResultManifest,
     runner: &InstanceId,
-) -> Result<bool, StoreError> {
-    Ok(state.store.owner_job(job)?.is_some_and(|r| r.job.runner == *runner))
+) -> Result<Expected, StoreError> {
+    let Some(record) = state.store.owner_job(&result.job_id)? else {
+        return Ok(Expected::NotYours);
+    };
+    if record.job.runner != *runner || record.job.attempt != result.attempt {
+        return Ok(Expected::NotYours);
+    }
+    let Some(w) = state.store.workflow(&record.job.workflow_id)? else { return Ok(Expected::Yes) };
+    if w.workflow.job(&result.job_id).is_some() {
+        return Ok(Expected::Yes);
+    }
+    match w.workflow.jobs.iter().find(|j| j.previous.contains(&result.job_id)) {
+        Some(j) => Ok(Expected::Superseded { current: j.job_id }),
+        None => Ok(Expected::Yes),
+    }
 }
 
 /// Runners of running workflows that have been unreachable for longer than `grace`: their

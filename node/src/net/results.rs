@@ -167,6 +167,9 @@ pub enum RejectCode {
     Storage,
     /// The result is for a job the owner did not submit to this runner.
     NotYourJob,
+    /// The result is of a job attempt the owner has replaced (e.g. after it took the runner
+    /// for lost and ran the job elsewhere): recognised, and discarded.
+    Superseded,
 }
 
 impl RejectCode {
@@ -181,6 +184,7 @@ impl RejectCode {
             Self::Incomplete => "incomplete",
             Self::Storage => "storage",
             Self::NotYourJob => "not_your_job",
+            Self::Superseded => "superseded",
         }
     }
 
@@ -189,9 +193,11 @@ impl RejectCode {
         match self {
             Self::Manifest(r) => r.is_transient(),
             Self::Busy | Self::Incomplete | Self::Storage => true,
-            Self::DigestMismatch | Self::SizeMismatch | Self::NoSuchPart | Self::NotYourJob => {
-                false
-            }
+            Self::DigestMismatch
+            | Self::SizeMismatch
+            | Self::NoSuchPart
+            | Self::NotYourJob
+            | Self::Superseded => false,
         }
     }
 }
@@ -789,14 +795,24 @@ impl Server {
             .verify(now(), &self.state.verify_options)
             .map_err(|e| manifest(RejectReason::from(&e), e.to_string()))?;
         let (signed, payload) = verified.into_parts();
-        match crate::daemon::expects_result(&self.state, &payload.job_id, &signer) {
-            Ok(true) => {}
-            Ok(false) => {
+        use crate::daemon::Expected;
+        match crate::daemon::expects_result(&self.state, &payload, &signer) {
+            Ok(Expected::Yes) => {}
+            Ok(Expected::NotYours) => {
                 return Err((
                     RejectCode::NotYourJob,
                     format!(
                         "job {} was not submitted to {signer} by this instance",
                         payload.job_id
+                    ),
+                ));
+            }
+            Ok(Expected::Superseded { current }) => {
+                return Err((
+                    RejectCode::Superseded,
+                    format!(
+                        "job {} attempt {} was replaced by job {current}; its result is discarded",
+                        payload.job_id, payload.attempt
                     ),
                 ));
             }
