@@ -737,6 +737,13 @@ fn workflow_command(dir: &DataDir, cmd: WorkflowCommand) -> anyhow::Result<()> {
 fn print_workflow(w: &WorkflowView) {
     let why = w.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
     println!("  state: {}{why} ({})", w.state, w.progress);
+    // The DAG: each step with the steps whose results it reads.
+    for (step, inputs) in &w.steps {
+        let n = w.jobs.iter().filter(|j| &j.step == step).count();
+        let reads =
+            if inputs.is_empty() { String::new() } else { format!(" <- {}", inputs.join(", ")) };
+        println!("  step {step} ({n} job{}){reads}", if n == 1 { "" } else { "s" });
+    }
     for j in &w.jobs {
         let why = j.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
         let attempt =

@@ -151,6 +151,7 @@ timeout = "1m"
 
     let shown = s.a.ok(&["workflow", "show", &id]);
     assert!(shown.contains("aggregate") && shown.contains("site-b"), "{shown}");
+    assert!(shown.contains("step aggregate (1 job) <- count"), "{shown}");
     assert!(s.a.ok(&["workflow", "list"]).contains("finished"));
     let out_dir = s.tmp.path().join("results");
     s.a.ok(&["workflow", "result", &id, "--out", out_dir.to_str().unwrap()]);
