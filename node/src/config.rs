@@ -61,6 +61,14 @@ pub struct WorkflowSection {
     /// chosen by a capability query move to another matching instance (if their retries allow).
     #[serde(default = "default_runner_lost_after")]
     pub runner_lost_after_secs: u64,
+    /// After how many seconds out of reach a runner counts as gone: its jobs that could not
+    /// move fail with that reason, so that their workflows end.
+    #[serde(default = "default_runner_give_up_after")]
+    pub runner_give_up_after_secs: u64,
+}
+
+const fn default_runner_give_up_after() -> u64 {
+    24 * 3600
 }
 
 const fn default_runner_lost_after() -> u64 {
@@ -69,7 +77,10 @@ const fn default_runner_lost_after() -> u64 {
 
 impl Default for WorkflowSection {
     fn default() -> Self {
-        Self { runner_lost_after_secs: default_runner_lost_after() }
+        Self {
+            runner_lost_after_secs: default_runner_lost_after(),
+            runner_give_up_after_secs: default_runner_give_up_after(),
+        }
     }
 }
 
@@ -256,7 +267,11 @@ insecure_registry = {insecure}
 # Seconds a runner may be out of reach before its jobs that were placed by a capability query
 # move to another matching instance (within the job's retries).
 runner_lost_after_secs = {lost}
+# Seconds a runner may be out of reach before its jobs that cannot move fail (their workflow
+# then ends with that reason); a cancel waits for the runner in case it comes back.
+runner_give_up_after_secs = {give_up}
 "#,
+            give_up = self.workflows.runner_give_up_after_secs,
             lost = self.workflows.runner_lost_after_secs,
             name = self.instance.name,
             listen = list(&self.network.listen),

@@ -343,3 +343,43 @@ command = ["sh", "-c", "ls /input > /output/items && cat /input/*/value > /outpu
     assert_eq!(seen, s.values);
     s.wait_clean(&da);
 }
+
+#[test]
+fn a_workflow_ends_with_the_reason_when_its_runner_stays_out_of_reach() {
+    let s = two_sites(&["--allow-any-workflow", "--allow-any-dataset", "--auto-execute"]);
+    // site-a gives a runner up after 2 s out of reach (default: a day); site-b never starts.
+    let config = s.a.dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace("runner_lost_after_secs = 300", "runner_lost_after_secs = 1")
+        .replace("runner_give_up_after_secs = 86400", "runner_give_up_after_secs = 2");
+    std::fs::write(&config, text).unwrap();
+    let da = s.a.start();
+    let file = s.write(
+        "unreachable.toml",
+        r#"
+name = "lung-stats"
+[[job]]
+name = "count"
+runner = "site-b"
+image = "IMAGE"
+[[job]]
+name = "aggregate"
+runner = "owner"
+inputs = ["count"]
+image = "IMAGE"
+"#,
+    );
+    let w = submit(&da, &file);
+    let w = wait_workflow(&da, &w.workflow_id, "failed");
+    let reason = w.jobs[0].reason.clone().unwrap_or_default();
+    assert!(
+        reason
+            .contains("runner site-b has been out of reach for more than 2 s; the job is given up"),
+        "{w:#?}"
+    );
+    assert!(w.reason.unwrap_or_default().contains("job count at site-b failed"));
+    assert_eq!(w.jobs[1].state, "failed");
+    // A cancel for the given-up job waits for site-b in the outbox, beside the job manifest.
+    assert_eq!(da.instance("site-b").unwrap().outbox_depth, 2);
+}

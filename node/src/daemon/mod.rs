@@ -142,6 +142,8 @@ pub struct NodeState {
     executor: Option<Arc<dyn crate::executor::Executor>>,
     /// When this daemon started.
     started_at: Timestamp,
+    /// See [`NodeState::candidates`].
+    candidates: Mutex<Option<Arc<Vec<kaapana_federation::Candidate>>>>,
     /// The site's datasets.
     datasets: std::sync::RwLock<crate::datasets::Datasets>,
     cancel: CancellationToken,
@@ -166,6 +168,7 @@ impl NodeState {
     pub(crate) fn datasets_mut(
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, crate::datasets::Datasets> {
+        self.forget_candidates();
         self.datasets.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -224,7 +227,24 @@ impl NodeState {
     }
 
     fn peer_mut<R>(&self, id: &InstanceId, f: impl FnOnce(&mut PeerStatus) -> R) -> R {
-        f(lock(&self.peers).entry(*id).or_default())
+        let out = f(lock(&self.peers).entry(*id).or_default());
+        self.forget_candidates();
+        out
+    }
+
+    /// The instances this node's workflows may run on (itself included), built once until
+    /// a peer's connection or ad, the registry or the datasets change.
+    pub(crate) fn candidates(&self) -> Arc<Vec<kaapana_federation::Candidate>> {
+        if let Some(c) = lock(&self.candidates).as_ref() {
+            return Arc::clone(c);
+        }
+        let fresh = Arc::new(workflows::candidates(self));
+        *lock(&self.candidates) = Some(Arc::clone(&fresh));
+        fresh
+    }
+
+    fn forget_candidates(&self) {
+        *lock(&self.candidates) = None;
     }
 
     pub(crate) fn name_of(&self, id: &InstanceId) -> String {
@@ -395,6 +415,7 @@ impl NodeState {
         self.registry().clone().add(inst.clone())?;
         self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
         self.registry().add(inst.clone())?;
+        self.forget_candidates();
         self.metrics.instances_registered.inc();
         self.event("instance_added", Some(&inst.instance_id), inst.fingerprint_text());
         self.admit(&inst).await;
@@ -410,6 +431,7 @@ impl NodeState {
         let id = inst.instance_id;
         self.store.write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id)]).await?;
         let _ = self.registry().remove(which);
+        self.forget_candidates();
         self.metrics.instances_registered.dec();
         // Disallowing closes the live connections at once.
         let _ = self.net.disallow(id.peer_id()).await;
@@ -628,6 +650,7 @@ impl Daemon {
             jobs_lock: tokio::sync::Mutex::new(()),
             executor,
             started_at: now,
+            candidates: Mutex::new(None),
             datasets: std::sync::RwLock::new(datasets),
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
@@ -849,13 +872,14 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
 /// configured grace period.
 async fn watch_runners(state: Arc<NodeState>) {
     let grace = Duration::from_secs(state.files.config.workflows.runner_lost_after_secs);
+    let give_up = Duration::from_secs(state.files.config.workflows.runner_give_up_after_secs);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             () = state.cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        workflows::check_lost_runners(&state, grace).await;
+        workflows::check_lost_runners(&state, grace, give_up).await;
     }
 }
 

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kaapana_protocol::{Delivery, FedRequest, FedResponse, InstanceId, RejectReason, peek_kind};
+use kaapana_protocol::{
+    Delivery, FedRequest, FedResponse, InstanceId, ManifestKind, RejectReason, peek_kind,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
@@ -88,9 +90,29 @@ async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -
         let (seqs, messages): (Vec<u64>, Vec<Vec<u8>>) = batch.into_iter().unzip();
         let kinds: Vec<&'static str> =
             messages.iter().map(|m| peek_kind(m).map_or("unknown", |k| k.name())).collect();
+        // Job manifests the peer refuses for good fail their job at this owner: keep them.
+        let jobs: Vec<Option<Vec<u8>>> = messages
+            .iter()
+            .zip(&kinds)
+            .map(|(m, k)| (*k == ManifestKind::JobManifest.name()).then(|| m.clone()))
+            .collect();
         let frame = FedFrame::Batch(FedRequest { messages });
         let (settled, retry) = match state.net.request(peer.peer_id(), frame).await {
-            Ok(FedResponse::Results(results)) => settle(&state, &peer, &seqs, &kinds, &results),
+            Ok(FedResponse::Results(results)) => {
+                for (job, result) in jobs.into_iter().zip(&results) {
+                    if let (Some(envelope), Delivery::Rejected { reason, detail }) = (job, result)
+                        && !reason.is_transient()
+                        && *reason != RejectReason::Replayed
+                    {
+                        let why = format!("{}: {detail}", reason.label());
+                        let s = Arc::clone(&state);
+                        tokio::spawn(async move {
+                            super::workflows::job_refused(&s, peer, &envelope, why).await;
+                        });
+                    }
+                }
+                settle(&state, &peer, &seqs, &kinds, &results)
+            }
             Ok(FedResponse::Refused { reason, detail }) => {
                 tracing::warn!(peer = %peer, reason = reason.label(), %detail, "outbox request refused");
                 (Vec::new(), true)

@@ -69,16 +69,32 @@ pub(crate) fn candidates(state: &NodeState) -> Vec<Candidate> {
     let registry: Vec<_> = state.registry().iter().cloned().collect();
     for inst in registry {
         let status = state.peer_status(&inst.instance_id);
-        if let Some(ad) = status.capabilities {
-            out.push(Candidate {
-                instance: inst.instance_id,
-                name: inst.name.clone(),
-                ad,
-                reachable: status.connections > 0,
-            });
-        }
+        // An instance that has not advertised anything yet matches no capability query, but
+        // jobs may still name it: they wait in the outbox until it is reachable.
+        let ad = status.capabilities.unwrap_or_else(|| unknown_ad(&inst.name));
+        out.push(Candidate {
+            instance: inst.instance_id,
+            name: inst.name.clone(),
+            ad,
+            reachable: status.connections > 0,
+        });
     }
     out
+}
+
+/// The ad of an instance that has advertised nothing yet: no datasets, no resources.
+fn unknown_ad(name: &str) -> kaapana_protocol::CapabilityAd {
+    kaapana_protocol::CapabilityAd {
+        header: Header::new(Timestamp::from_millis(0), Duration::ZERO),
+        sequence: 0,
+        instance_name: name.to_owned(),
+        node_version: String::new(),
+        executors: Vec::new(),
+        allowed_images: Vec::new(),
+        allowed_workflows: kaapana_protocol::NameScope::Only(Vec::new()),
+        datasets: Vec::new(),
+        resources: kaapana_protocol::Resources::default(),
+    }
 }
 
 /// Signs `manifest` (this instance must be its owner), plans it and starts its first jobs, in
@@ -99,7 +115,7 @@ pub(crate) async fn submit(
     }
     let _guard = state.jobs_lock.lock().await;
     let now = now();
-    let (workflow, commands) = Workflow::start(&manifest, &candidates(state), now, JOB_LIFETIME)?;
+    let (workflow, commands) = Workflow::start(&manifest, &state.candidates(), now, JOB_LIFETIME)?;
     let signed = state.sign(&manifest).map_err(|e| WorkflowError::Sign(e.to_string()))?;
     let mut out = Prepared::default();
     out.put_workflow(WorkflowRecord { workflow, manifest: signed.into_bytes() });
@@ -236,43 +252,52 @@ pub(crate) fn expects_result(
     }
 }
 
-/// Runners of running workflows that have been unreachable for longer than `grace`: their
-/// jobs move elsewhere where the workflow allows it.
-pub(crate) async fn check_lost_runners(state: &Arc<NodeState>, grace: Duration) {
+/// Whether a dispatched job still needs its runner: not ended, or finished but its result
+/// has not arrived.
+fn waits_for_runner(j: &kaapana_federation::WorkflowJob) -> bool {
+    j.dispatched
+        && (!j.state.is_terminal() || (j.state == JobState::Finished && j.result.is_none()))
+}
+
+/// Runners of running workflows that have been out of reach for longer than `grace` are lost:
+/// their jobs move to another instance where the workflow allows it. Runners out of reach for
+/// longer than `give_up` are gone: their remaining jobs fail with that reason (so that every
+/// workflow ends), and a cancel waits for them in case they come back.
+pub(crate) async fn check_lost_runners(state: &Arc<NodeState>, grace: Duration, give_up: Duration) {
     let now = now();
     let Ok(workflows) = state.store.workflows() else { return };
     let mut lost = Vec::new();
+    let mut gone = Vec::new();
     for r in workflows.iter().filter(|r| !r.workflow.state.is_final()) {
-        for j in &r.workflow.jobs {
-            if j.dispatched
-                && !j.state.is_terminal()
-                && j.runner != state.instance_id
-                && !lost.contains(&j.runner)
-                && state.unreachable_for(&j.runner, now) > grace
-            {
+        for j in r.workflow.jobs.iter().filter(|j| waits_for_runner(j)) {
+            if j.runner == state.instance_id || lost.contains(&j.runner) {
+                continue;
+            }
+            let away = state.unreachable_for(&j.runner, now);
+            if away > grace {
                 lost.push(j.runner);
+            }
+            if away > give_up {
+                gone.push(j.runner);
             }
         }
     }
     if lost.is_empty() {
         return;
     }
+    let ids: Vec<WorkflowId> = workflows
+        .iter()
+        .filter(|r| !r.workflow.state.is_final())
+        .map(|r| r.workflow.workflow_id)
+        .collect();
     let _guard = state.jobs_lock.lock().await;
     let mut out = Prepared::default();
     for runner in lost {
-        let ids: Vec<WorkflowId> = workflows
-            .iter()
-            .filter(|r| !r.workflow.state.is_final())
-            .map(|r| r.workflow.workflow_id)
-            .collect();
-        for id in ids {
-            let Ok(Some(record)) = out.workflow(state, &id) else { continue };
-            let moves = record
-                .workflow
-                .jobs
-                .iter()
-                .any(|j| j.runner == runner && j.dispatched && !j.state.is_terminal());
-            if moves
+        for id in &ids {
+            let Ok(Some(record)) = out.workflow(state, id) else { continue };
+            let waiting =
+                record.workflow.jobs.iter().any(|j| j.runner == runner && waits_for_runner(j));
+            if waiting
                 && let Err(e) = feed(
                     state,
                     record,
@@ -285,13 +310,104 @@ pub(crate) async fn check_lost_runners(state: &Arc<NodeState>, grace: Duration) 
             }
         }
     }
+    for runner in gone {
+        let why = format!(
+            "runner {} has been out of reach for more than {} s; the job is given up",
+            state.name_of(&runner),
+            give_up.as_secs()
+        );
+        for id in &ids {
+            let Ok(Some(record)) = out.workflow(state, id) else { continue };
+            let stuck: Vec<JobId> = record
+                .workflow
+                .jobs
+                .iter()
+                .filter(|j| j.runner == runner && waits_for_runner(j))
+                .map(|j| j.job_id)
+                .collect();
+            for job in stuck {
+                if let Err(e) = fail_job(state, runner, job, *id, &why, now, &mut out) {
+                    tracing::error!(error = %e, "cannot give a job up");
+                }
+            }
+        }
+    }
     match state.store.write_async(out.take_ops()).await {
         Ok(_) => out.after.run(state),
         Err(e) => tracing::error!(error = %e, "cannot record moved jobs"),
     }
 }
 
-/// Applies one event to a workflow and carries out the commands.
+/// A job manifest its runner refused for good (expired while it waited, or otherwise): the
+/// job fails at this owner with that reason.
+pub(crate) async fn job_refused(
+    state: &Arc<NodeState>,
+    runner: InstanceId,
+    envelope: &[u8],
+    why: String,
+) {
+    let Ok(job) = Signed::<kaapana_protocol::JobManifest>::from_bytes(envelope)
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.verify_stored().map_err(|e| e.to_string()))
+        .map(kaapana_protocol::Verified::into_payload)
+    else {
+        return;
+    };
+    let _guard = state.jobs_lock.lock().await;
+    let now = now();
+    let mut out = Prepared::default();
+    let reason = format!("{} refused the job manifest: {why}", state.name_of(&runner));
+    if let Err(e) = fail_job(state, runner, job.job_id, job.workflow_id, &reason, now, &mut out) {
+        tracing::error!(error = %e, "cannot fail a refused job");
+        return;
+    }
+    match state.store.write_async(out.take_ops()).await {
+        Ok(_) => out.after.run(state),
+        Err(e) => tracing::error!(error = %e, "cannot record a refused job"),
+    }
+}
+
+/// Fails a job at this owner (its runner is gone, or refused it): its record, its workflow,
+/// and a cancel queued for the runner in case it runs the job after all.
+fn fail_job(
+    state: &NodeState,
+    runner: InstanceId,
+    job_id: JobId,
+    workflow_id: WorkflowId,
+    reason: &str,
+    now: Timestamp,
+    out: &mut Prepared,
+) -> Result<(), JobError> {
+    if let Some(mut record) = out.owner_job(state, &job_id)?
+        && !record.job.state.is_terminal()
+    {
+        record.job.state = JobState::Failed;
+        record.job.reason = Some(truncate(reason));
+        record.job.updated_at = now;
+        out.put_owner_job(record);
+    }
+    let cancel = Cancel {
+        header: Header::new(now, CANCEL_LIFETIME),
+        workflow_id,
+        job_id: Some(job_id),
+        reason: truncate(reason),
+    };
+    let signed = state.sign(&cancel).map_err(|e| JobError::Sign(e.to_string()))?;
+    out.ops.push(WriteOp::EnqueueOutbox { peer: runner, envelopes: vec![signed.into_bytes()] });
+    out.after.queued_one(runner);
+    out.after.events.push(("job_given_up", Some(runner), format!("job {job_id}: {reason}")));
+    let Some(record) = out.workflow(state, &workflow_id)? else { return Ok(()) };
+    let event = WorkflowEvent::JobUpdated {
+        job_id,
+        state: JobState::Failed,
+        reason: Some(reason.to_owned()),
+        retryable: false,
+    };
+    feed(state, record, event, now, out)
+}
+
+/// Applies one event to a workflow and carries out the commands; an event that changes
+/// nothing writes nothing.
 fn feed(
     state: &NodeState,
     mut record: WorkflowRecord,
@@ -299,19 +415,17 @@ fn feed(
     now: Timestamp,
     out: &mut Prepared,
 ) -> Result<(), JobError> {
-    let before: Vec<(JobId, JobState)> =
-        record.workflow.jobs.iter().map(|j| (j.job_id, j.state)).collect();
-    let commands = record.workflow.handle(event, &candidates(state), now, JOB_LIFETIME);
-    let id = record.workflow.workflow_id;
-    let changed = commands.len()
-        + record.workflow.jobs.iter().filter(|j| !before.contains(&(j.job_id, j.state))).count();
-    if changed > 0 {
-        out.after.events.push((
-            "workflow_progress",
-            None,
-            format!("workflow {} ({id}): {}", record.workflow.name, record.workflow.counts()),
-        ));
+    let before = record.workflow.clone();
+    let commands = record.workflow.handle(event, &state.candidates(), now, JOB_LIFETIME);
+    if commands.is_empty() && record.workflow == before {
+        return Ok(());
     }
+    let id = record.workflow.workflow_id;
+    out.after.events.push((
+        "workflow_progress",
+        None,
+        format!("workflow {} ({id}): {}", record.workflow.name, record.workflow.counts()),
+    ));
     out.put_workflow(record);
     apply(state, id, commands, now, out)
 }
