@@ -89,12 +89,12 @@ pub(crate) fn matching<'a>(
     candidates: &'a [Candidate],
 ) -> Vec<&'a Candidate> {
     let mut out: Vec<&Candidate> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     for c in candidates {
         // The first entry of an instance counts; later duplicates are ignored.
-        if out.iter().any(|o| o.instance == c.instance) {
-            continue;
+        if seen.insert(c.instance) {
+            out.push(c);
         }
-        out.push(c);
     }
     out.retain(|c| c.matches(query));
     out.sort_by(|a, b| by_name(a, b));

@@ -23,7 +23,7 @@ use kaapana_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::capability::{self, Candidate, QueryText, select_runners};
+use crate::capability::{self, Candidate, QueryText};
 
 /// The most upstream results one job manifest may list (the protocol's limit on `inputs`).
 pub const MAX_INPUTS: usize = 1024;
@@ -364,6 +364,11 @@ impl Workflow {
         manifest.validate()?;
         let owner = manifest.owner;
         let owner_name = candidate(candidates, &owner).map_or("owner", |c| c.name.as_str());
+        // Each instance's first entry, for lookups in time O(log n) while planning.
+        let mut by_id: BTreeMap<InstanceId, &Candidate> = BTreeMap::new();
+        for c in candidates {
+            by_id.entry(c.instance).or_insert(c);
+        }
         let step_index: BTreeMap<&str, usize> =
             manifest.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
 
@@ -388,7 +393,9 @@ impl Workflow {
                         return Err(PlanError::NoDataset { job: spec.name.clone() });
                     };
                     for (id, name) in runners {
-                        let tokens = candidate(candidates, &id)
+                        let tokens = by_id
+                            .get(&id)
+                            .copied()
                             .and_then(|c| c.ad.datasets.iter().find(|x| &x.name == d))
                             .map(|x| x.tokens.as_slice())
                             .unwrap_or_default();
@@ -1027,22 +1034,18 @@ fn resolve_runners(
             }
         },
         RunnerSelector::Query(q) => {
-            let ids = select_runners(q, candidates);
-            if ids.is_empty() {
+            let chosen: Vec<&Candidate> = match q.pick {
+                Pick::All => capability::matching(q, candidates),
+                Pick::Best => capability::best(q, candidates, |_| true).into_iter().collect(),
+            };
+            if chosen.is_empty() {
                 return Err(PlanError::NoRunner {
                     job: spec.name.clone(),
                     query: QueryText(q).to_string(),
                     why: capability::explain_no_match(q, candidates),
                 });
             }
-            Ok(ids
-                .into_iter()
-                .map(|id| {
-                    let name = candidate(candidates, &id)
-                        .map_or_else(|| id.to_string(), |c| c.name.clone());
-                    (id, name)
-                })
-                .collect())
+            Ok(chosen.into_iter().map(|c| (c.instance, c.name.clone())).collect())
         }
     }
 }
