@@ -17,6 +17,10 @@ kn_require_packages() {
         missing+=(busybox-static)
     # The registry pull tests run a private OCI registry (Debian's distribution 2.x) on loopback.
     command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+    # The fault tests give each node its own network namespace (iproute2's `ip netns`,
+    # util-linux's `nsenter`) and cut links or drop packets with nftables.
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
             echo "missing packages: ${missing[*]}; run as root or install them first" >&2

@@ -103,7 +103,9 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             Err(why) => return fail(state, job_id, why).await,
         }
     }
-    runner_event(state, job_id, RunnerEvent::Started).await?;
+    if record.job.state != kaapana_protocol::JobState::Running {
+        runner_event(state, job_id, RunnerEvent::Started).await?;
+    }
     let outcome = executor
         .run(JobRun {
             job_id,
@@ -119,24 +121,32 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         })
         .await;
     match outcome {
-        Ok(o) => {
-            let job = runner_event(state, job_id, RunnerEvent::Exited { exit: o.exit }).await?;
-            let timings = JobTimings {
-                received_at: job.received_at,
-                started_at: o.started_at.max(job.received_at),
-                finished_at: o.finished_at.max(o.started_at).max(job.received_at),
-            };
-            let s = Arc::clone(state);
-            tokio::spawn(async move {
-                if let Err(e) = deliver_result(&s, &job, o.exit, timings).await {
-                    tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
-                    s.event("result_failed", Some(&job.owner), format!("job {}: {e}", job.job_id));
-                }
-            });
-            Ok(())
-        }
+        Ok(o) => exited(state, job_id, o).await,
         Err(e) => fail(state, job_id, e.to_string()).await,
     }
+}
+
+/// A job's container ended: records it (with its update for the owner), then packs, signs and
+/// delivers the result in the background.
+async fn exited(
+    state: &Arc<NodeState>,
+    job_id: JobId,
+    o: crate::executor::JobOutcome,
+) -> Result<(), JobError> {
+    let job = runner_event(state, job_id, RunnerEvent::Exited { exit: o.exit }).await?;
+    let timings = JobTimings {
+        received_at: job.received_at,
+        started_at: o.started_at.max(job.received_at),
+        finished_at: o.finished_at.max(o.started_at).max(job.received_at),
+    };
+    let s = Arc::clone(state);
+    tokio::spawn(async move {
+        if let Err(e) = deliver_result(&s, &job, o.exit, timings).await {
+            tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
+            s.event("result_failed", Some(&job.owner), format!("job {}: {e}", job.job_id));
+        }
+    });
+    Ok(())
 }
 
 /// Unpacks each upstream result bundle into `into/<job name>/`; the bundles must be in this
@@ -358,27 +368,41 @@ pub(crate) async fn recover(state: &Arc<NodeState>) {
     for record in jobs {
         let id = record.job.job_id;
         resend_results(state, &record.job);
-        let result = match record.job.state {
-            JobState::Scheduled if !held.contains(&id) => {
-                start(state, id);
-                Ok(())
-            }
-            JobState::Scheduled | JobState::Running => {
-                reattach(state, id, held.contains(&id)).await
-            }
-            _ => Ok(()),
-        };
+        if !matches!(record.job.state, JobState::Scheduled | JobState::Running) {
+            continue;
+        }
+        let result =
+            if held.contains(&id) { reattach(state, id).await } else { resume(state, id).await };
         if let Err(e) = result {
             tracing::error!(job = %id, error = %e, "cannot recover job");
         }
     }
 }
 
-async fn reattach(state: &Arc<NodeState>, job: JobId, held: bool) -> Result<(), JobError> {
-    let Some(executor) = state.executor.clone().filter(|_| held) else {
-        return fail(state, job, "the node restarted and the job's container was gone".into())
-            .await;
-    };
+/// A job that was scheduled or running when the node stopped and whose container is gone:
+/// if its executor recorded how it ended (the node stopped between the container's end and
+/// the record of it), that outcome is reported and its result delivered; otherwise the
+/// container never ran to its end and left nothing behind, so the job starts (again).
+async fn resume(state: &Arc<NodeState>, job: JobId) -> Result<(), JobError> {
+    let log = job_dir(state, &job).join("job.log");
+    match crate::executor::read_exit_record(&log) {
+        Some(outcome) => {
+            let _ = runner_event(state, job, RunnerEvent::Started).await;
+            exited(state, job, outcome).await
+        }
+        None => {
+            if state.executor.is_none() {
+                return fail(state, job, "the node restarted without its executor".into()).await;
+            }
+            start(state, job);
+            Ok(())
+        }
+    }
+}
+
+/// Follows a job whose container survived the node's restart to its end.
+async fn reattach(state: &Arc<NodeState>, job: JobId) -> Result<(), JobError> {
+    let Some(executor) = state.executor.clone() else { return resume(state, job).await };
     let s = Arc::clone(state);
     tokio::spawn(async move {
         let log = job_dir(&s, &job).join("job.log");
@@ -386,8 +410,10 @@ async fn reattach(state: &Arc<NodeState>, job: JobId, held: bool) -> Result<(), 
             Ok(outcome) => {
                 // A job scheduled but not yet reported started still goes through `running`.
                 let _ = runner_event(&s, job, RunnerEvent::Started).await;
-                runner_event(&s, job, RunnerEvent::Exited { exit: outcome.exit }).await.map(drop)
+                exited(&s, job, outcome).await
             }
+            // Created but never started: it left nothing behind, so it starts again.
+            Err(crate::executor::ExecError::JobNotFound { .. }) => resume(&s, job).await,
             Err(e) => fail(&s, job, format!("after a restart of the node: {e}")).await,
         };
         if let Err(e) = result {

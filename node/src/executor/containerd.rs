@@ -384,7 +384,7 @@ impl ContainerdExecutor {
         }
         match self.start(&job, &cid, &image, &log).await {
             Ok(started_at) => {
-                let outcome = self.finish(&job.job_id, &cid, deadline, started_at).await;
+                let outcome = self.finish(&job.job_id, &cid, deadline, started_at, &job.log).await;
                 if let Ok(o) = &outcome {
                     note_outcome(&log, o, job.timeout);
                 }
@@ -461,31 +461,37 @@ impl ContainerdExecutor {
         tokio::spawn(async move { tasks.wait(req).await.map(|r| r.into_inner()) })
     }
 
-    /// Waits for the task (killing it at the deadline), reads how it ended and cleans up.
+    /// Waits for the task (killing it at the deadline), reads how it ended, records that next
+    /// to the job's log and cleans up.
     async fn finish(
         &self,
         job: &JobId,
         cid: &str,
         deadline: Timestamp,
         started_at: Timestamp,
+        log: &Path,
     ) -> Result<JobOutcome, ExecError> {
         let result = self.wait_until(job, cid, deadline).await;
         let result = match result {
-            Ok(code_at) => {
+            Ok((code, exited_at)) => {
                 let oom = self.saw_oom(cid).await;
                 let ended_by = guard(&self.shared.ended_by).get(job).copied();
-                Ok((code_at, ended_by, oom))
+                let outcome = JobOutcome {
+                    exit: classify(code, ended_by, oom),
+                    started_at,
+                    finished_at: exited_at.unwrap_or_else(now).max(started_at),
+                };
+                // Durable before the container goes: a node stopped in between still knows.
+                super::write_exit_record(log, &outcome)
+                    .map(|()| outcome)
+                    .map_err(|e| ExecError::io(super::exit_record_path(log), e))
             }
             Err(e) => Err(e),
         };
         let cleaned = self.cleanup_job(job).await;
-        let ((code, exited_at), ended_by, oom) = result?;
+        let outcome = result?;
         cleaned?;
-        Ok(JobOutcome {
-            exit: classify(code, ended_by, oom),
-            started_at,
-            finished_at: exited_at.unwrap_or_else(now).max(started_at),
-        })
+        Ok(outcome)
     }
 
     /// Waits for the task to exit; at the deadline, marks it timed out and SIGKILLs it.
@@ -668,7 +674,7 @@ impl ContainerdExecutor {
             .and_then(|d| d.parse().ok())
             .map_or_else(now, Timestamp::from_millis);
         let started_at = timestamp(container.created_at).unwrap_or_else(now);
-        let outcome = self.finish(job, &cid, deadline, started_at).await?;
+        let outcome = self.finish(job, &cid, deadline, started_at, log).await?;
         note_outcome(log, &outcome, Duration::ZERO);
         Ok(outcome)
     }

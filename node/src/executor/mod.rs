@@ -16,7 +16,7 @@
 //!   ([`pull_image`]).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -61,7 +61,7 @@ pub struct JobRun {
 }
 
 /// How and when a job ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobOutcome {
     /// How it ended: `Exited(code)`, `TimedOut`, `OutOfMemory` or `Killed(signal)` (by
     /// [`Executor::kill`]).
@@ -70,6 +70,27 @@ pub struct JobOutcome {
     pub started_at: Timestamp,
     /// When it ended.
     pub finished_at: Timestamp,
+}
+
+/// The file next to a job's log where its executor records how it ended, durably, before it
+/// removes the container: a node that stops between the two still knows the outcome.
+pub fn exit_record_path(log: &Path) -> PathBuf {
+    log.with_file_name("exit.json")
+}
+
+/// Records `outcome` next to `log` (write, fsync, rename).
+pub fn write_exit_record(log: &Path, outcome: &JobOutcome) -> std::io::Result<()> {
+    let path = exit_record_path(log);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(outcome).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The outcome recorded next to `log`, if there is one.
+pub fn read_exit_record(log: &Path) -> Option<JobOutcome> {
+    std::fs::read(exit_record_path(log)).ok().and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Why an executor could not run, find or clean up a job.
@@ -202,7 +223,7 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn reattach<'a>(
         &'a self,
         job: &'a JobId,
-        log: &'a std::path::Path,
+        log: &'a Path,
     ) -> BoxFuture<'a, Result<JobOutcome, ExecError>>;
 
     /// Removes whatever the executor still holds of the job (killing it if it runs).

@@ -7,10 +7,12 @@ use libp2p::{connection_limits, ping, request_response};
 
 use super::FedCodec;
 
-/// The behaviours, in gating order: the allow list first, so that a stranger is refused
-/// before any other behaviour creates a handler for its connection.
+/// The behaviours, in gating order: the per-address handshake limit, then the allow list, so
+/// that a stranger is refused before any other behaviour creates a handler for its connection.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// First: counts handshakes per remote address (see [`super::pending`]).
+    pub(super) pending: super::pending::PendingPerIp,
     pub(super) allowed: allow_block_list::Behaviour<AllowedPeers>,
     pub(super) limits: connection_limits::Behaviour,
     pub(super) fed: request_response::Behaviour<FedCodec>,

@@ -11,6 +11,7 @@
 
 mod behaviour;
 mod codec;
+mod pending;
 pub mod results;
 
 use std::collections::HashMap;
@@ -66,6 +67,10 @@ pub enum NetError {
     Stopped,
 }
 
+/// Inbound handshakes at once from one IP address: a flood from one host keeps to these, and
+/// registered instances (other addresses) still get through.
+const MAX_PENDING_PER_IP: u32 = 8;
+
 /// Builds the swarm for `keypair`.
 pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour>, NetError> {
     let fed = request_response::Behaviour::with_codec(
@@ -76,7 +81,7 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
             .with_max_concurrent_streams(64),
     );
     let limits = connection_limits::ConnectionLimits::default()
-        .with_max_pending_incoming(Some(32))
+        .with_max_pending_incoming(Some(256))
         .with_max_pending_outgoing(Some(256))
         .with_max_established_per_peer(Some(4))
         .with_max_established_incoming(Some(2048));
@@ -90,10 +95,15 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
         .map_err(|e| NetError::Transport { what: "TCP/TLS", detail: e.to_string() })?
         .with_quic()
         .with_behaviour(|_| Behaviour {
+            pending: pending::PendingPerIp::new(MAX_PENDING_PER_IP),
             allowed: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
             fed,
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(10)),
+            ),
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport { what: "behaviour", detail: e.to_string() })?
@@ -418,9 +428,22 @@ impl SwarmLoop {
                 Some(NetEvent::DialFailed { peer: peer_id, error: error.to_string() })
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fed(ev)) => self.on_fed_event(ev),
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
-                result.ok().map(|rtt| NetEvent::Rtt { peer, rtt })
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result,
+            })) => match result {
+                Ok(rtt) => Some(NetEvent::Rtt { peer, rtt }),
+                Err(error) => {
+                    // libp2p-ping no longer closes a connection whose pings fail, and a TCP
+                    // connection whose packets are all dropped stays "established" for many
+                    // minutes: close it, so that the node sees the peer as gone (and its
+                    // workflows can react) and redials.
+                    tracing::info!(%peer, %error, "ping failed; closing the connection");
+                    self.swarm.close_connection(connection);
+                    None
+                }
+            },
             _ => None,
         }
     }

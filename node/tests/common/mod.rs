@@ -3,15 +3,36 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod containerd;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The binary under test.
+/// The binary under test: cargo's for tests; for an example (which cargo gives no binary
+/// path), `$KAAPANA_NODE_BIN` or `kaapana-node` beside the example's folder
+/// (`target/<profile>/examples/..`).
 pub fn kaapana_node() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kaapana-node"));
+    let mut c = Command::new(node_binary());
     c.env_remove("KAAPANA_NODE_DATA_DIR").env("NO_COLOR", "1");
     c
+}
+
+fn node_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kaapana-node") {
+        return PathBuf::from(path);
+    }
+    if let Some(path) = std::env::var_os("KAAPANA_NODE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().and_then(Path::parent).unwrap().join("kaapana-node");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p kaapana-node --bin kaapana-node) or set \
+         KAAPANA_NODE_BIN",
+        path.display()
+    );
+    path
 }
 
 /// One site: a data directory used through the CLI.
@@ -599,4 +620,148 @@ pub fn test_dir() -> tempfile::TempDir {
         eprintln!("test directory: {}", dir.path().display());
     }
     dir
+}
+
+// ----- sites on hosts of their own (network namespaces, see `netns`) -----
+
+impl Site {
+    /// `init`s a site for node `k` of `net`: libp2p on `10.A.B.k:7400` (TCP), the API on
+    /// `10.A.B.k:7401` (reachable from the test process), no executor yet. Its bundle
+    /// advertises `advertise` (e.g. a [`netns::Relay`]'s address) instead of its listen
+    /// address when given.
+    pub fn init_netns(
+        root: &Path,
+        name: &str,
+        net: &netns::Net,
+        k: usize,
+        advertise: Option<&str>,
+    ) -> Self {
+        let site = Self::new(root, name);
+        let (listen, api) = (net.p2p_addr(k), net.api_addr(k));
+        let mut args = vec!["init", "--name", name, "--listen", &listen, "--api-listen", &api];
+        if let Some(a) = advertise {
+            args.extend_from_slice(&["--advertise", a]);
+        }
+        site.ok(&args);
+        site.set_executor(None);
+        site
+    }
+
+    /// Sets `[workflows] runner_lost_after_secs`.
+    pub fn set_runner_lost_after(&self, secs: u64) {
+        let path = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("runner_lost_after_secs"))
+            .expect("config.toml has runner_lost_after_secs")
+            .to_owned();
+        let text = text.replace(&line, &format!("runner_lost_after_secs = {secs}"));
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// Starts `kaapana-node run` inside node `k`'s namespace of `net` and waits until it says
+    /// it runs. The process is the daemon itself (`nsenter` execs it), so [`Daemon::pid`],
+    /// [`Daemon::pause`] and [`Daemon::kill`] act on it.
+    pub fn start_netns(&self, net: &netns::Net, k: usize) -> Daemon {
+        let mut cmd = net.command(k, node_binary());
+        cmd.env_remove("KAAPANA_NODE_DATA_DIR").env("NO_COLOR", "1");
+        self.spawn_daemon(cmd, Duration::from_secs(60))
+    }
+
+    /// Runs `cmd run --data-dir DIR` as the daemon (stderr appended to `DIR/daemon.log`) and
+    /// waits up to `timeout` for its API address.
+    fn spawn_daemon(&self, mut cmd: Command, timeout: Duration) -> Daemon {
+        let log = self.dir.join("daemon.log");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut child = cmd
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "info,kaapana_node=debug")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("API on ").nth(1) {
+                    let addr = rest.split(';').next().unwrap_or_default().trim().to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            child: Some(child),
+            api: None,
+            log,
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(addr) => {
+                let token = std::fs::read_to_string(self.dir.join("api-token")).unwrap();
+                daemon.api = Some(ApiClient::new(&addr, token.trim()));
+            }
+            Err(_) => panic!("{} did not start:\n{}", self.name, daemon.log_text()),
+        }
+        daemon
+    }
+}
+
+impl Daemon {
+    /// Sends `signal` to the daemon's process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// SIGSTOP: the process freezes (its connections stay open, nothing answers).
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Daemon::pause`].
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// Whether the process has exited (without reaping it for good: a later `kill`/drop still
+    /// works).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+}
+
+/// Sites on nodes `1..=names.len()` of `net` that registered each other (every pair, both
+/// ways, permissive policy) through the CLI, not running. With `relay_delay`, each site
+/// advertises a [`netns::Relay`] to itself with that delay, so that every connection between
+/// two sites goes through one.
+pub fn federation_netns(
+    root: &Path,
+    net: &netns::Net,
+    names: &[&str],
+    relay_delay: Option<Duration>,
+) -> Vec<Site> {
+    let sites: Vec<Site> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let relay = relay_delay.map(|d| net.relay_to(i + 1, d));
+            Site::init_netns(root, n, net, i + 1, relay.as_deref())
+        })
+        .collect();
+    let bundles: Vec<PathBuf> = sites.iter().map(|s| s.export(root)).collect();
+    for (i, s) in sites.iter().enumerate() {
+        for (j, other) in sites.iter().enumerate() {
+            if i != j {
+                s.register(other, &bundles[j]);
+            }
+        }
+    }
+    sites
 }
