@@ -313,7 +313,28 @@ fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
 pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::RunnerJob) {
     let dir = job_dir(state, &job.job_id);
     let (manifest, bundle) = (dir.join("result.manifest"), dir.join("result.tar"));
-    if !job.state.is_terminal() || dir.join("result.sent").exists() || !manifest.exists() {
+    if !job.state.is_terminal() || dir.join("result.sent").exists() {
+        return;
+    }
+    if !manifest.exists() {
+        // The node stopped after the job's end was recorded but before its result was signed:
+        // pack `/output` now.
+        let (Some(exit), Some(started_at), Some(finished_at)) =
+            (job.exit, job.started_at, job.finished_at)
+        else {
+            return;
+        };
+        let timings = JobTimings {
+            received_at: job.received_at,
+            started_at: started_at.max(job.received_at),
+            finished_at: finished_at.max(started_at).max(job.received_at),
+        };
+        let (s, job) = (Arc::clone(state), job.clone());
+        tokio::spawn(async move {
+            if let Err(e) = deliver_result(&s, &job, exit, timings).await {
+                tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
+            }
+        });
         return;
     }
     let signed = match std::fs::read(&manifest)
