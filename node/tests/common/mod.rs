@@ -210,43 +210,7 @@ impl Site {
 
     /// Starts `kaapana-node run` and waits until it says it runs (it prints its API address).
     pub fn start(&self) -> Daemon {
-        let log = self.dir.join("daemon.log");
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let mut child = kaapana_node()
-            .arg("run")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env("RUST_LOG", "info,kaapana_node=debug")
-            .env("RUST_BACKTRACE", "1")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("API on ").nth(1) {
-                    let addr = rest.split(';').next().unwrap_or_default().trim().to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let mut daemon = Daemon {
-            name: self.name.clone(),
-            dir: self.dir.clone(),
-            child: Some(child),
-            api: None,
-            log,
-        };
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => {
-                let token = std::fs::read_to_string(self.dir.join("api-token")).unwrap();
-                daemon.api = Some(ApiClient::new(&addr, token.trim()));
-            }
-            Err(_) => panic!("{} did not start:\n{}", self.name, daemon.log_text()),
-        }
-        daemon
+        self.spawn_daemon(kaapana_node(), Duration::from_secs(60))
     }
 }
 
