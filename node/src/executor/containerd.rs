@@ -427,32 +427,17 @@ impl ContainerdExecutor {
             Err(s) => return Err(err("Snapshots.Prepare")(s)),
         };
         let log = log.to_string_lossy().into_owned();
-        let create = CreateTaskRequest {
-            container_id: cid.to_owned(),
-            rootfs: mounts,
-            stdout: log.clone(),
-            stderr: log,
-            ..CreateTaskRequest::default()
-        };
-        let created = self.api.tasks().create(self.api.req(create.clone())).await;
-        match created {
-            Ok(_) => {}
-            Err(s) => match stale_bundle(s.message(), self.api.namespace(), cid) {
-                // A node stopped in the middle of an earlier Tasks.Create of this container
-                // can leave containerd's bundle folder behind (containerd 1.6): with no task
-                // of this id, it is stale; remove it and create the task once more.
-                Some(bundle) if self.task_absent(cid).await => {
-                    tracing::warn!(container = cid, bundle = %bundle.display(), "removing a stale task bundle");
-                    remove_stale_bundle(&bundle).map_err(|e| ExecError::io(&bundle, e))?;
-                    self.api
-                        .tasks()
-                        .create(self.api.req(create))
-                        .await
-                        .map_err(err("Tasks.Create"))?;
-                }
-                _ => return Err(err("Tasks.Create")(s)),
-            },
-        }
+        self.api
+            .tasks()
+            .create(self.api.req(CreateTaskRequest {
+                container_id: cid.to_owned(),
+                rootfs: mounts,
+                stdout: log.clone(),
+                stderr: log,
+                ..CreateTaskRequest::default()
+            }))
+            .await
+            .map_err(err("Tasks.Create"))?;
         let started_at = now();
         self.api
             .tasks()
@@ -467,19 +452,6 @@ impl ContainerdExecutor {
             self.mark_and_kill(&job.job_id, cid, EndedBy::Killed).await?;
         }
         Ok(started_at)
-    }
-
-    /// Whether containerd has no task for `cid`.
-    async fn task_absent(&self, cid: &str) -> bool {
-        let got = self
-            .api
-            .tasks()
-            .get(
-                self.api
-                    .req(GetTaskRequest { container_id: cid.to_owned(), exec_id: String::new() }),
-            )
-            .await;
-        matches!(got, Err(s) if s.code() == Code::NotFound)
     }
 
     fn wait_task(&self, cid: &str) -> tokio::task::JoinHandle<Result<WaitResponse, Status>> {
@@ -889,31 +861,6 @@ impl Executor for ContainerdExecutor {
     }
 }
 
-/// The bundle folder a failed `Tasks.Create` says exists already ("mkdir PATH: file exists"),
-/// if it is exactly containerd's runtime v2 bundle of `cid` in `namespace`.
-fn stale_bundle(message: &str, namespace: &str, cid: &str) -> Option<PathBuf> {
-    let rest = message.split("mkdir ").nth(1)?;
-    let path = PathBuf::from(rest.strip_suffix(": file exists")?);
-    let mut parts = path.components().rev();
-    let ok = path.is_absolute()
-        && parts.next()?.as_os_str() == cid
-        && parts.next()?.as_os_str() == namespace
-        && parts.next()?.as_os_str() == "io.containerd.runtime.v2.task";
-    ok.then_some(path)
-}
-
-/// Removes a stale bundle folder, unmounting its root filesystem first if it is mounted.
-fn remove_stale_bundle(bundle: &Path) -> std::io::Result<()> {
-    let rootfs = bundle.join("rootfs");
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let target = rootfs.to_string_lossy();
-    if mounts.lines().any(|l| l.split(' ').nth(1) == Some(target.as_ref())) {
-        nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(std::io::Error::from)?;
-    }
-    std::fs::remove_dir_all(bundle)
-}
-
 /// Whether a containerd container id is that of a job (`kn-` and 32 hex digits).
 pub fn is_job_container(id: &str) -> bool {
     id.starts_with("kn-") && id.len() == 3 + 32
@@ -922,27 +869,6 @@ pub fn is_job_container(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_exact_stale_bundle_of_the_container_is_recognised() {
-        let cid = "kn-0123456789abcdef0123456789abcdef";
-        let msg = |p: &str| format!("failed to start shim: mkdir {p}: file exists");
-        let good = format!("/tmp/c/state/io.containerd.runtime.v2.task/kaapana-node/{cid}");
-        assert_eq!(stale_bundle(&msg(&good), "kaapana-node", cid), Some(PathBuf::from(&good)));
-        for bad in [
-            format!("/tmp/c/state/io.containerd.runtime.v2.task/other-ns/{cid}"),
-            "/tmp/c/state/io.containerd.runtime.v2.task/kaapana-node/kn-other".to_owned(),
-            format!("/tmp/c/state/elsewhere/kaapana-node/{cid}"),
-            format!("state/io.containerd.runtime.v2.task/kaapana-node/{cid}"),
-            "/".to_owned(),
-        ] {
-            assert_eq!(stale_bundle(&msg(&bad), "kaapana-node", cid), None, "{bad}");
-        }
-        assert_eq!(
-            stale_bundle("failed to start shim: permission denied", "kaapana-node", cid),
-            None
-        );
-    }
 
     #[test]
     fn exit_codes_map_to_statuses() {
