@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::containerd::TestContainerd;
 use common::netns::Net;
-use common::{Daemon, Site};
+use common::{Daemon, Site, SplitMix};
 use kaapana_node::api::{JobsView, ResultView, SubmitWorkflowRequest, WorkflowView};
 
 const NAMES: [&str; 3] = ["site-a", "site-b", "site-c"];
@@ -71,25 +71,9 @@ fn args() -> Args {
     a
 }
 
-/// splitmix64: small, seeded, good enough to pick faults.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to - from))
-    }
+/// Fault timing from the seeded generator.
+fn millis(rng: &mut SplitMix, from: u64, to: u64) -> Duration {
+    Duration::from_millis(from + rng.below(to - from))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +109,7 @@ impl Soak {
         self.daemons[i] = Some(self.sites[i].start_netns(&self.net, i + 1));
     }
 
-    fn apply(&mut self, i: usize, fault: Fault, rng: &mut Rng) {
+    fn apply(&mut self, i: usize, fault: Fault, rng: &mut SplitMix) {
         let k = i + 1;
         match fault {
             Fault::Cut => self.net.cut(k),
@@ -152,7 +136,7 @@ impl Soak {
         }
     }
 
-    fn workflow(&self, owner: usize, rng: &mut Rng) -> String {
+    fn workflow(&self, owner: usize, rng: &mut SplitMix) -> String {
         // Jobs take up to a second, so that faults also hit running containers.
         let work = format!(
             "echo run >> /output/runs; sleep 0.{}; ls /input | wc -l > /output/n",
@@ -218,7 +202,7 @@ fn main() {
         "soak: {} workflows, seed {}, {} in flight",
         args.workflows, args.seed, args.in_flight
     );
-    let mut rng = Rng(args.seed);
+    let mut rng = SplitMix(args.seed);
     let started = Instant::now();
 
     // ----- set-up -----
@@ -282,7 +266,7 @@ fn main() {
     let mut owned: Vec<BTreeSet<String>> = vec![BTreeSet::new(); 3];
     let mut open: BTreeSet<(usize, String)> = BTreeSet::new();
     let mut active: Vec<(Instant, usize, Fault)> = Vec::new();
-    let mut next_fault = Instant::now() + rng.millis(1000, 4000);
+    let mut next_fault = Instant::now() + millis(&mut rng, 1000, 4000);
     let mut next_poll = Instant::now();
     let mut last_report = Instant::now();
     let mut last_progress = Instant::now();
@@ -306,17 +290,17 @@ fn main() {
             let site = rng.below(3) as usize;
             if !active.iter().any(|(_, a, _)| *a == site) {
                 let (fault, dur) = match rng.below(10) {
-                    0 | 1 => (Fault::Cut, rng.millis(2000, 15000)),
-                    2 | 3 => (Fault::LoudCut, rng.millis(2000, 15000)),
-                    4 | 5 => (Fault::Loss, rng.millis(3000, 15000)),
-                    6 | 7 => (Fault::Freeze, rng.millis(500, 8000)),
-                    _ => (Fault::Crash, rng.millis(300, 4000)),
+                    0 | 1 => (Fault::Cut, millis(&mut rng, 2000, 15000)),
+                    2 | 3 => (Fault::LoudCut, millis(&mut rng, 2000, 15000)),
+                    4 | 5 => (Fault::Loss, millis(&mut rng, 3000, 15000)),
+                    6 | 7 => (Fault::Freeze, millis(&mut rng, 500, 8000)),
+                    _ => (Fault::Crash, millis(&mut rng, 300, 4000)),
                 };
                 s.apply(site, fault, &mut rng);
                 *counts.faults.entry(format!("{fault:?}")).or_default() += 1;
                 active.push((now + dur, site, fault));
             }
-            next_fault = now + rng.millis(1000, 5000);
+            next_fault = now + millis(&mut rng, 1000, 5000);
         }
         // Submit while fewer than `in_flight` are open.
         let mut tries = 0;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::containerd::TestContainerd;
 use common::netns::{Net, P2P_PORT};
 use common::{Daemon, Site, TestPeer};
-use kaapana_node::api::{JobsView, ResultView, RunnerJobView, SubmitWorkflowRequest, WorkflowView};
+use kaapana_node::api::{JobsView, ResultView, RunnerJobView, WorkflowView};
 use kaapana_node::net::FedFrame;
 use kaapana_node::net::results::{
     RejectCode, ResultError, ResultPart, SendOptions, send_result_part,
@@ -135,8 +135,7 @@ impl Fed {
     }
 
     fn submit(&self, owner: usize, text: &str) -> WorkflowView {
-        let toml = self.toml(text);
-        self.d(owner).api().post("/v1/workflows", &SubmitWorkflowRequest { toml }).unwrap()
+        self.d(owner).submit_workflow(&self.toml(text))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -178,7 +177,7 @@ impl Fed {
         let deadline = Instant::now() + timeout;
         let mut seen = 0;
         loop {
-            let w = show(d, id);
+            let w = d.workflow(id);
             if w.state == state {
                 return w;
             }
@@ -204,9 +203,9 @@ impl Fed {
         timeout: Duration,
     ) -> WorkflowView {
         self.d(owner).wait_until(&format!("job {name} {state}"), timeout, |d| {
-            show(d, id).jobs.iter().any(|j| j.name == name && j.state == state)
+            d.workflow(id).jobs.iter().any(|j| j.name == name && j.state == state)
         });
-        show(self.d(owner), id)
+        self.d(owner).workflow(id)
     }
 
     /// The final-state checks of every scenario, for workflow `w` owned by `owner`, over every
@@ -284,10 +283,6 @@ impl Fed {
     }
 }
 
-fn show(d: &Daemon, id: &str) -> WorkflowView {
-    d.api().get(&format!("/v1/workflows/{id}")).unwrap()
-}
-
 fn runner_job(d: &Daemon, job: &str) -> Option<RunnerJobView> {
     let jobs: JobsView = d.api().get("/v1/jobs").unwrap();
     jobs.running_here.into_iter().find(|j| j.job_id == job)
@@ -345,7 +340,7 @@ timeout = "1m"
     f.d(1).wait_until("the job to end at site-b", T, |d| {
         runner_job(d, &job).is_some_and(|j| j.state == "finished")
     });
-    let during = show(f.d(0), &id);
+    let during = f.d(0).workflow(&id);
     assert_eq!(during.state, "running", "{during:#?}");
     assert_eq!(during.jobs[0].state, "running", "news crossed the cut: {during:#?}");
     assert_eq!(during.jobs[0].result, None);
@@ -496,7 +491,7 @@ timeout = "1m"
     f.d(0).wait_until("the late result to be recognised", T, |d| {
         count_events(d, "result_rejected", &first.job_id) > rejected_before
     });
-    let after = show(f.d(0), &id);
+    let after = f.d(0).workflow(&id);
     assert_eq!(after.state, "finished");
     assert_eq!(after.jobs[0].job_id, job.job_id);
     assert_eq!(after.jobs[0].result, job.result, "the late result changed the workflow");
@@ -541,7 +536,8 @@ timeout = "1m"
     let id = w.workflow_id.clone();
     assert_eq!(w.jobs.len(), 4, "{w:#?}");
     f.d(0).wait_until("three jobs running", T, |d| {
-        show(d, &id).jobs.iter().filter(|j| j.step == "stats" && j.state == "running").count() == 3
+        d.workflow(&id).jobs.iter().filter(|j| j.step == "stats" && j.state == "running").count()
+            == 3
     });
     f.kill(0);
     // The runners finish while the owner is down; their updates and results wait.
@@ -606,7 +602,7 @@ timeout = "1m"
     assert!(ev.detail.contains("they are kept") && ev.detail.contains(&job), "{ev:?}");
     let kept = partial();
     assert!(((2 << 20)..(16 << 20)).contains(&kept), "{kept} bytes kept");
-    assert_eq!(show(f.d(0), &id).jobs[0].result, None);
+    assert_eq!(f.d(0).workflow(&id).jobs[0].result, None);
     f.start(1);
     let w = f.wait_workflow(0, &id, "finished", T);
     f.check_final(0, &w);
@@ -1030,7 +1026,7 @@ fn a_hostile_registered_peer_gets_every_forgery_rejected_counted_and_nothing_sto
     let toml = format!(
         "name = \"hostile\"\n[[job]]\nname = \"train\"\nrunner = \"mallory\"\nimage = \"{image}\"\ncommand = [\"true\"]\n"
     );
-    let w: WorkflowView = da.api().post("/v1/workflows", &SubmitWorkflowRequest { toml }).unwrap();
+    let w = da.submit_workflow(&toml);
     let id = w.workflow_id.clone();
     let job: JobId = w.jobs[0].job_id.parse().unwrap();
     let workflow: WorkflowId = id.parse().unwrap();
@@ -1053,7 +1049,7 @@ fn a_hostile_registered_peer_gets_every_forgery_rejected_counted_and_nothing_sto
     let running =
         Signed::sign(key, &update(JobState::Running, 1, now(), hour)).unwrap().into_bytes();
     assert_eq!(peer.send(&a, vec![running.clone()]), vec![Delivery::Accepted]);
-    da.wait_until("the job running", T, |d| show(d, &id).jobs[0].state == "running");
+    da.wait_until("the job running", T, |d| d.workflow(&id).jobs[0].state == "running");
 
     let rejections =
         |reason: &str| da.metric(&format!("kaapana_node_rejections_total{{reason=\"{reason}\"}}"));
@@ -1179,7 +1175,7 @@ fn a_hostile_registered_peer_gets_every_forgery_rejected_counted_and_nothing_sto
             .unwrap_or_default();
         assert!(files.is_empty(), "{}: {files:?}", dir.display());
     }
-    let now_w = show(&da, &id);
+    let now_w = da.workflow(&id);
     assert_eq!(
         (now_w.state.as_str(), now_w.jobs[0].state.as_str()),
         ("running", "running"),
@@ -1195,8 +1191,8 @@ fn a_hostile_registered_peer_gets_every_forgery_rejected_counted_and_nothing_sto
     let done = Signed::sign(key, &finished(2)).unwrap().into_bytes();
     assert_eq!(peer.send(&a, vec![done]), vec![Delivery::Accepted]);
     assert!(send(&honest, &bundle).is_ok());
-    da.wait_until("the workflow finished", T, |d| show(d, &id).state == "finished");
-    let w = show(&da, &id);
+    da.wait_until("the workflow finished", T, |d| d.workflow(&id).state == "finished");
+    let w = da.workflow(&id);
     assert_eq!(w.jobs[0].result.as_deref(), Some(blob.digest.to_string().as_str()));
     drop(peer);
     assert!(da.stop());

@@ -8,6 +8,8 @@
 //! nothing. Set `KAAPANA_CRASH_SEED` to replay a run (the seed is printed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -84,19 +86,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// splitmix64: reproducible kill points without a dependency.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Runs the writer child until it has printed `kill_after` lines, kills it with SIGKILL, and
 /// returns every id it printed (including lines already in the pipe when it died).
 fn run_child_and_kill(path: &Path, kill_after: u64) -> BTreeSet<InstanceId> {
@@ -150,7 +139,7 @@ fn sigkill_loses_no_acknowledged_registration() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
     println!("seed {seed} (KAAPANA_CRASH_SEED={seed} replays the kill points)");
-    let mut rng = SplitMix(seed);
+    let mut rng = common::SplitMix(seed);
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("node.redb");
     let started = Instant::now();

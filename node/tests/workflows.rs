@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::containerd::TestContainerd;
 use common::{Daemon, Site};
-use kaapana_node::api::{JobsView, SubmitWorkflowRequest, WorkflowView};
+use kaapana_node::api::{JobsView, WorkflowView};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -84,17 +84,12 @@ impl TwoSites {
 }
 
 fn submit(owner: &Daemon, toml_file: &Path) -> WorkflowView {
-    let toml = std::fs::read_to_string(toml_file).unwrap();
-    owner.api().post("/v1/workflows", &SubmitWorkflowRequest { toml }).unwrap()
-}
-
-fn show(owner: &Daemon, id: &str) -> WorkflowView {
-    owner.api().get(&format!("/v1/workflows/{id}")).unwrap()
+    owner.submit_workflow(&std::fs::read_to_string(toml_file).unwrap())
 }
 
 fn wait_workflow(owner: &Daemon, id: &str, state: &str) -> WorkflowView {
     owner.wait_until(&format!("workflow {id} {state}"), T, |d| {
-        let w = show(d, id);
+        let w = d.workflow(id);
         assert!(
             w.state == "running" || w.state == state,
             "workflow ended {} instead of {state}: {w:#?}",
@@ -102,7 +97,7 @@ fn wait_workflow(owner: &Daemon, id: &str, state: &str) -> WorkflowView {
         );
         w.state == state
     });
-    show(owner, id)
+    owner.workflow(id)
 }
 
 #[test]
@@ -258,7 +253,7 @@ command = ["sh", "-c", "ls /input > /output/items"]
     let w = submit(&da, &file);
     let job = w.jobs[0].job_id.clone();
     da.wait_until("the job to await approval", T, |d| {
-        show(d, &w.workflow_id).jobs[0].state == "pending (awaiting approval)"
+        d.workflow(&w.workflow_id).jobs[0].state == "pending (awaiting approval)"
     });
     let pending = s.b.ok(&["job", "list", "--pending"]);
     assert!(pending.contains(&job) && pending.contains("site-a"), "{pending}");
@@ -290,10 +285,10 @@ image = "IMAGE"
 "#,
     );
     let w = submit(&da, &file);
-    da.wait_until("the job to run", T, |d| show(d, &w.workflow_id).jobs[0].state == "running");
+    da.wait_until("the job to run", T, |d| d.workflow(&w.workflow_id).jobs[0].state == "running");
     let out = s.a.ok(&["workflow", "cancel", &w.workflow_id]);
     assert!(out.contains("cancelled"), "{out}");
-    let w = show(&da, &w.workflow_id);
+    let w = da.workflow(&w.workflow_id);
     assert_eq!(w.state, "cancelled");
     // The runner aborts its job, says who did, and its container is gone.
     let job = w.jobs[0].job_id.clone();

@@ -729,3 +729,36 @@ pub fn federation_netns(
     }
     sites
 }
+
+/// splitmix64: a small seeded generator, so that a failing run can be replayed from its seed
+/// without a dependency.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+impl Daemon {
+    /// Submits a workflow file's text at this (owner) daemon.
+    pub fn submit_workflow(&self, toml: &str) -> kaapana_node::api::WorkflowView {
+        let req = kaapana_node::api::SubmitWorkflowRequest { toml: toml.to_owned() };
+        self.api().post("/v1/workflows", &req).unwrap()
+    }
+
+    /// The workflow `id` as its owner shows it.
+    pub fn workflow(&self, id: &str) -> kaapana_node::api::WorkflowView {
+        self.api().get(&format!("/v1/workflows/{id}")).unwrap()
+    }
+}
