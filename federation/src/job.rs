@@ -12,7 +12,7 @@
 use std::fmt;
 
 use kaapana_protocol::{
-    ExitStatus, InstanceId, JobId, JobManifest, JobState, JobUpdate, Timestamp, WorkflowId,
+    ExitStatus, InstanceId, JobId, JobManifest, JobState, Timestamp, WorkflowId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -270,6 +270,12 @@ impl RunnerJob {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpdateError {
+    /// No job of this instance's workflows has this id (in its current attempt).
+    #[error("unknown job {job}")]
+    UnknownJob {
+        /// The job.
+        job: JobId,
+    },
     /// The update is signed by another instance than the job's runner.
     #[error("update for job {job} comes from {from}, but its runner is {runner}")]
     NotTheRunner {
@@ -293,78 +299,18 @@ pub enum UpdateError {
     },
 }
 
-/// A job as its workflow's owner sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OwnerJob {
-    /// The job.
-    pub job_id: JobId,
-    /// Its workflow.
-    pub workflow_id: WorkflowId,
-    /// The instance that runs it.
-    pub runner: InstanceId,
-    /// The current attempt.
-    pub attempt: u32,
-    /// Its state as last reported.
-    pub state: JobState,
-    /// Why it failed, if it did.
-    pub reason: Option<String>,
-    /// Whether its failure may be cured by trying again.
-    pub retryable: bool,
-    /// The highest update sequence applied.
-    pub last_sequence: u32,
-    /// When the last update was applied.
-    pub updated_at: Timestamp,
-}
-
-impl OwnerJob {
-    /// A job the owner has just signed and queued for its runner.
-    pub fn queued(job: &JobManifest, now: Timestamp) -> Self {
-        Self {
-            job_id: job.job_id,
-            workflow_id: job.workflow_id,
-            runner: job.runner,
-            attempt: job.attempt,
-            state: JobState::Queued,
-            reason: None,
-            retryable: false,
-            last_sequence: 0,
-            updated_at: now,
-        }
-    }
-
-    /// Applies a verified update from `from`. Returns whether it changed anything: updates
-    /// arrive at least once and possibly out of order, so older ones are ignored and a
-    /// terminal state is never left.
-    pub fn apply(
-        &mut self,
-        update: &JobUpdate,
-        from: InstanceId,
-        now: Timestamp,
-    ) -> Result<bool, UpdateError> {
-        if from != self.runner {
-            return Err(UpdateError::NotTheRunner {
-                job: self.job_id,
-                from: from.to_string(),
-                runner: self.runner.to_string(),
-            });
-        }
-        if update.attempt != self.attempt {
-            return Err(UpdateError::OtherAttempt {
-                job: self.job_id,
-                got: update.attempt,
-                current: self.attempt,
-            });
-        }
-        if update.sequence <= self.last_sequence || self.state.is_terminal() {
-            return Ok(false);
-        }
-        self.state = update.state;
-        self.reason.clone_from(&update.reason);
-        self.retryable = update.retryable;
-        self.last_sequence = update.sequence;
-        self.updated_at = now;
-        Ok(true)
-    }
+/// Whether a workflow's owner takes a result a runner offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Yes: the current attempt of a job this instance submitted to that runner.
+    Yes,
+    /// Not a job this instance submitted to that runner.
+    NotYours,
+    /// A job attempt its workflow has replaced (the job now runs as `current`).
+    Superseded {
+        /// The job's current attempt.
+        current: JobId,
+    },
 }
 
 impl fmt::Display for RunnerJob {
@@ -538,42 +484,5 @@ mod tests {
         assert_eq!(cmds[1], RunnerCommand::Kill);
         assert_eq!(states(&cmds), vec![JobState::Failed]);
         assert_eq!(job.reason.as_deref(), Some("aborted by site-a"));
-    }
-
-    #[test]
-    fn the_owner_applies_updates_once_in_order_and_never_leaves_a_final_state() {
-        let m = manifest(None);
-        let mut owner = OwnerJob::queued(&m, t(0));
-        let update = |sequence, state| JobUpdate {
-            header: Header::new(t(1), Duration::from_secs(60)),
-            job_id: m.job_id,
-            workflow_id: m.workflow_id,
-            attempt: 0,
-            sequence,
-            state,
-            reason: None,
-            retryable: false,
-        };
-        assert!(owner.apply(&update(2, JobState::Scheduled), m.runner, t(1)).unwrap());
-        // A late, older update changes nothing.
-        assert!(
-            !owner
-                .apply(&update(1, JobState::Pending { awaiting_approval: false }), m.runner, t(2))
-                .unwrap()
-        );
-        assert_eq!(owner.state, JobState::Scheduled);
-        assert!(owner.apply(&update(4, JobState::Finished), m.runner, t(3)).unwrap());
-        assert!(!owner.apply(&update(5, JobState::Running), m.runner, t(4)).unwrap());
-        assert_eq!(owner.state, JobState::Finished);
-        assert!(matches!(
-            owner.apply(&update(6, JobState::Failed), m.owner, t(5)),
-            Err(UpdateError::NotTheRunner { .. })
-        ));
-        let mut other = update(7, JobState::Failed);
-        other.attempt = 1;
-        assert!(matches!(
-            owner.apply(&other, m.runner, t(5)),
-            Err(UpdateError::OtherAttempt { .. })
-        ));
     }
 }

@@ -127,6 +127,17 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy an instance applies to the jobs of its own workflows that run at itself
+    /// (typically the aggregation step): everything allowed, run at once, logs kept.
+    pub fn own() -> Self {
+        Self {
+            allowed_workflows: AllowList::Any,
+            allowed_datasets: AllowList::Any,
+            execution: Execution::Automatic,
+            share_logs: true,
+        }
+    }
+
     /// Allows `workflow` for the instance called `instance_name`, or says which rule forbids it.
     pub fn check_workflow(&self, instance_name: &str, workflow: &str) -> Result<(), Denial> {
         check(&self.allowed_workflows, "workflow", workflow, instance_name)

@@ -18,12 +18,14 @@ use std::time::Duration;
 
 use kaapana_protocol::{
     BlobRef, CapabilityQuery, DatasetRef, Header, InputBundle, InstanceId, ItemToken, JobId,
-    JobManifest, JobSpec, JobState, MAX_NAME_LEN, MAX_TEXT_LEN, Manifest, Pick, Processing,
-    RunnerSelector, Sha256Digest, Timestamp, ValidationError, WorkflowId, WorkflowManifest,
+    JobManifest, JobSpec, JobState, JobUpdate, MAX_NAME_LEN, Manifest, Pick, Processing,
+    ResultManifest, RunnerSelector, Sha256Digest, Timestamp, ValidationError, WorkflowId,
+    WorkflowManifest, fit_text,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::capability::{self, Candidate, QueryText};
+use crate::job::{Expected, UpdateError};
 
 /// The most upstream results one job manifest may list (the protocol's limit on `inputs`).
 pub const MAX_INPUTS: usize = 1024;
@@ -121,6 +123,14 @@ pub struct WorkflowJob {
     pub result: Option<BlobRef>,
     /// The ids of its earlier attempts, oldest first.
     pub previous: Vec<JobId>,
+    /// The runners of its earlier attempts, in the order of `previous`.
+    pub previous_runners: Vec<InstanceId>,
+    /// For failures: whether its runner said trying again may succeed.
+    pub retryable: bool,
+    /// The highest update sequence applied in this attempt.
+    pub last_sequence: u32,
+    /// When its record last changed (dispatch or an applied update).
+    pub updated_at: Timestamp,
 }
 
 impl WorkflowJob {
@@ -165,6 +175,15 @@ pub enum WorkflowEvent {
     Cancel {
         /// Who, in words (a user or an instance name).
         by: String,
+    },
+    /// The owner gives a dispatched job up (its runner has been gone too long, or refused the
+    /// job manifest for good): it fails with `reason`, whether it had ended or not, and is not
+    /// tried again.
+    GiveUp {
+        /// The job.
+        job_id: JobId,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -256,6 +275,14 @@ pub enum PlanError {
         first: String,
         /// The other step.
         second: String,
+    },
+    /// A step reads upstream results but would run elsewhere than at the owner.
+    #[error(
+        "job {job} reads the results of other jobs, so it must run at the workflow's owner (runner = \"owner\"): upstream results are stored only here"
+    )]
+    InputsAtOwnerOnly {
+        /// The step.
+        job: String,
     },
     /// A step reads more upstream results than one job manifest may list.
     #[error(
@@ -433,6 +460,10 @@ impl Workflow {
                     reason: None,
                     result: None,
                     previous: Vec::new(),
+                    previous_runners: Vec::new(),
+                    retryable: false,
+                    last_sequence: 0,
+                    updated_at: now,
                 });
             }
             let mut inputs: Vec<usize> = Vec::with_capacity(spec.inputs.len());
@@ -522,9 +553,109 @@ impl Workflow {
                 let reason = fit_text(&format!("workflow {} cancelled by {by}", self.name));
                 self.end(WorkflowState::Cancelled, reason.clone(), &reason, now, &mut out);
             }
+            WorkflowEvent::GiveUp { job_id, reason } => {
+                let Some(i) = self.live_job_or_finished(&job_id) else { return out };
+                touched.insert(self.jobs[i].step);
+                let reason = fit_text(&reason);
+                if self.jobs[i].state == JobState::Finished {
+                    // Ended already (its slot is free), but without a result it is not done.
+                    let job = &mut self.jobs[i];
+                    job.state = JobState::Failed;
+                    job.reason = Some(reason);
+                } else {
+                    self.set_terminal(i, JobState::Failed, Some(reason));
+                }
+                self.jobs[i].updated_at = now;
+                self.after_failure(i, false, None, candidates, now, &mut out);
+            }
         }
         self.settle(touched, now, job_lifetime, &mut out);
         out
+    }
+
+    /// Applies a verified job update signed by `from`, as the owner's record of the job:
+    /// only the job's runner may update it, only for its current attempt, and updates arrive
+    /// at least once and possibly out of order, so older ones are ignored and a final state
+    /// is never left. `Ok(None)`: nothing changed.
+    pub fn apply_update(
+        &mut self,
+        from: InstanceId,
+        update: &JobUpdate,
+        candidates: &[Candidate],
+        now: Timestamp,
+        job_lifetime: Duration,
+    ) -> Result<Option<Vec<WorkflowCommand>>, UpdateError> {
+        self.ensure_index();
+        let Some(i) = self.find(&update.job_id) else {
+            return Err(UpdateError::UnknownJob { job: update.job_id });
+        };
+        let job = &mut self.jobs[i];
+        if from != job.runner {
+            return Err(UpdateError::NotTheRunner {
+                job: job.job_id,
+                from: from.to_string(),
+                runner: job.runner.to_string(),
+            });
+        }
+        if update.attempt != job.attempt {
+            return Err(UpdateError::OtherAttempt {
+                job: job.job_id,
+                got: update.attempt,
+                current: job.attempt,
+            });
+        }
+        if update.sequence <= job.last_sequence || job.state.is_terminal() || !job.dispatched {
+            return Ok(None);
+        }
+        job.last_sequence = update.sequence;
+        job.retryable = update.retryable;
+        job.updated_at = now;
+        let event = WorkflowEvent::JobUpdated {
+            job_id: update.job_id,
+            state: update.state,
+            reason: update.reason.clone(),
+            retryable: update.retryable,
+        };
+        Ok(Some(self.handle(event, candidates, now, job_lifetime)))
+    }
+
+    /// Whether the owner takes `result`, signed by `runner`: a result of the current attempt
+    /// of one of this workflow's jobs, run by that runner.
+    pub fn expects_result(&self, result: &ResultManifest, runner: &InstanceId) -> Expected {
+        if let Some(j) = self.job(&result.job_id) {
+            return if j.runner == *runner && j.attempt == result.attempt {
+                Expected::Yes
+            } else {
+                Expected::NotYours
+            };
+        }
+        for j in &self.jobs {
+            if let Some(k) = j.previous.iter().position(|p| *p == result.job_id) {
+                let ran_there = j.previous_runners.get(k).is_none_or(|r| r == runner);
+                return if ran_there {
+                    Expected::Superseded { current: j.job_id }
+                } else {
+                    Expected::NotYours
+                };
+            }
+        }
+        Expected::NotYours
+    }
+
+    /// Refuses a manifest whose steps read upstream results at another instance than the
+    /// owner: upstream bundles are stored only at the owner.
+    pub fn check_placement(manifest: &WorkflowManifest) -> Result<(), PlanError> {
+        for job in &manifest.jobs {
+            let at_owner = match &job.runner {
+                RunnerSelector::Owner => true,
+                RunnerSelector::Instance(id) => *id == manifest.owner,
+                RunnerSelector::Query(_) => false,
+            };
+            if !job.inputs.is_empty() && !at_owner {
+                return Err(PlanError::InputsAtOwnerOnly { job: job.name.clone() });
+            }
+        }
+        Ok(())
     }
 
     /// The job whose current attempt has this id.
@@ -780,6 +911,7 @@ impl Workflow {
         self.index.unwait(s, runner, i);
         *self.index.active[s].entry(runner).or_default() += 1;
         self.jobs[i].dispatched = true;
+        self.jobs[i].updated_at = now;
 
         let job = &self.jobs[i];
         let step = &self.steps[s];
@@ -856,6 +988,9 @@ impl Workflow {
         let job = &mut self.jobs[i];
         let old = job.job_id;
         job.previous.push(old);
+        job.previous_runners.push(job.runner);
+        job.retryable = false;
+        job.last_sequence = 0;
         job.attempt = job.attempt.saturating_add(1);
         job.job_id = job_id(&workflow_id, &job.name, job.attempt);
         job.runner = runner;
@@ -1076,22 +1211,9 @@ pub fn job_id(workflow: &WorkflowId, name: &str, attempt: u32) -> JobId {
     JobId::from_bytes(bytes)
 }
 
-/// `text` fit for a signed reason: control characters replaced by spaces, at most
-/// [`MAX_TEXT_LEN`] bytes.
-fn fit_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_TEXT_LEN));
-    for c in text.chars() {
-        let c = if c.is_control() { ' ' } else { c };
-        if out.len() + c.len_utf8() > MAX_TEXT_LEN {
-            break;
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use kaapana_protocol::MAX_TEXT_LEN;
     use kaapana_protocol::{
         CapabilityAd, DatasetSummary, Gpu, ImageDigest, NameScope, ResourceLimits, Resources,
     };

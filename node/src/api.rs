@@ -470,12 +470,15 @@ fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
     use crate::daemon::WorkflowError as E;
     let status = match &e {
         E::NotFound(_) => StatusCode::NOT_FOUND,
-        E::Plan(_) | E::InputsAtOwnerOnly(_) => StatusCode::BAD_REQUEST,
+        E::Plan(_) => StatusCode::BAD_REQUEST,
         E::Ended(..) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::new(status, e.to_string())
 }
+
+/// How long a workflow manifest stays valid.
+const WORKFLOW_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
     id.parse().map_err(|e: kaapana_protocol::ValidationError| {
@@ -485,8 +488,8 @@ fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
 
 async fn list_workflows(State(state): State<Arc<NodeState>>) -> ApiResult<Json<Vec<WorkflowView>>> {
     let mut all = state.store.workflows().map_err(|e| ApiError::from(AdminError::from(e)))?;
-    all.sort_by_key(|r| r.workflow.created_at);
-    Ok(Json(all.iter().map(|r| WorkflowView::new(&r.workflow)).collect()))
+    all.sort_by_key(|w| w.created_at);
+    Ok(Json(all.iter().map(WorkflowView::new).collect()))
 }
 
 async fn submit_workflow(
@@ -504,11 +507,10 @@ async fn submit_workflow(
             }
             registry.iter().find(|i| i.name == name).map(|i| i.instance_id)
         };
-        file.to_manifest(id, state.instance_id, crate::daemon::workflow_header(now()), &resolve)
+        file.to_manifest(id, state.instance_id, Header::new(now(), WORKFLOW_LIFETIME), &resolve)
             .map_err(|e| bad(&e))?
     };
-    let workflow =
-        crate::daemon::submit_workflow(&state, manifest).await.map_err(workflow_error)?;
+    let workflow = state.submit_workflow(manifest).await.map_err(workflow_error)?;
     Ok((StatusCode::CREATED, Json(WorkflowView::new(&workflow))))
 }
 
@@ -522,7 +524,7 @@ async fn show_workflow(
         .workflow(&id)
         .map_err(|e| ApiError::from(AdminError::from(e)))?
         .ok_or_else(|| workflow_error(crate::daemon::WorkflowError::NotFound(id)))?;
-    Ok(Json(WorkflowView::new(&record.workflow)))
+    Ok(Json(WorkflowView::new(&record)))
 }
 
 async fn cancel_workflow(
@@ -531,7 +533,7 @@ async fn cancel_workflow(
 ) -> ApiResult<Json<WorkflowView>> {
     let id = parse_workflow(&id)?;
     let by = state.name.clone();
-    let w = crate::daemon::cancel_workflow(&state, id, by).await.map_err(workflow_error)?;
+    let w = state.cancel_workflow(id, by).await.map_err(workflow_error)?;
     Ok(Json(WorkflowView::new(&w)))
 }
 
@@ -758,6 +760,20 @@ pub struct OwnerJobView {
     pub updated_at: String,
 }
 
+impl OwnerJobView {
+    /// The owner's record of a job of workflow `workflow_id`.
+    pub fn new(workflow_id: WorkflowId, j: &kaapana_federation::WorkflowJob) -> Self {
+        Self {
+            job_id: j.job_id.to_string(),
+            workflow_id: workflow_id.to_string(),
+            runner: j.runner_name.clone(),
+            state: state_word(j.state),
+            reason: j.reason.clone(),
+            updated_at: j.updated_at.to_string(),
+        }
+    }
+}
+
 /// `GET /v1/jobs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobsView {
@@ -838,23 +854,12 @@ async fn list_jobs(State(state): State<Arc<NodeState>>) -> ApiResult<Json<JobsVi
     let mut running_here: Vec<RunnerJobView> =
         state.store.runner_jobs().map_err(store_err)?.iter().map(|r| (&r.job).into()).collect();
     running_here.sort_by(|a, b| a.received_at.cmp(&b.received_at));
-    let mut submitted: Vec<OwnerJobView> = state
-        .store
-        .owner_jobs()
-        .map_err(store_err)?
-        .iter()
-        .map(|r| OwnerJobView {
-            job_id: r.job.job_id.to_string(),
-            workflow_id: r.job.workflow_id.to_string(),
-            runner: state
-                .registry()
-                .get(&r.job.runner)
-                .map_or_else(|| r.job.runner.to_string(), |i| i.name.clone()),
-            state: state_word(r.job.state),
-            reason: r.job.reason.clone(),
-            updated_at: r.job.updated_at.to_string(),
-        })
-        .collect();
+    let mut submitted: Vec<OwnerJobView> = Vec::new();
+    for w in state.store.workflows().map_err(store_err)? {
+        submitted.extend(
+            w.jobs.iter().filter(|j| j.dispatched).map(|j| OwnerJobView::new(w.workflow_id, j)),
+        );
+    }
     submitted.sort_by(|a, b| a.updated_at.cmp(&b.updated_at));
     Ok(Json(JobsView { running_here, submitted }))
 }
@@ -910,18 +915,10 @@ async fn submit_job(
         workflow_name: req.workflow_name,
     };
     kaapana_protocol::Manifest::validate(&job).map_err(|e| bad(&e))?;
-    let owner_job = state.submit_job(job).await.map_err(job_error)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(OwnerJobView {
-            job_id: owner_job.job_id.to_string(),
-            workflow_id: owner_job.workflow_id.to_string(),
-            runner: runner.1,
-            state: state_word(owner_job.state),
-            reason: None,
-            updated_at: owner_job.updated_at.to_string(),
-        }),
-    ))
+    let workflow_id = job.workflow_id;
+    let owner_job = state.submit_job(job).await.map_err(workflow_error)?;
+    let _ = runner.1;
+    Ok((StatusCode::ACCEPTED, Json(OwnerJobView::new(workflow_id, &owner_job))))
 }
 
 fn job_error(e: crate::daemon::JobError) -> ApiError {
@@ -944,10 +941,7 @@ async fn approve_job(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunnerJobView>> {
-    let job = state
-        .runner_event(parse_job(&id)?, kaapana_federation::RunnerEvent::Approved)
-        .await
-        .map_err(job_error)?;
+    let job = state.decide_job(parse_job(&id)?, Ok(())).await.map_err(job_error)?;
     Ok(Json((&job).into()))
 }
 
@@ -956,8 +950,7 @@ async fn reject_job(
     Path(id): Path<String>,
     Json(req): Json<RejectRequest>,
 ) -> ApiResult<Json<RunnerJobView>> {
-    let event = kaapana_federation::RunnerEvent::Rejected { reason: req.reason };
-    let job = state.runner_event(parse_job(&id)?, event).await.map_err(job_error)?;
+    let job = state.decide_job(parse_job(&id)?, Err(req.reason)).await.map_err(job_error)?;
     Ok(Json((&job).into()))
 }
 

@@ -56,11 +56,11 @@ const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const PEER_CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer_capabilities");
 /// Messages waiting for delivery: [`outbox_key`] (peer, sequence) → envelope bytes.
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
-/// Jobs this node runs for others: `JobId` bytes → postcard of [`RunnerJobRecord`].
-const RUNNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("runner_jobs");
-/// Jobs this node submitted as a workflow's owner: `JobId` bytes → postcard of
-/// [`OwnerJobRecord`].
-const OWNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("owner_jobs");
+/// Jobs this node runs (for others and for its own workflows): `JobId` bytes → postcard of
+/// [`RunnerJobRecord`] (the runner's state and the verified manifest). The `.v2` tables
+/// replace `runner_jobs`, `owner_jobs` and `workflows` of stores written before the one
+/// federation core (issue 13), which are left unread.
+const RUNNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("runner_jobs.v2");
 /// The last outbox sequence number used per peer, so that numbers only grow even when the
 /// outbox empties (delivery workers keep a cursor).
 const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq");
@@ -69,8 +69,13 @@ const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq
 const RESULTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("results");
 /// Datasets registered at this site: name → postcard of [`DatasetRecord`].
 const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
-/// Workflows this node owns: `WorkflowId` bytes → postcard of [`WorkflowRecord`].
-const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows");
+/// Workflows this node owns, with the owner's record of every job (one record per job):
+/// `WorkflowId` bytes → postcard of [`WorkflowRecord`].
+const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v2");
+/// The signed `WorkflowManifest` each owned workflow was planned from: `WorkflowId` bytes →
+/// envelope bytes (written once, at submission).
+const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
+    TableDefinition::new("workflow_manifests");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
@@ -174,25 +179,25 @@ pub enum WriteOp {
     },
     /// Inserts or replaces a job this node runs. Answers [`WriteOutcome::Done`].
     PutRunnerJob(Box<RunnerJobRecord>),
-    /// Inserts or replaces a job this node submitted. Answers [`WriteOutcome::Done`].
-    PutOwnerJob(Box<OwnerJobRecord>),
     /// Inserts or replaces a registered dataset (by name). Answers [`WriteOutcome::Done`].
     PutDataset(DatasetRecord),
     /// Forgets a registered dataset (its files stay). Answers [`WriteOutcome::Done`].
     RemoveDataset(String),
     /// Inserts or replaces a workflow this node owns. Answers [`WriteOutcome::Done`].
     PutWorkflow(Box<WorkflowRecord>),
+    /// Keeps the signed manifest of a workflow this node submitted. Answers
+    /// [`WriteOutcome::Done`].
+    PutWorkflowManifest {
+        /// The workflow.
+        workflow: WorkflowId,
+        /// The signed `WorkflowManifest` envelope.
+        envelope: Vec<u8>,
+    },
 }
 
-/// A workflow this node owns, with the signed manifest it was planned from.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WorkflowRecord {
-    /// Its state and jobs.
-    pub workflow: kaapana_federation::Workflow,
-    /// The signed `WorkflowManifest` envelope.
-    #[serde(with = "serde_bytes_vec")]
-    pub manifest: Vec<u8>,
-}
+/// A workflow this node owns: its state and the owner's record of each of its jobs, as the
+/// federation core persists it.
+pub type WorkflowRecord = kaapana_federation::Workflow;
 
 /// A dataset registered at this site: where its provider finds it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,25 +212,9 @@ pub struct DatasetRecord {
     pub added_at: Timestamp,
 }
 
-/// A job this node runs for another instance, with the manifest it came in.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RunnerJobRecord {
-    /// Its state.
-    pub job: kaapana_federation::RunnerJob,
-    /// The signed `JobManifest` envelope.
-    #[serde(with = "serde_bytes_vec")]
-    pub manifest: Vec<u8>,
-}
-
-/// A job this node submitted, with the manifest it sent.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct OwnerJobRecord {
-    /// Its state as reported by the runner.
-    pub job: kaapana_federation::OwnerJob,
-    /// The signed `JobManifest` envelope.
-    #[serde(with = "serde_bytes_vec")]
-    pub manifest: Vec<u8>,
-}
+/// A job this node runs, with the verified manifest it came in, as the federation core
+/// persists it.
+pub type RunnerJobRecord = kaapana_federation::RunnerRecord;
 
 /// An accepted message as kept in the inbox.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -594,14 +583,11 @@ impl Store {
         self.all_jobs(RUNNER_JOBS, "runner_jobs")
     }
 
-    /// A job this node submitted.
-    pub fn owner_job(&self, id: &JobId) -> Result<Option<OwnerJobRecord>, StoreError> {
-        self.get_job(OWNER_JOBS, "owner_jobs", id.as_bytes())
-    }
-
-    /// Every job this node submitted.
-    pub fn owner_jobs(&self) -> Result<Vec<OwnerJobRecord>, StoreError> {
-        self.all_jobs(OWNER_JOBS, "owner_jobs")
+    /// The signed manifest of a workflow this node submitted.
+    pub fn workflow_manifest(&self, id: &WorkflowId) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(WORKFLOW_MANIFESTS).map_err(backend)?;
+        Ok(t.get(id.as_bytes()).map_err(backend)?.map(|v| v.value().to_vec()))
     }
 
     /// A value of a table keyed by a 16-byte id (jobs, workflows).
@@ -789,7 +775,7 @@ struct Tables<'txn> {
     outbox_seq: Table<'txn, &'static [u8], u64>,
     results: Table<'txn, &'static [u8], &'static [u8]>,
     runner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
-    owner_jobs: Table<'txn, &'static [u8; 16], &'static [u8]>,
+    workflow_manifests: Table<'txn, &'static [u8; 16], &'static [u8]>,
     datasets: Table<'txn, &'static str, &'static [u8]>,
     workflows: Table<'txn, &'static [u8; 16], &'static [u8]>,
 }
@@ -807,7 +793,7 @@ impl<'txn> Tables<'txn> {
             outbox_seq: txn.open_table(OUTBOX_SEQ).map_err(backend)?,
             results: txn.open_table(RESULTS).map_err(backend)?,
             runner_jobs: txn.open_table(RUNNER_JOBS).map_err(backend)?,
-            owner_jobs: txn.open_table(OWNER_JOBS).map_err(backend)?,
+            workflow_manifests: txn.open_table(WORKFLOW_MANIFESTS).map_err(backend)?,
             datasets: txn.open_table(DATASETS).map_err(backend)?,
             workflows: txn.open_table(WORKFLOWS).map_err(backend)?,
         })
@@ -901,13 +887,6 @@ impl<'txn> Tables<'txn> {
                     .map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
-            WriteOp::PutOwnerJob(r) => {
-                let value = postcard::to_allocvec(r.as_ref()).map_err(backend)?;
-                self.owner_jobs
-                    .insert(r.job.job_id.as_bytes(), value.as_slice())
-                    .map_err(backend)?;
-                Ok(WriteOutcome::Done)
-            }
             WriteOp::PutResult { job, envelope } => {
                 let key = job.as_bytes().as_slice();
                 self.results.insert(key, envelope.as_slice()).map_err(backend)?;
@@ -925,8 +904,13 @@ impl<'txn> Tables<'txn> {
             WriteOp::PutWorkflow(w) => {
                 let value = postcard::to_allocvec(w.as_ref()).map_err(backend)?;
                 self.workflows
-                    .insert(w.workflow.workflow_id.as_bytes(), value.as_slice())
+                    .insert(w.workflow_id.as_bytes(), value.as_slice())
                     .map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutWorkflowManifest { workflow, envelope } => {
+                let key = workflow.as_bytes();
+                self.workflow_manifests.insert(key, envelope.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
         }

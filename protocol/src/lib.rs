@@ -29,7 +29,7 @@ pub use manifest::{
     ExecutorKind, ExitStatus, Gpu, Header, InputBundle, InstanceBundleInfo, ItemToken, JobManifest,
     JobSpec, JobState, JobTimings, JobUpdate, MAX_ITEM_TOKENS, MAX_NAME_LEN, MAX_RETRIES,
     MAX_TEXT_LEN, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
-    RunnerSelector, WorkflowManifest, validate_name, validate_text,
+    RunnerSelector, WorkflowManifest, fit_text, validate_name, validate_text,
 };
 pub use replay::ReplayWindow;
 pub use signed::{

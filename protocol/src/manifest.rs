@@ -66,6 +66,21 @@ pub fn validate_text(field: &'static str, value: &str, max: usize) -> Result<(),
     Ok(())
 }
 
+/// `text` fit for a signed free-text field such as a reason: control characters replaced by
+/// spaces, cut at a character boundary to at most [`MAX_TEXT_LEN`] bytes. The one helper every
+/// crate uses to turn an error message into something [`validate_text`] accepts.
+pub fn fit_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_TEXT_LEN));
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_TEXT_LEN {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn validate_count<T>(field: &'static str, items: &[T], max: usize) -> Result<(), ValidationError> {
     if items.len() > max {
         Err(ValidationError::TooMany { field, len: items.len(), max })

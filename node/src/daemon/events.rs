@@ -9,6 +9,116 @@ use kaapana_protocol::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// What an [`Event`] is about: its `kind` field is [`EventKind::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `peer_connected`.
+    PeerConnected,
+    /// `peer_disconnected`.
+    PeerDisconnected,
+    /// `connection_denied`.
+    ConnectionDenied,
+    /// `dial_failed`.
+    DialFailed,
+    /// `message_accepted`.
+    MessageAccepted,
+    /// `message_rejected`.
+    MessageRejected,
+    /// `request_refused`.
+    RequestRefused,
+    /// `capabilities_received`.
+    CapabilitiesReceived,
+    /// `instance_added`.
+    InstanceAdded,
+    /// `instance_removed`.
+    InstanceRemoved,
+    /// `dataset_added`.
+    DatasetAdded,
+    /// `delivered`.
+    Delivered,
+    /// `delivery_rejected`.
+    DeliveryRejected,
+    /// `workflow_submitted`.
+    WorkflowSubmitted,
+    /// `workflow_progress`.
+    WorkflowProgress,
+    /// `workflow_ended`.
+    WorkflowEnded,
+    /// `job_submitted`.
+    JobSubmitted,
+    /// `job_received`.
+    JobReceived,
+    /// `job_refused`.
+    JobRefused,
+    /// `job_state`.
+    JobState,
+    /// `job_update_ignored`.
+    JobUpdateIgnored,
+    /// `job_given_up`.
+    JobGivenUp,
+    /// `image_pulled`.
+    ImagePulled,
+    /// `result_sent`.
+    ResultSent,
+    /// `result_retry`.
+    ResultRetry,
+    /// `result_failed`.
+    ResultFailed,
+    /// `result_refused`.
+    ResultRefused,
+    /// `result_received`.
+    ResultReceived,
+    /// `result_incomplete`.
+    ResultIncomplete,
+    /// `result_rejected`.
+    ResultRejected,
+}
+
+impl EventKind {
+    /// The kind's name as events carry it (stable: tools and tests match on it).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerConnected => "peer_connected",
+            Self::PeerDisconnected => "peer_disconnected",
+            Self::ConnectionDenied => "connection_denied",
+            Self::DialFailed => "dial_failed",
+            Self::MessageAccepted => "message_accepted",
+            Self::MessageRejected => "message_rejected",
+            Self::RequestRefused => "request_refused",
+            Self::CapabilitiesReceived => "capabilities_received",
+            Self::InstanceAdded => "instance_added",
+            Self::InstanceRemoved => "instance_removed",
+            Self::DatasetAdded => "dataset_added",
+            Self::Delivered => "delivered",
+            Self::DeliveryRejected => "delivery_rejected",
+            Self::WorkflowSubmitted => "workflow_submitted",
+            Self::WorkflowProgress => "workflow_progress",
+            Self::WorkflowEnded => "workflow_ended",
+            Self::JobSubmitted => "job_submitted",
+            Self::JobReceived => "job_received",
+            Self::JobRefused => "job_refused",
+            Self::JobState => "job_state",
+            Self::JobUpdateIgnored => "job_update_ignored",
+            Self::JobGivenUp => "job_given_up",
+            Self::ImagePulled => "image_pulled",
+            Self::ResultSent => "result_sent",
+            Self::ResultRetry => "result_retry",
+            Self::ResultFailed => "result_failed",
+            Self::ResultRefused => "result_refused",
+            Self::ResultReceived => "result_received",
+            Self::ResultIncomplete => "result_incomplete",
+            Self::ResultRejected => "result_rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One observation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
@@ -16,12 +126,7 @@ pub struct Event {
     pub seq: u64,
     /// When it happened (ms since the epoch).
     pub at_ms: u64,
-    /// What happened: `peer_connected`, `peer_disconnected`, `connection_denied`,
-    /// `dial_failed`, `message_accepted`, `message_rejected`, `request_refused`,
-    /// `capabilities_received`, `instance_added`, `instance_removed`, `delivered`,
-    /// `delivery_rejected`, `job_submitted`, `job_received`, `job_refused`, `job_state`,
-    /// `job_update_ignored`, `image_pulled`, `result_sent`, `result_retry`, `result_failed`,
-    /// `result_received`, `result_incomplete`, `result_rejected`.
+    /// What happened: an [`EventKind`]'s name.
     pub kind: String,
     /// The peer concerned, if any.
     pub peer: Option<String>,
@@ -46,14 +151,14 @@ impl EventLog {
     }
 
     /// Records an event.
-    pub fn push(&self, now: Timestamp, kind: &'static str, peer: Option<String>, detail: String) {
+    pub fn push(&self, now: Timestamp, kind: EventKind, peer: Option<String>, detail: String) {
         let mut events = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let seq = events.back().map_or(1, |e| e.seq + 1);
-        tracing::debug!(kind, ?peer, %detail, "event");
+        tracing::debug!(kind = kind.as_str(), ?peer, %detail, "event");
         events.push_back(Event {
             seq,
             at_ms: now.as_millis(),
-            kind: kind.to_owned(),
+            kind: kind.as_str().to_owned(),
             peer,
             detail,
         });

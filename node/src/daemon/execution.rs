@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kaapana_federation::RunnerEvent;
-use kaapana_protocol::{Header, JobId, JobManifest, JobTimings, ResultManifest, Signed};
+use kaapana_federation::Outcome;
+use kaapana_protocol::{Header, JobId, JobTimings, ResultManifest, Signed};
 
-use super::jobs::{JobError, runner_event};
-use super::{NodeState, now};
+use super::driver::JobError;
+use super::{EventKind, NodeState, now};
 use crate::blobs::BlobStore;
 use crate::datasets::JobData;
 use crate::executor::JobRun;
@@ -45,19 +45,13 @@ pub(crate) fn kill(state: &Arc<NodeState>, job: JobId) {
 }
 
 async fn fail(state: &Arc<NodeState>, job: JobId, reason: String) -> Result<(), JobError> {
-    runner_event(state, job, RunnerEvent::ExecutorFailed { reason }).await.map(drop)
+    state.executor_event(job, Outcome::Failed(reason)).await
 }
 
 async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     let record = state.store.runner_job(&job_id)?.ok_or(JobError::NotFound(job_id))?;
-    // Verified when it arrived; read back as of that moment.
-    let manifest: JobManifest = match Signed::<JobManifest>::from_bytes(&record.manifest)
-        .map_err(|e| e.to_string())
-        .and_then(|s| s.verify_stored().map_err(|e| e.to_string()))
-    {
-        Ok(v) => v.into_payload(),
-        Err(e) => return fail(state, job_id, format!("stored job manifest unreadable: {e}")).await,
-    };
+    // Verified when it arrived.
+    let manifest = record.manifest;
     let Some(executor) = state.executor.clone() else {
         return fail(
             state,
@@ -104,7 +98,7 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         }
     }
     if record.job.state != kaapana_protocol::JobState::Running {
-        runner_event(state, job_id, RunnerEvent::Started).await?;
+        state.executor_event(job_id, Outcome::Started).await?;
     }
     let outcome = executor
         .run(JobRun {
@@ -126,27 +120,33 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     }
 }
 
-/// A job's container ended: records it (with its update for the owner), then packs, signs and
-/// delivers the result in the background.
+/// A job's container ended: the core records it (with its update for the owner) and asks for
+/// its result ([`deliver`]).
 async fn exited(
     state: &Arc<NodeState>,
     job_id: JobId,
     o: crate::executor::JobOutcome,
 ) -> Result<(), JobError> {
-    let job = runner_event(state, job_id, RunnerEvent::Exited { exit: o.exit }).await?;
-    let timings = JobTimings {
-        received_at: job.received_at,
-        started_at: o.started_at.max(job.received_at),
-        finished_at: o.finished_at.max(o.started_at).max(job.received_at),
-    };
+    state.executor_event(job_id, Outcome::Exited(o.exit)).await
+}
+
+/// Packs, signs and delivers a job's result in the background (the core's `DeliverResult`).
+pub(crate) fn deliver(
+    state: &Arc<NodeState>,
+    job: kaapana_federation::RunnerJob,
+    exit: kaapana_protocol::ExitStatus,
+) {
+    let received_at = job.received_at;
+    let started_at = job.started_at.unwrap_or(received_at).max(received_at);
+    let finished_at = job.finished_at.unwrap_or(started_at).max(started_at);
+    let timings = JobTimings { received_at, started_at, finished_at };
     let s = Arc::clone(state);
     tokio::spawn(async move {
-        if let Err(e) = deliver_result(&s, &job, o.exit, timings).await {
+        if let Err(e) = deliver_result(&s, &job, exit, timings).await {
             tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
-            s.event("result_failed", Some(&job.owner), format!("job {}: {e}", job.job_id));
+            s.event(EventKind::ResultFailed, Some(&job.owner), format!("job {}: {e}", job.job_id));
         }
     });
-    Ok(())
 }
 
 /// Unpacks each upstream result bundle into `into/<job name>/`; the bundles must be in this
@@ -226,7 +226,8 @@ async fn deliver_result(
     write_durably(&dir.join("result.manifest"), signed.as_bytes())?;
     if job.owner == state.instance_id {
         // A job of this instance's own workflow: its bundle is in the blob store already.
-        super::workflows::record_result(state, &job.owner, &signed, &manifest, true)
+        state
+            .result_stored(job.owner, &signed, &manifest, true)
             .await
             .map_err(|e| e.to_string())?;
         let _ = std::fs::write(dir.join("result.sent"), b"");
@@ -261,7 +262,7 @@ async fn send_until_stored(
                 Err(e) if !e.is_retryable() => {
                     // The owner refuses this result for good (not its job, a replaced attempt,
                     // a digest that does not match): sending it again cannot help.
-                    state.event("result_refused", Some(&owner), format!("{part:?}: {e}"));
+                    state.event(EventKind::ResultRefused, Some(&owner), format!("{part:?}: {e}"));
                     let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
                     return Err(format!("the owner refused the result: {e}"));
                 }
@@ -269,7 +270,7 @@ async fn send_until_stored(
                     failures += 1;
                     tracing::debug!(%owner, error = %e, "result not delivered yet");
                     if failures.is_multiple_of(10) {
-                        state.event("result_retry", Some(&owner), format!("{part:?}: {e}"));
+                        state.event(EventKind::ResultRetry, Some(&owner), format!("{part:?}: {e}"));
                     }
                     let backoff = Duration::from_millis(200u64 << failures.min(7))
                         .min(Duration::from_secs(30));
@@ -282,7 +283,7 @@ async fn send_until_stored(
         }
     }
     let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
-    state.event("result_sent", Some(&owner), format!("job {}", signed.id()));
+    state.event(EventKind::ResultSent, Some(&owner), format!("job {}", signed.id()));
     Ok(())
 }
 
@@ -319,22 +320,9 @@ pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::R
     if !manifest.exists() {
         // The node stopped after the job's end was recorded but before its result was signed:
         // pack `/output` now.
-        let (Some(exit), Some(started_at), Some(finished_at)) =
-            (job.exit, job.started_at, job.finished_at)
-        else {
-            return;
-        };
-        let timings = JobTimings {
-            received_at: job.received_at,
-            started_at: started_at.max(job.received_at),
-            finished_at: finished_at.max(started_at).max(job.received_at),
-        };
-        let (s, job) = (Arc::clone(state), job.clone());
-        tokio::spawn(async move {
-            if let Err(e) = deliver_result(&s, &job, exit, timings).await {
-                tracing::error!(job = %job.job_id, error = %e, "cannot deliver the result");
-            }
-        });
+        if let (Some(exit), Some(_), Some(_)) = (job.exit, job.started_at, job.finished_at) {
+            deliver(state, job.clone(), exit);
+        }
         return;
     }
     let signed = match std::fs::read(&manifest)
@@ -353,7 +341,8 @@ pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::R
     tokio::spawn(async move {
         let sent = if owner == s.instance_id {
             match signed.verify_stored() {
-                Ok(v) => super::workflows::record_result(&s, &owner, &signed, v.payload(), true)
+                Ok(v) => s
+                    .result_stored(owner, &signed, v.payload(), true)
                     .await
                     .map_err(|e| e.to_string())
                     .map(|()| {
@@ -408,7 +397,7 @@ async fn resume(state: &Arc<NodeState>, job: JobId) -> Result<(), JobError> {
     let log = job_dir(state, &job).join("job.log");
     match crate::executor::read_exit_record(&log) {
         Some(outcome) => {
-            let _ = runner_event(state, job, RunnerEvent::Started).await;
+            let _ = state.executor_event(job, Outcome::Started).await;
             exited(state, job, outcome).await
         }
         None => {
@@ -430,7 +419,7 @@ async fn reattach(state: &Arc<NodeState>, job: JobId) -> Result<(), JobError> {
         let result = match executor.reattach(&job, &log).await {
             Ok(outcome) => {
                 // A job scheduled but not yet reported started still goes through `running`.
-                let _ = runner_event(&s, job, RunnerEvent::Started).await;
+                let _ = s.executor_event(job, Outcome::Started).await;
                 exited(&s, job, outcome).await
             }
             // Created but never started: it left nothing behind, so it starts again.
@@ -461,7 +450,7 @@ async fn ensure_image(
     for repo in &cfg.pull_from {
         match executor.pull(repo, image, cfg.insecure_registry).await {
             Ok(_) => {
-                state.event("image_pulled", None, format!("{image} from {repo}"));
+                state.event(EventKind::ImagePulled, None, format!("{image} from {repo}"));
                 return Ok(());
             }
             Err(e) => errors.push(e.to_string()),

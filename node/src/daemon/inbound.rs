@@ -14,7 +14,9 @@ use kaapana_protocol::{
     RejectReason,
 };
 
-use super::{NodeState, kind_label, lock, now};
+use kaapana_federation::{Event, Message};
+
+use super::{EventKind, NodeState, kind_label, lock, now};
 use crate::net::FedFrame;
 use crate::store::{InboxRecord, WriteOp};
 
@@ -63,23 +65,29 @@ pub(super) async fn handle(
         }
     };
 
-    // Record everything accepted in one durable write, then answer. Job messages change job
-    // records in the same commit, under the jobs lock.
+    // Record everything accepted in one durable write, then answer. Job messages and ads go
+    // to the federation core, whose records and messages are written in the same commit.
     let received_at = now();
-    let has_jobs = verdicts.iter().any(|v| {
-        matches!(v, Verdict::Accepted(m) if matches!(m.as_ref(),
-            AnyVerified::JobManifest(_) | AnyVerified::JobUpdate(_) | AnyVerified::Cancel(_)))
-    });
-    let _jobs_guard = if has_jobs { Some(state.jobs_lock.lock().await) } else { None };
-    let mut prepared = super::jobs::Prepared::default();
     let mut seen = Vec::new();
     let mut inbox = Vec::new();
     let mut ops = Vec::new();
+    let mut events = Vec::new();
     for v in &verdicts {
         if let Verdict::Accepted(m) = v {
             seen.push((m.id(), m.expires_at()));
-            if has_jobs {
-                super::jobs::prepare(state, m, received_at, &mut prepared);
+            let from = m.signer();
+            let message = match m.as_ref() {
+                AnyVerified::JobManifest(v) => Some(Message::JobManifest(v.payload().clone())),
+                AnyVerified::JobUpdate(v) => Some(Message::JobUpdate(v.payload().clone())),
+                AnyVerified::Cancel(v) => Some(Message::Cancel(v.payload().clone())),
+                AnyVerified::CapabilityAd(ad) => {
+                    events.push(Event::Capabilities { from, ad: ad.payload().clone() });
+                    None
+                }
+                _ => None,
+            };
+            if let Some(message) = message {
+                events.push(Event::Received { from, message });
             }
             match m.as_ref() {
                 AnyVerified::CapabilityAd(ad) => ops.push(WriteOp::PutPeerCapabilities {
@@ -100,12 +108,7 @@ pub(super) async fn handle(
         if !inbox.is_empty() {
             ops.push(WriteOp::AppendInbox(inbox));
         }
-        ops.append(&mut prepared.take_ops());
-        let written = state.store.write_async(ops).await;
-        if written.is_ok() {
-            std::mem::take(&mut prepared.after).run(state);
-        }
-        if let Err(e) = written {
+        if let Err(e) = state.feed(events, ops).await {
             tracing::error!(error = %e, "cannot record accepted messages");
             let mut window = lock(&state.replay);
             for id in ids {
@@ -239,16 +242,20 @@ fn apply(state: &Arc<NodeState>, peer: &InstanceId, v: Verdict) -> Delivery {
                         p.capabilities = Some(ad);
                     }
                 });
-                state.event("capabilities_received", Some(&signer), detail);
+                state.event(EventKind::CapabilitiesReceived, Some(&signer), detail);
             } else {
-                state.event("message_accepted", Some(peer), format!("{kind} {}", m.id()));
+                state.event(EventKind::MessageAccepted, Some(peer), format!("{kind} {}", m.id()));
             }
             Delivery::Accepted
         }
         Verdict::Rejected(reason, detail) => {
             state.metrics.reject(reason);
             tracing::warn!(peer = %peer, reason = reason.label(), %detail, "message rejected");
-            state.event("message_rejected", Some(peer), format!("{}: {detail}", reason.label()));
+            state.event(
+                EventKind::MessageRejected,
+                Some(peer),
+                format!("{}: {detail}", reason.label()),
+            );
             Delivery::Rejected { reason, detail }
         }
     }
@@ -262,6 +269,6 @@ fn refuse(
 ) -> FedResponse {
     state.metrics.reject(reason);
     tracing::warn!(peer = %peer, reason = reason.label(), %detail, "request refused");
-    state.event("request_refused", Some(peer), format!("{}: {detail}", reason.label()));
+    state.event(EventKind::RequestRefused, Some(peer), format!("{}: {detail}", reason.label()));
     FedResponse::Refused { reason, detail }
 }

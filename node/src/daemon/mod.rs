@@ -6,12 +6,11 @@
 //! token and joins every task with a deadline. Shared state lives in [`NodeState`]; its locks
 //! are never held across an `.await`.
 
+mod driver;
 mod events;
 mod execution;
 mod inbound;
-mod jobs;
 mod outbox;
-mod workflows;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -19,7 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use kaapana_certs::Identity;
-use kaapana_federation::{AllowList, RegisteredInstance, Registry};
+use kaapana_federation::{
+    AllowList, Event as FedEvent, RegisteredInstance, Registry, Site, SiteConfig, Timer,
+};
 use kaapana_protocol::{
     AnySigned, CapabilityAd, FedRequest, FedResponse, Header, InstanceId, NameScope, ReplayWindow,
     Resources, Signed, Timestamp, VerifyOptions,
@@ -29,13 +30,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use events::{Event, EventLog};
-pub use jobs::JobError;
-pub use workflows::WorkflowError;
-pub(crate) use workflows::{Expected, expects_result, record_result};
-pub(crate) use workflows::{
-    cancel as cancel_workflow, header as workflow_header, submit as submit_workflow,
-};
+pub use driver::{JobError, RequestError, WorkflowError};
+pub use events::{Event, EventKind, EventLog};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;
@@ -136,14 +132,18 @@ pub struct NodeState {
     replay: Mutex<ReplayWindow>,
     outbox_wakers: Mutex<HashMap<InstanceId, Arc<Notify>>>,
     capability_sequence: Mutex<u64>,
-    /// Serialises changes to job records (read-modify-write across an await).
-    jobs_lock: tokio::sync::Mutex<()>,
+    /// The federation core: every workflow this instance owns and every job it runs. Held
+    /// only while the core computes (see [`driver`]).
+    site: Mutex<Site>,
+    /// Serialises feeding the core and committing what it returns, so that records reach the
+    /// store in the order the core changed them.
+    drive_lock: tokio::sync::Mutex<()>,
+    /// What the core asked to store when the store failed: written first by the next commit.
+    unwritten: Mutex<Vec<WriteOp>>,
+    /// Arms the core's timers (the timer task).
+    timers: Mutex<Option<mpsc::UnboundedSender<(Timer, Timestamp)>>>,
     /// Runs jobs; `None` on a node without a container runtime.
     executor: Option<Arc<dyn crate::executor::Executor>>,
-    /// When this daemon started.
-    started_at: Timestamp,
-    /// See [`NodeState::candidates`].
-    candidates: Mutex<Option<Arc<Vec<kaapana_federation::Candidate>>>>,
     /// The site's datasets.
     datasets: std::sync::RwLock<crate::datasets::Datasets>,
     cancel: CancellationToken,
@@ -168,8 +168,20 @@ impl NodeState {
     pub(crate) fn datasets_mut(
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, crate::datasets::Datasets> {
-        self.forget_candidates();
         self.datasets.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A read-only look at the federation core (workflows, jobs, candidates).
+    pub fn site(&self) -> MutexGuard<'_, Site> {
+        lock(&self.site)
+    }
+
+    /// Tells the core what this instance now offers its own workflows.
+    async fn own_capabilities_changed(self: &Arc<Self>) {
+        let ad = Box::new(self.own_capability_ad());
+        if let Err(e) = self.feed(vec![FedEvent::OwnCapabilities(ad)], Vec::new()).await {
+            tracing::error!(error = %e, "cannot record a change of this instance's capabilities");
+        }
     }
 
     /// Registers a dataset folder: checks it, stores it, scans it, and shows it to the peers
@@ -183,7 +195,8 @@ impl NodeState {
         let (record, provider, _) = crate::datasets::check_new(name, folder, &existing, now())?;
         self.store.write_async(vec![WriteOp::PutDataset(record)]).await?;
         self.datasets_mut().insert(provider);
-        self.event("dataset_added", None, format!("dataset {name}"));
+        self.event(EventKind::DatasetAdded, None, format!("dataset {name}"));
+        self.own_capabilities_changed().await;
         self.readvertise();
         Ok(())
     }
@@ -198,6 +211,7 @@ impl NodeState {
         }
         self.store.write_async(vec![WriteOp::RemoveDataset(name.into())]).await?;
         self.datasets_mut().remove(name);
+        self.own_capabilities_changed().await;
         self.readvertise();
         Ok(())
     }
@@ -227,31 +241,14 @@ impl NodeState {
     }
 
     fn peer_mut<R>(&self, id: &InstanceId, f: impl FnOnce(&mut PeerStatus) -> R) -> R {
-        let out = f(lock(&self.peers).entry(*id).or_default());
-        self.forget_candidates();
-        out
-    }
-
-    /// The instances this node's workflows may run on (itself included), built once until
-    /// a peer's connection or ad, the registry or the datasets change.
-    pub(crate) fn candidates(&self) -> Arc<Vec<kaapana_federation::Candidate>> {
-        if let Some(c) = lock(&self.candidates).as_ref() {
-            return Arc::clone(c);
-        }
-        let fresh = Arc::new(workflows::candidates(self));
-        *lock(&self.candidates) = Some(Arc::clone(&fresh));
-        fresh
-    }
-
-    fn forget_candidates(&self) {
-        *lock(&self.candidates) = None;
+        f(lock(&self.peers).entry(*id).or_default())
     }
 
     pub(crate) fn name_of(&self, id: &InstanceId) -> String {
         self.registry().get(id).map_or_else(|| id.to_string(), |i| i.name.clone())
     }
 
-    fn event(&self, kind: &'static str, peer: Option<&InstanceId>, detail: impl Into<String>) {
+    fn event(&self, kind: EventKind, peer: Option<&InstanceId>, detail: impl Into<String>) {
         self.events.push(now(), kind, peer.map(|p| self.name_of(p)), detail.into());
     }
 
@@ -301,17 +298,6 @@ impl NodeState {
             datasets,
             resources: local_resources(),
         }
-    }
-
-    /// How long `peer` has been out of reach: zero while connected; since the last time it was
-    /// heard from, or since this daemon started.
-    pub(crate) fn unreachable_for(&self, peer: &InstanceId, now: Timestamp) -> Duration {
-        let status = self.peer_status(peer);
-        if status.connections > 0 {
-            return Duration::ZERO;
-        }
-        let since = status.last_seen.unwrap_or(self.started_at).max(self.started_at);
-        Duration::from_millis(now.as_millis().saturating_sub(since.as_millis()))
     }
 
     /// Signs and sends this node's capability ad to `peer` (if connected). A send that fails
@@ -377,26 +363,73 @@ impl NodeState {
         Ok(())
     }
 
-    /// Signs and queues a job for its runner, recording it as queued (one commit).
+    /// Submits one job for one runner-instance: a workflow of one step, planned, signed and
+    /// queued like any other. Returns the owner's record of the job.
     pub async fn submit_job(
         self: &Arc<Self>,
         job: kaapana_protocol::JobManifest,
-    ) -> Result<kaapana_federation::OwnerJob, JobError> {
-        jobs::submit(self, job).await
+    ) -> Result<kaapana_federation::WorkflowJob, WorkflowError> {
+        let manifest = kaapana_protocol::WorkflowManifest {
+            header: job.header,
+            workflow_id: job.workflow_id,
+            owner: self.instance_id,
+            name: job.workflow_name.clone(),
+            jobs: vec![kaapana_protocol::JobSpec {
+                name: job.job_name.clone(),
+                runner: kaapana_protocol::RunnerSelector::Instance(job.runner),
+                dataset: job.dataset.map(|d| d.name),
+                processing: kaapana_protocol::Processing::Batch,
+                image: job.image,
+                command: job.command,
+                env: job.env,
+                limits: job.limits,
+                timeout_secs: job.timeout_secs,
+                inputs: Vec::new(),
+                max_retries: 0,
+            }],
+        };
+        let workflow = self.submit_workflow(manifest).await?;
+        workflow.jobs.into_iter().next().ok_or(WorkflowError::NotFound(job.workflow_id))
     }
 
-    /// Applies a local decision or executor event to a job this instance runs.
-    pub async fn runner_event(
+    /// Signs `manifest` (this instance must be its owner), plans it and starts its first jobs,
+    /// in one commit with the signed manifest.
+    pub async fn submit_workflow(
+        self: &Arc<Self>,
+        manifest: kaapana_protocol::WorkflowManifest,
+    ) -> Result<kaapana_federation::Workflow, WorkflowError> {
+        let id = manifest.workflow_id;
+        let signed = self.sign(&manifest).map_err(|e| WorkflowError::Sign(e.to_string()))?;
+        let record = WriteOp::PutWorkflowManifest { workflow: id, envelope: signed.into_bytes() };
+        let refused = self.feed(vec![FedEvent::Submit { manifest }], vec![record]).await?;
+        if let Some(e) = refused.into_iter().next() {
+            return Err(e.into());
+        }
+        self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
+    }
+
+    /// Cancels a workflow this instance owns: stops its jobs at every runner.
+    pub async fn cancel_workflow(
+        self: &Arc<Self>,
+        id: kaapana_protocol::WorkflowId,
+        by: String,
+    ) -> Result<kaapana_federation::Workflow, WorkflowError> {
+        self.request(FedEvent::CancelWorkflow { workflow: id, by }).await?;
+        self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
+    }
+
+    /// The local admin approves or rejects a job that waits for approval here.
+    pub async fn decide_job(
         self: &Arc<Self>,
         job: kaapana_protocol::JobId,
-        event: kaapana_federation::RunnerEvent,
+        approve: Result<(), String>,
     ) -> Result<kaapana_federation::RunnerJob, JobError> {
-        jobs::runner_event(self, job, event).await
-    }
-
-    /// This instance's signing key.
-    pub(crate) fn signing_key(&self) -> &kaapana_protocol::SigningKey {
-        self.identity.signing_key()
+        let event = match approve {
+            Ok(()) => FedEvent::Approve { job },
+            Err(reason) => FedEvent::Reject { job, reason },
+        };
+        self.request(event).await?;
+        self.site().runner_job(&job).map(|r| r.job.clone()).ok_or(JobError::NotFound(job))
     }
 
     /// Signs `payload` with this instance's key.
@@ -415,9 +448,9 @@ impl NodeState {
         self.registry().clone().add(inst.clone())?;
         self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
         self.registry().add(inst.clone())?;
-        self.forget_candidates();
+        self.tell_site(FedEvent::InstanceRegistered(Box::new(inst.clone()))).await;
         self.metrics.instances_registered.inc();
-        self.event("instance_added", Some(&inst.instance_id), inst.fingerprint_text());
+        self.event(EventKind::InstanceAdded, Some(&inst.instance_id), inst.fingerprint_text());
         self.admit(&inst).await;
         Ok(())
     }
@@ -431,7 +464,7 @@ impl NodeState {
         let id = inst.instance_id;
         self.store.write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id)]).await?;
         let _ = self.registry().remove(which);
-        self.forget_candidates();
+        self.tell_site(FedEvent::InstanceRemoved(id)).await;
         self.metrics.instances_registered.dec();
         // Disallowing closes the live connections at once.
         let _ = self.net.disallow(id.peer_id()).await;
@@ -439,8 +472,16 @@ impl NodeState {
             n.notify_one();
         }
         lock(&self.peers).remove(&id);
-        self.event("instance_removed", Some(&id), inst.name.clone());
+        self.event(EventKind::InstanceRemoved, Some(&id), inst.name.clone());
         Ok(inst)
+    }
+
+    /// Feeds the core an event that stores nothing of its own (registry and connection
+    /// changes); a failure to write is logged.
+    async fn tell_site(self: &Arc<Self>, event: FedEvent) {
+        if let Err(e) = self.feed(vec![event], Vec::new()).await {
+            tracing::error!(error = %e, "cannot record what the federation core changed");
+        }
     }
 
     /// Admits a registered instance to the swarm, starts its outbox worker and dials it.
@@ -631,6 +672,27 @@ impl Daemon {
 
         let datasets = crate::datasets::Datasets::load(&store).await?;
         let (containerd, executor) = start_executor(&files).await?;
+        let wf = &files.config.workflows;
+        let config = SiteConfig {
+            runner_lost_after: Duration::from_secs(wf.runner_lost_after_secs),
+            runner_give_up_after: Duration::from_secs(wf.runner_give_up_after_secs),
+            ..SiteConfig::default()
+        };
+        let mut site = Site::new(
+            identity.instance_id(),
+            files.config.instance.name.clone(),
+            config,
+            registry.clone(),
+            store.workflows()?,
+            store.runner_jobs()?,
+            now,
+        );
+        for (peer, status) in &peers {
+            if let Some(ad) = &status.capabilities {
+                site.restore_capabilities(*peer, ad.clone());
+            }
+        }
+        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
 
         let (spawn_tx, spawn_rx) = mpsc::unbounded_channel();
         let state = Arc::new(NodeState {
@@ -647,10 +709,11 @@ impl Daemon {
             replay: Mutex::new(replay),
             outbox_wakers: Mutex::new(HashMap::new()),
             capability_sequence: Mutex::new(0),
-            jobs_lock: tokio::sync::Mutex::new(()),
+            site: Mutex::new(site),
+            drive_lock: tokio::sync::Mutex::new(()),
+            unwritten: Mutex::new(Vec::new()),
+            timers: Mutex::new(Some(timers_tx)),
             executor,
-            started_at: now,
-            candidates: Mutex::new(None),
             datasets: std::sync::RwLock::new(datasets),
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
@@ -667,7 +730,9 @@ impl Daemon {
         tasks.spawn(drive(Arc::clone(&state), events_rx));
         tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
         tasks.spawn(periodic(Arc::clone(&state)));
-        tasks.spawn(watch_runners(Arc::clone(&state)));
+        tasks.spawn(driver::run_timers(Arc::clone(&state), timers_rx));
+        let own = Box::new(state.own_capability_ad());
+        state.feed(vec![FedEvent::OwnCapabilities(own), FedEvent::Started], Vec::new()).await?;
         tasks.spawn(net::results::serve_results(
             Arc::clone(&state),
             net.stream_control(),
@@ -761,11 +826,11 @@ async fn drive(state: Arc<NodeState>, mut events: mpsc::Receiver<NetEvent>) {
             () = state.cancel.cancelled() => return,
             ev = events.recv() => match ev { Some(ev) => ev, None => return },
         };
-        on_net_event(&state, ev);
+        on_net_event(&state, ev).await;
     }
 }
 
-fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
+async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
     let now = now();
     match ev {
         NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
@@ -785,13 +850,14 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
             if connections == 1 {
                 state.metrics.peers_connected.inc();
                 state.event(
-                    "peer_connected",
+                    EventKind::PeerConnected,
                     Some(&id),
                     format!("{} {addr}", if inbound { "from" } else { "to" }),
                 );
                 let s = Arc::clone(state);
                 tokio::spawn(async move { s.push_capabilities(id).await });
                 state.wake_outbox(&id);
+                state.tell_site(FedEvent::PeerConnected { peer: id }).await;
             }
         }
         NetEvent::Disconnected { peer, remaining, cause } => {
@@ -815,7 +881,8 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                     cause.unwrap_or_else(|| "connection closed".to_owned())
                 };
                 state.peer_mut(&id, |p| p.last_error = Some(why.clone()));
-                state.event("peer_disconnected", Some(&id), why);
+                state.event(EventKind::PeerDisconnected, Some(&id), why);
+                state.tell_site(FedEvent::PeerDisconnected { peer: id }).await;
                 if registered {
                     state.redial_later(id);
                 }
@@ -828,7 +895,12 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 "{} from {addr}: {reason}",
                 peer.map_or_else(|| "unknown peer".to_owned(), |p| p.to_string())
             );
-            state.events.push(now, "connection_denied", peer.map(|p| p.to_string()), detail);
+            state.events.push(
+                now,
+                EventKind::ConnectionDenied,
+                peer.map(|p| p.to_string()),
+                detail,
+            );
         }
         NetEvent::DialFailed { peer, error } => {
             if let Some(peer) = peer {
@@ -837,7 +909,7 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                     state.peer_mut(&id, |p| {
                         p.last_error = Some(format!("cannot reach it: {error}"))
                     });
-                    state.event("dial_failed", Some(&id), error);
+                    state.event(EventKind::DialFailed, Some(&id), error);
                     state.redial_later(id);
                 }
             }
@@ -868,21 +940,6 @@ fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
 }
 
 /// Re-sends capability ads before they expire and prunes expired replay ids.
-/// Every few seconds: moves jobs off runners that have been out of reach for longer than the
-/// configured grace period.
-async fn watch_runners(state: Arc<NodeState>) {
-    let grace = Duration::from_secs(state.files.config.workflows.runner_lost_after_secs);
-    let give_up = Duration::from_secs(state.files.config.workflows.runner_give_up_after_secs);
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            () = state.cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        workflows::check_lost_runners(&state, grace, give_up).await;
-    }
-}
-
 async fn periodic(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     tick.tick().await;

@@ -15,7 +15,7 @@ use kaapana_protocol::{
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
-use super::{NodeState, kind_label, lock};
+use super::{EventKind, NodeState, kind_label, lock};
 use crate::net::FedFrame;
 use crate::store::WriteOp;
 
@@ -107,7 +107,7 @@ async fn deliver(state: Arc<NodeState>, peer: InstanceId, notify: Arc<Notify>) -
                         let why = format!("{}: {detail}", reason.label());
                         let s = Arc::clone(&state);
                         tokio::spawn(async move {
-                            super::workflows::job_refused(&s, peer, &envelope, why).await;
+                            s.manifest_refused(peer, &envelope, why).await;
                         });
                     }
                 }
@@ -178,7 +178,7 @@ fn settle(
             Delivery::Rejected { reason, detail } => {
                 tracing::warn!(peer = %peer, reason = reason.label(), %detail, "peer refused a message; dropping it");
                 state.event(
-                    "delivery_rejected",
+                    EventKind::DeliveryRejected,
                     Some(peer),
                     format!("{kind}: {}: {detail}", reason.label()),
                 );
@@ -195,7 +195,7 @@ async fn remove_settled(state: &NodeState, peer: InstanceId, seqs: Vec<u64>) {
     match state.store.write_async(vec![WriteOp::AckOutbox { peer, seqs }]).await {
         Ok(_) => {
             state.metrics.outbox_depth.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
-            state.event("delivered", Some(&peer), format!("{n} message(s)"));
+            state.event(EventKind::Delivered, Some(&peer), format!("{n} message(s)"));
         }
         // The peer has them; after a restart it answers `Replayed` to the resend.
         Err(e) => tracing::error!(error = %e, "cannot remove delivered messages from the outbox"),

@@ -751,7 +751,7 @@ impl Server {
             (End::Broken(_) | End::Idle | End::Eof, Ok(())) if have < blob.size => {
                 let detail =
                     format!("{have} of {} bytes of {what} arrived{why}; they are kept", blob.size);
-                self.event("result_incomplete", from, detail.clone());
+                self.event(crate::daemon::EventKind::ResultIncomplete, from, detail.clone());
                 Some((RejectCode::Incomplete, detail))
             }
             (End::Broken(_) | End::Idle | End::Eof, Ok(())) => {
@@ -795,10 +795,11 @@ impl Server {
             .verify(now(), &self.state.verify_options)
             .map_err(|e| manifest(RejectReason::from(&e), e.to_string()))?;
         let (signed, payload) = verified.into_parts();
-        use crate::daemon::Expected;
-        match crate::daemon::expects_result(&self.state, &payload, &signer) {
-            Ok(Expected::Yes) => {}
-            Ok(Expected::NotYours) => {
+        use kaapana_federation::Expected;
+        let expected = self.state.site().expects_result(&payload, &signer);
+        match expected {
+            Expected::Yes => {}
+            Expected::NotYours => {
                 return Err((
                     RejectCode::NotYourJob,
                     format!(
@@ -807,7 +808,7 @@ impl Server {
                     ),
                 ));
             }
-            Ok(Expected::Superseded { current }) => {
+            Expected::Superseded { current } => {
                 return Err((
                     RejectCode::Superseded,
                     format!(
@@ -816,7 +817,6 @@ impl Server {
                     ),
                 ));
             }
-            Err(e) => return Err((RejectCode::Storage, e.to_string())),
         }
         let blob = offer.part.blob(&payload).ok_or_else(|| {
             (RejectCode::NoSuchPart, format!("the manifest names no {}", offer.part.name()))
@@ -835,9 +835,7 @@ impl Server {
         had_blob: bool,
     ) -> Result<(), Refusal> {
         let bundle = part == ResultPart::Bundle;
-        if let Err(e) =
-            crate::daemon::record_result(&self.state, from, signed, manifest, bundle).await
-        {
+        if let Err(e) = self.state.result_stored(*from, signed, manifest, bundle).await {
             return Err((RejectCode::Storage, format!("cannot record the result: {e}")));
         }
         self.state
@@ -847,7 +845,11 @@ impl Server {
             .inc();
         let how = if had_blob { "already stored" } else { "stored" };
         let signer = signed.claimed_signer();
-        self.event("result_received", from, format!("{what} {how}, signed by {signer}"));
+        self.event(
+            crate::daemon::EventKind::ResultReceived,
+            from,
+            format!("{what} {how}, signed by {signer}"),
+        );
         Ok(())
     }
 
@@ -858,14 +860,18 @@ impl Server {
             .get_or_create(&ReasonLabel { reason: reason.label().into() })
             .inc();
         tracing::warn!(peer = %from, reason = reason.label(), %detail, "result rejected");
-        self.event("result_rejected", from, format!("{}: {detail}", reason.label()));
+        self.event(
+            crate::daemon::EventKind::ResultRejected,
+            from,
+            format!("{}: {detail}", reason.label()),
+        );
         let reply = Reply::Rejected { reason, detail };
         if timeout(OFFER_TIMEOUT, write_frame(stream, &reply)).await.is_ok() {
             let _ = timeout(OFFER_TIMEOUT, stream.close()).await;
         }
     }
 
-    fn event(&self, kind: &'static str, peer: &InstanceId, detail: String) {
+    fn event(&self, kind: crate::daemon::EventKind, peer: &InstanceId, detail: String) {
         let name =
             self.state.registry().get(peer).map_or_else(|| peer.to_string(), |i| i.name.clone());
         self.state.events.push(now(), kind, Some(name), detail);
