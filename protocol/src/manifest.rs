@@ -730,3 +730,18 @@ impl Manifest for InstanceBundleInfo {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_text_gives_what_validate_text_accepts() {
+        assert_eq!(fit_text("runner\nlost\t"), "runner lost ");
+        let long = "é".repeat(MAX_TEXT_LEN);
+        let fit = fit_text(&long);
+        assert!(fit.len() <= MAX_TEXT_LEN && fit.len() > MAX_TEXT_LEN - 2);
+        assert!(validate_text("reason", &fit, MAX_TEXT_LEN).is_ok());
+        assert!(validate_text("reason", &long, MAX_TEXT_LEN).is_err());
+    }
+}
