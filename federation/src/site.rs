@@ -194,14 +194,16 @@ pub enum Event {
     TimerFired(Timer),
 }
 
-/// A durable record the driver must store.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A durable record the driver must store: which one changed. The driver stores its state
+/// as [`Site::workflow`] or [`Site::runner_job`] give it before it feeds the next event (the
+/// record may be large, so the command does not copy it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Record {
     /// A workflow this site owns, with all its jobs.
-    Workflow(Box<Workflow>),
+    Workflow(WorkflowId),
     /// A job this site runs.
-    RunnerJob(Box<RunnerRecord>),
+    RunnerJob(JobId),
 }
 
 /// A job this site runs, with the verified manifest it came in.
@@ -218,7 +220,8 @@ pub struct RunnerRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Command {
-    /// Store this record durably (replacing the earlier one with its id).
+    /// Store this record durably (replacing the earlier one with its id), in its state after
+    /// this call.
     Persist(Record),
     /// Sign this message and deliver it to `to` (through a durable outbox, in order).
     Send {
@@ -630,15 +633,11 @@ impl Site {
     fn finish(&self, out: Out) -> Vec<Command> {
         let mut cmds =
             Vec::with_capacity(out.workflows.len() + out.runner_jobs.len() + out.effects.len());
-        for id in &out.workflows {
-            if let Some(w) = self.workflows.get(id) {
-                cmds.push(Command::Persist(Record::Workflow(Box::new(w.clone()))));
-            }
+        for id in out.workflows.iter().filter(|id| self.workflows.contains_key(id)) {
+            cmds.push(Command::Persist(Record::Workflow(*id)));
         }
-        for id in &out.runner_jobs {
-            if let Some(r) = self.runner_jobs.get(id) {
-                cmds.push(Command::Persist(Record::RunnerJob(Box::new(r.clone()))));
-            }
+        for id in out.runner_jobs.iter().filter(|id| self.runner_jobs.contains_key(id)) {
+            cmds.push(Command::Persist(Record::RunnerJob(*id)));
         }
         cmds.extend(out.effects);
         cmds
@@ -863,9 +862,9 @@ impl Site {
         let cands = self.candidates();
         let life = self.config.job_lifetime;
         let Some(w) = self.workflows.get_mut(&wid) else { return };
-        let before = w.clone();
+        let before = w.revision();
         let cmds = w.handle(event, &cands, now, life);
-        if cmds.is_empty() && *w == before {
+        if cmds.is_empty() && w.revision() == before {
             return;
         }
         self.changed(wid, cmds, now, out);

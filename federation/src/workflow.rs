@@ -376,6 +376,10 @@ pub struct Workflow {
     /// Lookup tables derived from `steps` and `jobs`; rebuilt after deserializing.
     #[serde(skip)]
     index: Index,
+    /// Counts changes, so that a caller can tell an event that changed nothing without
+    /// comparing whole workflows ([`Workflow::revision`]).
+    #[serde(skip)]
+    revision: Revision,
 }
 
 impl Workflow {
@@ -497,6 +501,7 @@ impl Workflow {
             steps,
             jobs,
             index: Index::default(),
+            revision: Revision::default(),
         };
         wf.ensure_index();
         let mut out = Vec::new();
@@ -534,6 +539,7 @@ impl Workflow {
                         let job = &mut self.jobs[i];
                         job.state = other;
                         job.reason = reason;
+                        self.revision.bump();
                     }
                 }
             }
@@ -562,6 +568,7 @@ impl Workflow {
                     let job = &mut self.jobs[i];
                     job.state = JobState::Failed;
                     job.reason = Some(reason);
+                    self.revision.bump();
                 } else {
                     self.set_terminal(i, JobState::Failed, Some(reason));
                 }
@@ -610,6 +617,7 @@ impl Workflow {
         job.last_sequence = update.sequence;
         job.retryable = update.retryable;
         job.updated_at = now;
+        self.revision.bump();
         let event = WorkflowEvent::JobUpdated {
             job_id: update.job_id,
             state: update.state,
@@ -656,6 +664,12 @@ impl Workflow {
             }
         }
         Ok(())
+    }
+
+    /// Increases with every change this value went through since it was made or loaded: an
+    /// event after which it is the same changed nothing (cheaper than comparing workflows).
+    pub const fn revision(&self) -> u64 {
+        self.revision.0
     }
 
     /// The job whose current attempt has this id.
@@ -806,6 +820,7 @@ impl Workflow {
                 let job = &mut self.jobs[i];
                 job.state = JobState::Failed;
                 job.reason = Some(reason);
+                self.revision.bump();
             } else {
                 self.set_terminal(i, JobState::Failed, Some(reason));
             }
@@ -842,6 +857,7 @@ impl Workflow {
         self.state = state;
         self.reason = Some(reason.clone());
         self.ended_at = Some(now);
+        self.revision.bump();
         out.push(WorkflowCommand::Ended { state, reason: Some(reason) });
     }
 
@@ -859,6 +875,7 @@ impl Workflow {
         }
         if (0..self.steps.len()).all(|s| self.step_done(s)) {
             self.state = WorkflowState::Finished;
+            self.revision.bump();
             self.ended_at = Some(now);
             out.push(WorkflowCommand::Ended { state: WorkflowState::Finished, reason: None });
             return;
@@ -907,6 +924,7 @@ impl Workflow {
 
     /// Marks job `i` dispatched and makes its manifest.
     fn dispatch(&mut self, i: usize, now: Timestamp, job_lifetime: Duration) -> JobManifest {
+        self.revision.bump();
         let (s, runner) = (self.jobs[i].step, self.jobs[i].runner);
         self.index.unwait(s, runner, i);
         *self.index.active[s].entry(runner).or_default() += 1;
@@ -954,6 +972,7 @@ impl Workflow {
         if job.state.is_terminal() {
             return;
         }
+        self.revision.bump();
         let (s, runner) = (job.step, job.runner);
         if job.dispatched {
             self.index.release(s, runner);
@@ -973,6 +992,7 @@ impl Workflow {
         if self.jobs[i].result.is_some() || self.jobs[i].state == JobState::Failed {
             return;
         }
+        self.revision.bump();
         self.jobs[i].result = Some(bundle);
         if self.jobs[i].state == JobState::Finished {
             self.index.done[self.jobs[i].step] += 1;
@@ -984,6 +1004,7 @@ impl Workflow {
 
     /// Replaces failed job `i` by its next attempt at `runner`, waiting to be dispatched.
     fn new_attempt(&mut self, i: usize, runner: InstanceId, runner_name: String) {
+        self.revision.bump();
         let workflow_id = self.workflow_id;
         let job = &mut self.jobs[i];
         let old = job.job_id;
@@ -1007,6 +1028,7 @@ impl Workflow {
 
     /// Moves undispatched job `i` to another runner (same attempt and id: it was never sent).
     fn reassign(&mut self, i: usize, runner: InstanceId, runner_name: String) {
+        self.revision.bump();
         let (s, old) = (self.jobs[i].step, self.jobs[i].runner);
         self.index.unwait(s, old, i);
         self.jobs[i].runner = runner;
@@ -1044,6 +1066,24 @@ impl Workflow {
         }
     }
 }
+
+/// A change counter that is not part of a workflow's value: equal to any other, not stored.
+#[derive(Clone, Copy, Debug, Default)]
+struct Revision(u64);
+
+impl Revision {
+    const fn bump(&mut self) {
+        self.0 = self.0.wrapping_add(1);
+    }
+}
+
+impl PartialEq for Revision {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Revision {}
 
 /// Lookup tables derived from a workflow's steps and jobs, so that an event costs time in
 /// proportion to what it changes, not to the size of the workflow.

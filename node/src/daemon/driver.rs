@@ -17,7 +17,7 @@
 //! only while the core computes, never across an `.await`, so reads (API views, result
 //! offers) never wait for a commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,14 +126,19 @@ impl NodeState {
         }
         let _order = self.drive_lock.lock().await;
         let now = now();
-        let commands: Vec<Command> = {
+        let (commands, mut records) = {
             let mut site = lock(&self.site);
-            events.into_iter().flat_map(|e| site.handle(now, e)).collect()
+            let commands: Vec<Command> =
+                events.into_iter().flat_map(|e| site.handle(now, e)).collect();
+            // The records' states after these events, read before any other event changes them.
+            let records = records_of(&site, &commands);
+            (commands, records)
         };
         let mut ops = std::mem::take(&mut *lock(&self.unwritten));
         ops.extend(with);
-        let (mut records, effects, refused) = self.split(commands);
+        let (mut messages, effects, refused) = self.split(commands);
         ops.append(&mut records);
+        ops.append(&mut messages);
         if !ops.is_empty()
             && let Err(e) = self.store.write_async(ops.clone()).await
         {
@@ -155,20 +160,12 @@ impl NodeState {
 
     /// Store operations for the records and messages, then the effects for after the commit.
     fn split(&self, commands: Vec<Command>) -> (Vec<WriteOp>, Effects, Vec<SiteError>) {
-        let mut workflows = BTreeMap::new();
-        let mut runner_jobs = BTreeMap::new();
         let mut outbox: Vec<(InstanceId, Vec<Vec<u8>>)> = Vec::new();
         let mut effects = Effects::default();
         let mut refused = Vec::new();
         for c in commands {
             match c {
-                // The last record of an id in a batch is its newest state.
-                Command::Persist(Record::Workflow(w)) => {
-                    workflows.insert(w.workflow_id, w);
-                }
-                Command::Persist(Record::RunnerJob(r)) => {
-                    runner_jobs.insert(r.job.job_id, r);
-                }
+                Command::Persist(_) => {}
                 Command::Send { to, message } => match self.sign_message(&message) {
                     Ok(envelope) => {
                         match outbox.last_mut() {
@@ -186,8 +183,7 @@ impl NodeState {
                 other => effects.rest.push(other),
             }
         }
-        let mut ops: Vec<WriteOp> = workflows.into_values().map(WriteOp::PutWorkflow).collect();
-        ops.extend(runner_jobs.into_values().map(WriteOp::PutRunnerJob));
+        let mut ops = Vec::new();
         ops.extend(
             outbox.into_iter().map(|(peer, envelopes)| WriteOp::EnqueueOutbox { peer, envelopes }),
         );
@@ -319,6 +315,35 @@ impl NodeState {
         };
         self.feed(events, vec![record]).await.map(drop)
     }
+}
+
+/// Store operations for every record the commands name, each once, in its current state.
+fn records_of(site: &kaapana_federation::Site, commands: &[Command]) -> Vec<WriteOp> {
+    let mut workflows = BTreeSet::new();
+    let mut runner_jobs = BTreeSet::new();
+    for c in commands {
+        match c {
+            Command::Persist(Record::Workflow(id)) => {
+                workflows.insert(*id);
+            }
+            Command::Persist(Record::RunnerJob(id)) => {
+                runner_jobs.insert(*id);
+            }
+            _ => {}
+        }
+    }
+    let mut ops: Vec<WriteOp> = workflows
+        .iter()
+        .filter_map(|id| site.workflow(id))
+        .map(|w| WriteOp::PutWorkflow(Box::new(w.clone())))
+        .collect();
+    ops.extend(
+        runner_jobs
+            .iter()
+            .filter_map(|id| site.runner_job(id))
+            .map(|r| WriteOp::PutRunnerJob(Box::new(r.clone()))),
+    );
+    ops
 }
 
 /// Why a local request failed.
