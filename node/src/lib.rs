@@ -4,7 +4,8 @@
 //! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
 //! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); jobs run in containers through
-//! [`executor`] (containerd: a configured one, or the node's own child process). It drives
+//! [`executor`] (the `kaapana-executor` crate, re-exported: containerd, a configured one or the
+//! node's own child process). It drives
 //! `kaapana-federation`'s sans-IO core and must not re-implement its rules (registry, policy,
 //! state machines), nor the wire format of `kaapana-protocol` or the certificate checks of
 //! `kaapana-certs`.
@@ -18,7 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod data_dir;
 pub mod datasets;
-pub mod executor;
+pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;
 pub mod store;
