@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kaapana_federation::{AllowList, Execution, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
-use kaapana_node::api::{SubmitWorkflowRequest, WorkflowView};
+use kaapana_node::api::views::{SubmitWorkflowRequest, WorkflowView};
 use kaapana_node::client::ApiClient;
 use kaapana_node::data_dir::DataDir;
 use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, busybox, lifecycle};

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
-use kaapana_node::api::{
+use kaapana_node::api::views::{
     AddDatasetRequest, AddInstanceRequest, DatasetView, InstanceView, JobsView, OwnerJobView,
     RejectRequest, ResultView, RunnerJobView, SubmitJobRequest, SubmitWorkflowRequest,
     WorkflowView,
@@ -474,7 +474,7 @@ fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
                         expect_fingerprint.as_deref(),
                         now(),
                     )?;
-                    InstanceView::new(&inst, None, 0)
+                    InstanceView::offline(&inst, 0)
                 }
             };
             println!("Registered instance {} ({})", view.name, view.instance_id);
@@ -499,11 +499,7 @@ fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
                     let store = node.store()?;
                     let mut views = Vec::new();
                     for i in admin::list_instances_in(&store)? {
-                        views.push(InstanceView::new(
-                            &i,
-                            None,
-                            store.outbox_depth(&i.instance_id)?,
-                        ));
+                        views.push(InstanceView::offline(&i, store.outbox_depth(&i.instance_id)?));
                     }
                     views
                 }
@@ -524,7 +520,7 @@ fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> anyhow::Result<()> {
                 Some(api) => api.remove_instance(&instance)?,
                 None => {
                     let which: InstanceRef = instance.parse()?;
-                    InstanceView::new(&admin::remove_instance(dir, &which)?, None, 0)
+                    InstanceView::offline(&admin::remove_instance(dir, &which)?, 0)
                 }
             };
             println!("Removed instance {} ({})", removed.name, removed.instance_id);
