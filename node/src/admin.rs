@@ -1,7 +1,7 @@
 //! Administration of one node's data directory: what the offline CLI commands do.
 //!
 //! Each command is a function here so that tests and (later) the daemon's API call the same
-//! code; `main.rs` only parses flags and prints.
+//! code; [`crate::cli`] only parses flags and prints.
 
 use std::fs;
 use std::io::Write;

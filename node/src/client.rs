@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{AddInstanceRequest, ErrorBody, InstanceView, SendRequest, SendResponse};
+use crate::api::views::{AddInstanceRequest, ErrorBody, InstanceView, SendRequest, SendResponse};
 use crate::data_dir::DataDir;
 
 const ADDRESS_FILE: &str = "api-address";

@@ -27,15 +27,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use crate::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
+use crate::api::views::{SubmitWorkflowRequest, WorkflowView};
+use crate::client::ApiClient;
+use crate::data_dir::DataDir;
+use crate::executor::{Containerd, ContainerdExecutor, ExecutorConfig, busybox, lifecycle};
+use crate::store::WriteOp;
 use kaapana_federation::{AllowList, Execution, Policy};
-use kaapana_node::admin::{self, DEFAULT_VALID_DAYS, InitOptions};
-use kaapana_node::api::{SubmitWorkflowRequest, WorkflowView};
-use kaapana_node::client::ApiClient;
-use kaapana_node::data_dir::DataDir;
-use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, busybox, lifecycle};
-use kaapana_node::store::WriteOp;
 use kaapana_protocol::ImageDigest;
+
+use crate::cli::workflow::{
+    WorkflowCommand, follow_workflow_until, print_workflow, workflow_command,
+};
+use crate::cli::{CliError, Context as _, bail};
 
 /// The workflow's name, which every site's policy allows for the others.
 const WORKFLOW: &str = "federated-statistics";
@@ -92,17 +96,36 @@ fn step(text: &str) {
 }
 
 /// Marks an error as having happened at a site (its log tail is shown).
-#[derive(Debug)]
-struct AtSite(String);
+trait AtSite<T> {
+    /// The error, as one at `site`.
+    fn at_site(self, site: impl Into<String>) -> Result<T, CliError>;
+}
 
-impl std::fmt::Display for AtSite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "at {}", self.0)
+impl<T, E: Into<CliError>> AtSite<T> for Result<T, E> {
+    fn at_site(self, site: impl Into<String>) -> Result<T, CliError> {
+        self.map_err(|e| at_site(e.into(), site))
+    }
+}
+
+/// `e`, as an error at `site`.
+fn at_site(e: CliError, site: impl Into<String>) -> CliError {
+    CliError::AtSite { site: site.into(), source: Box::new(e) }
+}
+
+/// The site an error happened at: the outermost one it names.
+fn failing_site(e: &CliError) -> Option<&str> {
+    match e {
+        CliError::AtSite { site, .. } => Some(site),
+        CliError::Context { source, .. } => failing_site(source),
+        _ => None,
     }
 }
 
 /// Runs the demo with `sites` sites; in `keep` (kept) or a temporary directory (removed).
-pub(crate) fn run(sites: usize, keep: Option<PathBuf>) -> anyhow::Result<()> {
+///
+/// The sites' daemons are child processes of this program (`kaapana-node run`, through
+/// [`std::env::current_exe`]), so only the `kaapana-node` binary can run it.
+pub fn run(sites: usize, keep: Option<PathBuf>) -> Result<(), CliError> {
     let started = Instant::now();
     let work = WorkDir::new(keep)?;
     let mut demo = Demo {
@@ -114,7 +137,7 @@ pub(crate) fn run(sites: usize, keep: Option<PathBuf>) -> anyhow::Result<()> {
     let result = demo.run();
     if let Err(e) = &result {
         // The tail of the failing site's log (the owner's when no site is to blame).
-        let failing = e.downcast_ref::<AtSite>().map_or("site-a", |s| s.0.as_str()).to_owned();
+        let failing = failing_site(e).unwrap_or("site-a").to_owned();
         if let Some(site) = demo.sites.iter().find(|s| s.name == failing) {
             site.print_log_tail(30);
         }
@@ -146,7 +169,7 @@ struct WorkDir {
 }
 
 impl WorkDir {
-    fn new(keep: Option<PathBuf>) -> anyhow::Result<Self> {
+    fn new(keep: Option<PathBuf>) -> Result<Self, CliError> {
         match keep {
             Some(dir) => {
                 fs::create_dir_all(&dir)
@@ -234,7 +257,7 @@ struct Daemons(Vec<(String, Child)>);
 
 impl Daemons {
     /// SIGTERM to every daemon, then waits for each (SIGKILL after [`STOP_TIMEOUT`]).
-    fn stop_all(&mut self) -> anyhow::Result<()> {
+    fn stop_all(&mut self) -> Result<(), CliError> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         for (_, child) in &self.0 {
@@ -370,7 +393,7 @@ fn now() -> kaapana_protocol::Timestamp {
 
 /// A loopback port free for TCP now, below Linux's ephemeral range (32768 and up) so that no
 /// outgoing connection of another daemon takes it before its owner listens.
-fn free_port(next: &mut u16) -> anyhow::Result<u16> {
+fn free_port(next: &mut u16) -> Result<u16, CliError> {
     for _ in 0..2000 {
         let port = *next;
         *next = if *next >= 32_000 { 20_000 } else { *next + 1 };
@@ -382,7 +405,7 @@ fn free_port(next: &mut u16) -> anyhow::Result<u16> {
 }
 
 impl Demo {
-    fn run(&mut self) -> anyhow::Result<()> {
+    fn run(&mut self) -> Result<(), CliError> {
         let names: Vec<&str> = self.sites.iter().map(|s| s.name.as_str()).collect();
         println!(
             "kaapana-node demo: {} sites ({}) on this machine, each with its own identity, \
@@ -409,7 +432,7 @@ impl Demo {
     }
 
     /// Creates the sites and registers every pair both ways by certificate exchange.
-    fn register(&mut self) -> anyhow::Result<()> {
+    fn register(&mut self) -> Result<(), CliError> {
         step("each site creates its identity (Ed25519 key, X.509 instance certificate)");
         let mut next_port = 20_000 + (std::process::id() % 600) as u16 * 20;
         let mut fingerprints = Vec::new();
@@ -422,9 +445,8 @@ impl Demo {
                 api_listen: Some("127.0.0.1:0".into()),
                 valid_days: DEFAULT_VALID_DAYS,
             };
-            let report = admin::init(&s.dir, &opts, now())
-                .context(AtSite(s.name.clone()))
-                .context("init")?;
+            let report =
+                admin::init(&s.dir, &opts, now()).at_site(s.name.clone()).context("init")?;
             println!(
                 "$ kaapana-node init --name {} --listen {} --api-listen 127.0.0.1:0\n  {}  fingerprint {}",
                 s.name,
@@ -440,7 +462,7 @@ impl Demo {
         );
         let mut bundles = Vec::new();
         for s in &self.sites {
-            let (text, _) = admin::export_bundle(&s.dir, now()).context(AtSite(s.name.clone()))?;
+            let (text, _) = admin::export_bundle(&s.dir, now()).at_site(s.name.clone())?;
             let path = self.root.join(format!("{}.bundle", s.name));
             fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
             bundles.push(path);
@@ -470,7 +492,7 @@ impl Demo {
                     Some(&fingerprints[j]),
                     now(),
                 )
-                .context(AtSite(s.name.clone()))
+                .at_site(s.name.clone())
                 .with_context(|| format!("registering {}", other.name))?;
                 println!(
                     "$ kaapana-node instance add {}.bundle --expect-fingerprint \"{}…\"   # at {}: registered {} ({})",
@@ -491,7 +513,7 @@ impl Demo {
         &self,
         bundles: &[PathBuf],
         fingerprint_a: &str,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), CliError> {
         let block = |text: &str, label: &str| -> String {
             let begin = format!("-----BEGIN {label}-----");
             let end = format!("-----END {label}-----");
@@ -519,12 +541,11 @@ impl Demo {
             c.name
         );
         match admin::add_instance(&c.dir, &forged, policy, Some(fingerprint_a), now()) {
-            Ok(inst) => Err(anyhow::anyhow!(
+            Ok(inst) => Err(CliError::Message(format!(
                 "the forged bundle was accepted (registered {} {})",
-                inst.name,
-                inst.instance_id
-            ))
-            .context(AtSite(c.name.clone())),
+                inst.name, inst.instance_id
+            )))
+            .at_site(c.name.clone()),
             Err(e) => {
                 println!("  refused: {e}");
                 Ok(())
@@ -533,7 +554,7 @@ impl Demo {
     }
 
     /// Writes each site's synthetic dataset and registers it; returns each site's statistics.
-    fn make_datasets(&mut self) -> anyhow::Result<Vec<Stats>> {
+    fn make_datasets(&mut self) -> Result<Vec<Stats>, CliError> {
         step(&format!(
             "each site registers its own synthetic dataset `{DATASET}` (one folder per CT series; it never leaves the site)"
         ));
@@ -561,9 +582,9 @@ impl Demo {
             let store = admin::NodeFiles::open(&s.dir)?.store()?;
             let existing = store.datasets()?;
             let (record, _, scan) =
-                kaapana_node::datasets::check_new(DATASET, &s.dataset, &existing, now())
-                    .context(AtSite(s.name.clone()))?;
-            store.write(vec![WriteOp::PutDataset(record)]).context(AtSite(s.name.clone()))?;
+                crate::datasets::check_new(DATASET, &s.dataset, &existing, now())
+                    .at_site(s.name.clone())?;
+            store.write(vec![WriteOp::PutDataset(record)]).at_site(s.name.clone())?;
             println!(
                 "$ kaapana-node dataset add {DATASET} data/{}/{DATASET}   # {}: {} items, {} bytes, {} slices in all",
                 s.name,
@@ -578,7 +599,7 @@ impl Demo {
     }
 
     /// Builds the job image once.
-    fn build_image(&self) -> anyhow::Result<PathBuf> {
+    fn build_image(&self) -> Result<PathBuf, CliError> {
         step("the job image: a one-layer OCI image built from the static busybox");
         let dir = self.root.join("image");
         fs::create_dir_all(&dir)?;
@@ -588,7 +609,7 @@ impl Demo {
     }
 
     /// Starts every daemon and waits until each says it runs.
-    fn start_daemons(&mut self) -> anyhow::Result<()> {
+    fn start_daemons(&mut self) -> Result<(), CliError> {
         step(
             "the daemons start (each starts its own containerd); only registered instances may connect",
         );
@@ -628,14 +649,16 @@ impl Demo {
                 if let Some((_, child)) = self.daemons.0.get_mut(i)
                     && let Ok(Some(status)) = child.try_wait()
                 {
-                    return Err(anyhow::anyhow!("the daemon exited ({status}) before it ran"))
-                        .context(AtSite(s.name.clone()));
+                    return Err(CliError::Message(format!(
+                        "the daemon exited ({status}) before it ran"
+                    )))
+                    .at_site(s.name.clone());
                 }
                 if Instant::now() > deadline {
-                    return Err(anyhow::anyhow!(
+                    return Err(CliError::Message(format!(
                         "the daemon did not say it runs within {START_TIMEOUT:?}"
-                    ))
-                    .context(AtSite(s.name.clone()));
+                    )))
+                    .at_site(s.name.clone());
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -644,7 +667,7 @@ impl Demo {
     }
 
     /// Imports the job image at every site, into the containerd its daemon runs.
-    fn import_image(&self, tar: &Path) -> anyhow::Result<ImageDigest> {
+    fn import_image(&self, tar: &Path) -> Result<ImageDigest, CliError> {
         step("every site imports the job image (jobs name images by digest only)");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let mut digest = None;
@@ -660,7 +683,7 @@ impl Demo {
                     let executor = ContainerdExecutor::new(containerd.channel(), config).await?;
                     executor.import_image(tar).await
                 })
-                .context(AtSite(s.name.clone()))
+                .at_site(s.name.clone())
                 .context("image import")?;
             println!("$ kaapana-node image import image/{}   # at {}: {d}", file_name(tar), s.name);
             if digest.as_ref().is_some_and(|first| *first != d) {
@@ -673,15 +696,15 @@ impl Demo {
 
     /// Waits until site-a is connected to every peer and has its capability ad with the
     /// dataset (the workflow's query is answered from these ads).
-    fn wait_for_peers(&self, expected: &[Stats]) -> anyhow::Result<()> {
+    fn wait_for_peers(&self, expected: &[Stats]) -> Result<(), CliError> {
         step("site-a waits for every peer's signed capability ad");
         let owner = &self.sites[0];
         let api = ApiClient::connect(&owner.dir)
             .context("the daemon's API does not answer")
-            .context(AtSite(owner.name.clone()))?;
+            .at_site(owner.name.clone())?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let instances = api.instances().context(AtSite(owner.name.clone()))?;
+            let instances = api.instances().at_site(owner.name.clone())?;
             let missing: Vec<String> = self.sites[1..]
                 .iter()
                 .zip(&expected[1..])
@@ -728,18 +751,18 @@ impl Demo {
                     .and_then(|m| m.split(':').next())
                     .unwrap_or(&owner.name)
                     .to_owned();
-                return Err(anyhow::anyhow!(
+                return Err(CliError::Message(format!(
                     "site-a did not get every peer's capability ad within {START_TIMEOUT:?}: {}",
                     missing.join("; ")
-                ))
-                .context(AtSite(culprit));
+                )))
+                .at_site(culprit);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Writes the workflow file, prints it, submits it at site-a.
-    fn submit(&self, digest: &ImageDigest) -> anyhow::Result<(ApiClient, WorkflowView)> {
+    fn submit(&self, digest: &ImageDigest) -> Result<(ApiClient, WorkflowView), CliError> {
         step(
             "site-a submits the workflow: statistics at every site with the dataset, merged at site-a",
         );
@@ -753,30 +776,30 @@ impl Demo {
         let owner = &self.sites[0];
         let api = ApiClient::connect(&owner.dir)
             .context("the daemon's API does not answer")
-            .context(AtSite(owner.name.clone()))?;
+            .at_site(owner.name.clone())?;
         println!("\n$ kaapana-node workflow submit {}   # at site-a", file_name(&path));
         let w: WorkflowView = api
             .post("/v1/workflows", &SubmitWorkflowRequest { toml })
-            .context(AtSite(owner.name.clone()))
+            .at_site(owner.name.clone())
             .context("workflow submit")?;
         println!("Submitted workflow {} ({}): {} jobs", w.name, w.workflow_id, w.jobs.len());
-        crate::print_workflow(&w);
+        print_workflow(&w);
         Ok((api, w))
     }
 
     /// Follows the workflow's jobs until it ends (`workflow wait`).
-    fn follow(&self, api: &ApiClient, w: &WorkflowView) -> anyhow::Result<()> {
+    fn follow(&self, api: &ApiClient, w: &WorkflowView) -> Result<(), CliError> {
         step("the jobs run where the data is; site-a follows their signed state changes");
         println!("$ kaapana-node workflow wait {}", w.workflow_id);
         let deadline = Instant::now() + WORKFLOW_TIMEOUT;
-        let outcome = crate::follow_workflow_until(api, &w.workflow_id, Some(deadline));
+        let outcome = follow_workflow_until(api, &w.workflow_id, Some(deadline));
         if let Err(e) = outcome {
             // The failing site: the runner of the first failed job, else the owner.
             let now: Option<WorkflowView> =
                 api.get(&format!("/v1/workflows/{}", w.workflow_id)).ok();
             if let Some(now) = &now {
                 println!("\n$ kaapana-node workflow show {}", w.workflow_id);
-                crate::print_workflow(now);
+                print_workflow(now);
             }
             // The failing site: the runner of the job that failed first (not one cancelled
             // because of it), else the owner. Its job log comes back with the result when the
@@ -792,7 +815,7 @@ impl Demo {
                 })
                 .or(failed.first());
             let Some(job) = first else {
-                return Err(e.context(AtSite(self.sites[0].name.clone())));
+                return Err(at_site(e, self.sites[0].name.clone()));
             };
             match api.get_text(&format!("/v1/jobs/{}/log", job.job_id)) {
                 Ok(log) => {
@@ -807,7 +830,7 @@ impl Demo {
                 }
                 Err(le) => println!("\n(the log of job {} is not available: {le})", job.name),
             }
-            return Err(e.context(AtSite(job.runner.clone())));
+            return Err(at_site(e, job.runner.clone()));
         }
         Ok(())
     }
@@ -818,15 +841,15 @@ impl Demo {
         api: &ApiClient,
         w: &WorkflowView,
         expected: &[Stats],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), CliError> {
         step("site-a unpacks the verified result bundles");
         let out = self.root.join("results");
         println!("$ kaapana-node workflow result {} --out results", w.workflow_id);
-        crate::workflow_command(
+        workflow_command(
             &self.sites[0].dir,
-            crate::WorkflowCommand::Result { id: w.workflow_id.clone(), out: out.clone() },
+            WorkflowCommand::Result { id: w.workflow_id.clone(), out: out.clone() },
         )
-        .context(AtSite(self.sites[0].name.clone()))?;
+        .at_site(self.sites[0].name.clone())?;
 
         let final_view: WorkflowView = api.get(&format!("/v1/workflows/{}", w.workflow_id))?;
         let mut problems = Vec::new();
@@ -937,7 +960,7 @@ mod tests {
     fn the_workflow_file_parses() {
         let digest = ImageDigest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let text = workflow_file(&digest);
-        kaapana_node::workflow_file::WorkflowFile::parse(&text).unwrap();
+        crate::workflow_file::WorkflowFile::parse(&text).unwrap();
     }
 
     #[test]

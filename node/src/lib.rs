@@ -3,8 +3,12 @@
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
 //! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
-//! local HTTP API ([`api`], [`client`]) and metrics ([`metrics`]); jobs run in containers through
-//! [`executor`] (containerd: a configured one, or the node's own child process). It drives
+//! local HTTP API ([`api`]: routes, and [`api::views`], the JSON bodies the CLI shares;
+//! [`client`]) and metrics ([`metrics`]), the command line ([`cli`]: each subcommand of
+//! `kaapana-node` as a library function; the binary only parses flags and sets up logging)
+//! and the demo ([`demo`]); jobs run in containers through
+//! [`executor`] (the `kaapana-executor` crate, re-exported: containerd, a configured one or the
+//! node's own child process). It drives
 //! `kaapana-federation`'s sans-IO core and must not re-implement its rules (registry, policy,
 //! state machines), nor the wire format of `kaapana-protocol` or the certificate checks of
 //! `kaapana-certs`.
@@ -13,12 +17,14 @@
 pub mod admin;
 pub mod api;
 pub mod blobs;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data_dir;
 pub mod datasets;
-pub mod executor;
+pub mod demo;
+pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;
 pub mod store;

@@ -9,6 +9,9 @@
 //! Receiving a message: [`Signed::from_bytes`] (bounded by the type's size limit before any
 //! decoding) → [`Signed::verify`] or [`Signed::verify_fresh`] (domain, signature, version,
 //! validity, time, replay) → [`Verified::payload`].
+//!
+//! Two protocols carry them: `/kaapana/fed/1` ([`FedRequest`], [`FedResponse`]: batches of
+//! signed messages) and `/kaapana/results/1` ([`Offer`], [`Reply`]: a result's blob).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod error;
@@ -16,6 +19,7 @@ mod ids;
 mod key;
 mod manifest;
 mod replay;
+mod results;
 mod signed;
 mod time;
 mod wire;
@@ -32,6 +36,7 @@ pub use manifest::{
     RunnerSelector, WorkflowManifest, fit_text, validate_name, validate_text,
 };
 pub use replay::ReplayWindow;
+pub use results::{MAX_OFFER, MAX_REPLY, Offer, RESULTS_PROTOCOL, RejectCode, Reply, ResultPart};
 pub use signed::{
     ENVELOPE_FORMAT, ENVELOPE_OVERHEAD, Manifest, ManifestKind, PROTOCOL_VERSION, Signed, Verified,
     VerifyOptions,

@@ -43,6 +43,9 @@
 //! Rejections are counted in `kaapana_node_rejections_total{reason}` (the labels of
 //! [`RejectCode::label`]) and reported as `result_rejected` events.
 //!
+//! The frames ([`Offer`], [`Reply`], [`RejectCode`], [`ResultPart`]) and their limits are
+//! wire types of `kaapana-protocol` (its `results` module), re-exported here.
+//!
 //! Not checked here: that the job is one this owner submitted to that runner (the job
 //! records' business), and a quota on blob sizes.
 
@@ -54,13 +57,15 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kaapana_protocol::{
-    BlobRef, InstanceId, RejectReason, ResultManifest, Sha256Digest, Signed, VerifyOptions,
+    BlobRef, InstanceId, Offer, RejectReason, ResultManifest, Sha256Digest, Signed, VerifyOptions,
 };
+// The wire types of the protocol are `kaapana-protocol`'s; re-exported where they were.
+pub use kaapana_protocol::{MAX_OFFER, MAX_REPLY, RESULTS_PROTOCOL, RejectCode, Reply, ResultPart};
 use libp2p::swarm::Stream;
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
@@ -70,14 +75,8 @@ use crate::blobs::{BlobError, BlobStore, Upload};
 use crate::daemon::{NodeState, now};
 use crate::metrics::{KindLabel, ReasonLabel};
 
-/// The protocol name.
-pub const RESULTS_PROTOCOL: &str = "/kaapana/results/1";
 /// The size of the pieces a blob is read, sent and written in.
 pub const CHUNK: usize = 256 * 1024;
-/// The largest offer frame: the largest `ResultManifest` envelope and a few bytes.
-pub const MAX_OFFER: usize = Signed::<ResultManifest>::MAX_ENVELOPE + 16;
-/// The largest reply frame.
-pub const MAX_REPLY: usize = 64 * 1024;
 /// Uploads an owner receives at once; more are answered `Busy`.
 pub const MAX_UPLOADS: usize = 16;
 
@@ -92,115 +91,6 @@ const PREEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 const WRITE_QUEUE: usize = 16;
 /// Chunks queued between the runner's file reader thread and the stream.
 const READ_QUEUE: usize = 8;
-
-/// Which blob of a result a stream carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ResultPart {
-    /// The tar of the job's `/output` (`ResultManifest::bundle`).
-    Bundle,
-    /// The job's log (`ResultManifest::log`).
-    Log,
-}
-
-impl ResultPart {
-    /// The blob this part names in `manifest`.
-    pub fn blob(self, manifest: &ResultManifest) -> Option<BlobRef> {
-        match self {
-            Self::Bundle => Some(manifest.bundle),
-            Self::Log => manifest.log,
-        }
-    }
-
-    const fn name(self) -> &'static str {
-        match self {
-            Self::Bundle => "bundle",
-            Self::Log => "log",
-        }
-    }
-}
-
-/// The runner's first frame.
-#[derive(Debug, Serialize, Deserialize)]
-struct Offer {
-    part: ResultPart,
-    envelope: Vec<u8>,
-}
-
-/// The owner's answers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reply {
-    /// Send the blob from this byte on.
-    Resume {
-        /// Bytes the owner has already.
-        offset: u64,
-    },
-    /// The owner has the blob already (the result is recorded): nothing to send.
-    Complete,
-    /// The blob arrived whole and matches the manifest; it and the result are durable.
-    Stored,
-    /// Refused.
-    Rejected {
-        /// Why, as a countable reason.
-        reason: RejectCode,
-        /// The owner's message.
-        detail: String,
-    },
-}
-
-/// Why an owner refused a result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum RejectCode {
-    /// The manifest was refused (size, encoding, signer, signature, time, ...).
-    Manifest(RejectReason),
-    /// The bytes do not hash to the manifest's digest (nothing was kept).
-    DigestMismatch,
-    /// More bytes than the manifest's size, or a stored blob of another size.
-    SizeMismatch,
-    /// A log was offered for a manifest that names none.
-    NoSuchPart,
-    /// Too many uploads, or one of the same blob that would not let go: try later.
-    Busy,
-    /// The stream ended before the whole blob arrived; what came is kept: send again.
-    Incomplete,
-    /// The owner could not write the blob or the result: try later.
-    Storage,
-    /// The result is for a job the owner did not submit to this runner.
-    NotYourJob,
-    /// The result is of a job attempt the owner has replaced (e.g. after it took the runner
-    /// for lost and ran the job elsewhere): recognised, and discarded.
-    Superseded,
-}
-
-impl RejectCode {
-    /// The label in `kaapana_node_rejections_total{reason}`.
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::Manifest(r) => r.label(),
-            Self::DigestMismatch => "digest_mismatch",
-            Self::SizeMismatch => "size_mismatch",
-            Self::NoSuchPart => "no_such_part",
-            Self::Busy => "busy",
-            Self::Incomplete => "incomplete",
-            Self::Storage => "storage",
-            Self::NotYourJob => "not_your_job",
-            Self::Superseded => "superseded",
-        }
-    }
-
-    /// Whether sending the same result again later may succeed.
-    pub const fn is_transient(self) -> bool {
-        match self {
-            Self::Manifest(r) => r.is_transient(),
-            Self::Busy | Self::Incomplete | Self::Storage => true,
-            Self::DigestMismatch
-            | Self::SizeMismatch
-            | Self::NoSuchPart
-            | Self::NotYourJob
-            | Self::Superseded => false,
-        }
-    }
-}
 
 /// How a result was delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -37,15 +37,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kaapana_federation::{InstanceRef, Policy, RegisteredInstance};
-use kaapana_protocol::{
-    AnySigned, AnyVerified, Cancel, CapabilityAd, Header, JobId, NameScope, WorkflowId,
-};
-use serde::{Deserialize, Serialize};
+use kaapana_federation::{InstanceRef, RegisteredInstance};
+use kaapana_protocol::{AnySigned, AnyVerified, Cancel, Header, JobId, WorkflowId};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminError};
 use crate::daemon::{Event, NodeState, PeerStatus, now};
+
+pub mod views;
+
+pub use views::*;
 
 /// A failed API call: the HTTP status and a message for people.
 #[derive(Debug)]
@@ -58,13 +60,6 @@ impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into() }
     }
-}
-
-/// The JSON body of every error answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong and what to do.
-    pub error: String,
 }
 
 impl IntoResponse for ApiError {
@@ -91,176 +86,29 @@ impl From<AdminError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// `GET /v1/info`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InfoView {
-    /// Instance name.
-    pub name: String,
-    /// Instance id (PeerId).
-    pub instance_id: String,
-    /// Certificate fingerprint.
-    pub fingerprint: String,
-    /// Addresses the swarm listens on, with `/p2p/<id>`.
-    pub listen_addrs: Vec<String>,
-}
-
-/// A registered instance as the API and CLI show it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceView {
-    /// Its name.
-    pub name: String,
-    /// Its id.
-    pub instance_id: String,
-    /// Its certificate's fingerprint.
-    pub fingerprint: String,
-    /// Where it is dialed.
-    pub listen_addrs: Vec<String>,
-    /// Its certificate's expiry.
-    pub certificate_not_after: String,
-    /// What it may do here.
-    pub policy: Policy,
-    /// Whether a connection is up (`None` when no daemon runs).
-    pub connected: Option<bool>,
-    /// `connected`, or why not.
-    pub status: String,
-    /// When it was last heard from.
-    pub last_seen: Option<String>,
-    /// The last ping round trip in milliseconds.
-    pub rtt_ms: Option<f64>,
-    /// Messages waiting for it.
-    pub outbox_depth: u64,
-    /// What it advertised to this instance.
-    pub capabilities: Option<CapabilitiesView>,
-}
-
-/// A peer's capability ad, readable.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CapabilitiesView {
-    /// Increases with each change.
-    pub sequence: u64,
-    /// Its node version.
-    pub node_version: String,
-    /// Executors it offers.
-    pub executors: Vec<String>,
-    /// Workflows it allows this instance (`any` = all).
-    pub allowed_workflows: Vec<String>,
-    /// Images it allows.
-    pub allowed_images: Vec<String>,
-    /// Datasets: name, items, bytes.
-    pub datasets: Vec<(String, u64, u64)>,
-    /// CPU in millicores.
-    pub cpu_millis: u32,
-    /// Memory in bytes.
-    pub memory_bytes: u64,
-    /// GPU count.
-    pub gpus: usize,
-    /// When the ad expires.
-    pub expires_at: String,
-}
-
-impl From<&CapabilityAd> for CapabilitiesView {
-    fn from(ad: &CapabilityAd) -> Self {
-        Self {
-            sequence: ad.sequence,
-            node_version: ad.node_version.clone(),
-            executors: ad.executors.iter().map(|e| format!("{e:?}").to_lowercase()).collect(),
-            allowed_workflows: match &ad.allowed_workflows {
-                NameScope::Any => vec!["any".to_owned()],
-                NameScope::Only(names) => names.clone(),
-            },
-            allowed_images: ad.allowed_images.iter().map(ToString::to_string).collect(),
-            datasets: ad.datasets.iter().map(|d| (d.name.clone(), d.items, d.bytes)).collect(),
-            cpu_millis: ad.resources.cpu_millis,
-            memory_bytes: ad.resources.memory_bytes,
-            gpus: ad.resources.gpus.len(),
-            expires_at: ad.header.expires_at.to_string(),
-        }
-    }
-}
-
 impl InstanceView {
-    /// The view of a registered instance; `status` is `None` when no daemon runs.
+    /// The view of a registered instance; `status` is `None` when no daemon runs (then it is
+    /// [`InstanceView::offline`]).
     pub fn new(inst: &RegisteredInstance, status: Option<&PeerStatus>, outbox_depth: u64) -> Self {
-        let connected = status.map(|s| s.connections > 0);
-        let status_text = match (status, connected) {
-            (None, _) => "unknown: the daemon is not running".to_owned(),
-            (Some(_), Some(true)) => "connected".to_owned(),
-            (Some(s), _) => match &s.last_error {
+        let Some(s) = status else { return Self::offline(inst, outbox_depth) };
+        let connected = s.connections > 0;
+        let status_text = if connected {
+            "connected".to_owned()
+        } else {
+            match &s.last_error {
                 Some(e) => format!("not connected: {e}"),
                 None => "not connected yet".to_owned(),
-            },
+            }
         };
         Self {
-            name: inst.name.clone(),
-            instance_id: inst.instance_id.to_string(),
-            fingerprint: kaapana_certs::Fingerprint(inst.fingerprint).to_string(),
-            listen_addrs: inst.listen_addrs.clone(),
-            certificate_not_after: inst.certificate_not_after.to_string(),
-            policy: inst.policy.clone(),
-            connected,
+            connected: Some(connected),
             status: status_text,
-            last_seen: status.and_then(|s| s.last_seen).map(|t| t.to_string()),
-            rtt_ms: status.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
-            outbox_depth,
-            capabilities: status.and_then(|s| s.capabilities.as_ref()).map(CapabilitiesView::from),
+            last_seen: s.last_seen.map(|t| t.to_string()),
+            rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            capabilities: s.capabilities.as_ref().map(CapabilitiesView::from),
+            ..Self::offline(inst, outbox_depth)
         }
     }
-}
-
-/// `POST /v1/instances`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AddInstanceRequest {
-    /// The exchange bundle's text.
-    pub bundle: String,
-    /// What the instance may do here.
-    pub policy: Policy,
-    /// Refuse unless the certificate has this fingerprint.
-    pub expect_fingerprint: Option<String>,
-}
-
-/// `POST /v1/messages`: a message for one instance, signed by this node and queued durably.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendRequest {
-    /// The receiving instance, by name or id.
-    pub to: String,
-    /// A cancellation, for now the only message a user sends directly (workflows send the
-    /// rest).
-    pub cancel: CancelRequest,
-}
-
-/// The content of a [`Cancel`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CancelRequest {
-    /// The workflow (32 hex digits).
-    pub workflow_id: String,
-    /// One job of it (32 hex digits), or all.
-    pub job_id: Option<String>,
-    /// Why.
-    pub reason: String,
-}
-
-/// The answer to [`SendRequest`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendResponse {
-    /// The message id.
-    pub id: String,
-}
-
-/// One inbox entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InboxEntry {
-    /// Arrival order.
-    pub seq: u64,
-    /// Message id.
-    pub id: String,
-    /// Message type.
-    pub kind: String,
-    /// Signer's id.
-    pub from: String,
-    /// When it was accepted.
-    pub received_at: String,
-    /// The payload, for people.
-    pub summary: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,92 +228,6 @@ async fn add_instance(
     Ok((StatusCode::CREATED, Json(InstanceView::new(&inst, Some(&PeerStatus::default()), 0))))
 }
 
-/// `POST /v1/workflows`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SubmitWorkflowRequest {
-    /// The workflow file's text (TOML, see [`crate::workflow_file`]).
-    pub toml: String,
-}
-
-/// One job of a workflow as the API and CLI show it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkflowJobView {
-    /// The job's name (its step's name, or `<step>-<k>` when a step has several jobs).
-    pub name: String,
-    /// Its step's name.
-    pub step: String,
-    /// The current attempt's job id.
-    pub job_id: String,
-    /// The runner-instance's name.
-    pub runner: String,
-    /// Which attempt (0 = the first).
-    pub attempt: u32,
-    /// Its state (`waiting` while its inputs or a slot are not ready).
-    pub state: String,
-    /// Why it failed.
-    pub reason: Option<String>,
-    /// Its result bundle's digest, once stored here.
-    pub result: Option<String>,
-}
-
-/// A workflow as the API and CLI show it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkflowView {
-    /// The workflow.
-    pub workflow_id: String,
-    /// Its name.
-    pub name: String,
-    /// `running`, `finished`, `failed` or `cancelled`.
-    pub state: String,
-    /// Why it failed or was cancelled.
-    pub reason: Option<String>,
-    /// Its jobs by state, e.g. `2 running, 1 finished`.
-    pub progress: String,
-    /// When it was submitted.
-    pub created_at: String,
-    /// When it ended.
-    pub ended_at: Option<String>,
-    /// Steps: name and the steps it reads.
-    pub steps: Vec<(String, Vec<String>)>,
-    /// Its jobs, in step order.
-    pub jobs: Vec<WorkflowJobView>,
-}
-
-impl WorkflowView {
-    /// The view of a workflow.
-    pub fn new(w: &kaapana_federation::Workflow) -> Self {
-        let step_name = |i: usize| w.steps.get(i).map(|s| s.spec.name.clone()).unwrap_or_default();
-        Self {
-            workflow_id: w.workflow_id.to_string(),
-            name: w.name.clone(),
-            state: w.state.to_string(),
-            reason: w.reason.clone(),
-            progress: w.counts().to_string(),
-            created_at: w.created_at.to_string(),
-            ended_at: w.ended_at.map(|t| t.to_string()),
-            steps: w.steps.iter().map(|s| (s.spec.name.clone(), s.spec.inputs.clone())).collect(),
-            jobs: w
-                .jobs
-                .iter()
-                .map(|j| WorkflowJobView {
-                    name: j.name.clone(),
-                    step: step_name(j.step),
-                    job_id: j.job_id.to_string(),
-                    runner: j.runner_name.clone(),
-                    attempt: j.attempt,
-                    state: if j.dispatched || j.state.is_terminal() {
-                        state_word(j.state)
-                    } else {
-                        "waiting".into()
-                    },
-                    reason: j.reason.clone(),
-                    result: j.result.map(|b| b.digest.to_string()),
-                })
-                .collect(),
-        }
-    }
-}
-
 fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
     use crate::daemon::WorkflowError as E;
     let status = match &e {
@@ -535,46 +297,6 @@ async fn cancel_workflow(
     let by = state.name.clone();
     let w = state.cancel_workflow(id, by).await.map_err(workflow_error)?;
     Ok(Json(WorkflowView::new(&w)))
-}
-
-/// A dataset as the API and CLI show it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DatasetView {
-    /// Its name.
-    pub name: String,
-    /// Its provider (`directory`).
-    pub provider: String,
-    /// Where it is.
-    pub location: String,
-    /// How many items (DICOM series) it holds; `None` if it cannot be read.
-    pub items: Option<u64>,
-    /// Their total size in bytes.
-    pub bytes: Option<u64>,
-    /// Why it cannot be read.
-    pub error: Option<String>,
-}
-
-impl DatasetView {
-    /// The view of a registered dataset.
-    pub fn new(name: &str, e: &crate::datasets::DatasetEntry) -> Self {
-        Self {
-            name: name.to_owned(),
-            provider: e.provider.kind().to_owned(),
-            location: e.provider.location(),
-            items: e.scan.as_ref().map(|s| s.items.len() as u64),
-            bytes: e.scan.as_ref().map(|s| s.bytes),
-            error: e.error.clone(),
-        }
-    }
-}
-
-/// `POST /v1/datasets`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AddDatasetRequest {
-    /// Its name, as peers will see it.
-    pub name: String,
-    /// The folder, with one sub-folder per item; an absolute path on the daemon's host.
-    pub folder: std::path::PathBuf,
 }
 
 fn dataset_error(e: crate::datasets::DatasetError) -> ApiError {
@@ -722,133 +444,6 @@ fn summarize(m: &AnyVerified) -> String {
     }
 }
 
-/// A job this instance runs for another one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunnerJobView {
-    /// The job.
-    pub job_id: String,
-    /// The job spec's name.
-    pub job_name: String,
-    /// Its workflow.
-    pub workflow_id: String,
-    /// The owner's name.
-    pub owner: String,
-    /// Its state, in Kaapana's words.
-    pub state: String,
-    /// Why it failed.
-    pub reason: Option<String>,
-    /// When it arrived.
-    pub received_at: String,
-    /// When it ended.
-    pub finished_at: Option<String>,
-}
-
-/// A job this instance submitted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OwnerJobView {
-    /// The job.
-    pub job_id: String,
-    /// Its workflow.
-    pub workflow_id: String,
-    /// The runner-instance's name.
-    pub runner: String,
-    /// Its state as the runner last reported it.
-    pub state: String,
-    /// Why it failed.
-    pub reason: Option<String>,
-    /// When that was.
-    pub updated_at: String,
-}
-
-impl OwnerJobView {
-    /// The owner's record of a job of workflow `workflow_id`.
-    pub fn new(workflow_id: WorkflowId, j: &kaapana_federation::WorkflowJob) -> Self {
-        Self {
-            job_id: j.job_id.to_string(),
-            workflow_id: workflow_id.to_string(),
-            runner: j.runner_name.clone(),
-            state: state_word(j.state),
-            reason: j.reason.clone(),
-            updated_at: j.updated_at.to_string(),
-        }
-    }
-}
-
-/// `GET /v1/jobs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobsView {
-    /// Jobs this instance runs (or ran) for others.
-    pub running_here: Vec<RunnerJobView>,
-    /// Jobs this instance submitted.
-    pub submitted: Vec<OwnerJobView>,
-}
-
-/// `POST /v1/jobs`: one job for one runner-instance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SubmitJobRequest {
-    /// The runner-instance, by name or id.
-    pub runner: String,
-    /// The workflow's name (the runner's policy must allow it).
-    pub workflow_name: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The image, `sha256:<64 hex>` (tags are refused).
-    pub image: String,
-    /// The command line (empty: the image's default).
-    #[serde(default)]
-    pub command: Vec<String>,
-    /// Environment variables `NAME=value`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// A dataset at the runner.
-    #[serde(default)]
-    pub dataset: Option<String>,
-    /// Wall-clock limit in seconds.
-    pub timeout_secs: u32,
-    /// CPU limit in millicores (0 = default).
-    #[serde(default)]
-    pub cpu_millis: u32,
-    /// Memory limit in bytes (0 = default).
-    #[serde(default)]
-    pub memory_bytes: u64,
-}
-
-/// `POST /v1/jobs/{id}/reject`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RejectRequest {
-    /// Why.
-    pub reason: String,
-}
-
-/// Kaapana's word for a state.
-pub fn state_word(s: kaapana_protocol::JobState) -> String {
-    use kaapana_protocol::JobState as S;
-    match s {
-        S::Queued => "queued".into(),
-        S::Pending { awaiting_approval: true } => "pending (awaiting approval)".into(),
-        S::Pending { awaiting_approval: false } => "pending".into(),
-        S::Scheduled => "scheduled".into(),
-        S::Running => "running".into(),
-        S::Finished => "finished".into(),
-        S::Failed => "failed".into(),
-    }
-}
-
-impl From<&kaapana_federation::RunnerJob> for RunnerJobView {
-    fn from(j: &kaapana_federation::RunnerJob) -> Self {
-        Self {
-            job_id: j.job_id.to_string(),
-            job_name: j.job_name.clone(),
-            workflow_id: j.workflow_id.to_string(),
-            owner: j.owner_name.clone(),
-            state: state_word(j.state),
-            reason: j.reason.clone(),
-            received_at: j.received_at.to_string(),
-            finished_at: j.finished_at.map(|t| t.to_string()),
-        }
-    }
-}
-
 async fn list_jobs(State(state): State<Arc<NodeState>>) -> ApiResult<Json<JobsView>> {
     let store_err = |e: crate::store::StoreError| ApiError::from(AdminError::from(e));
     let mut running_here: Vec<RunnerJobView> =
@@ -952,36 +547,6 @@ async fn reject_job(
 ) -> ApiResult<Json<RunnerJobView>> {
     let job = state.decide_job(parse_job(&id)?, Err(req.reason)).await.map_err(job_error)?;
     Ok(Json((&job).into()))
-}
-
-/// A stored blob of a result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BlobView {
-    /// `sha256:<hex>`.
-    pub digest: String,
-    /// Bytes.
-    pub size: u64,
-    /// Where the verified file is at this instance.
-    pub path: Option<String>,
-}
-
-/// `GET /v1/jobs/{id}/result`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResultView {
-    /// The job.
-    pub job_id: String,
-    /// The runner-instance that signed it.
-    pub runner: String,
-    /// How the container ended.
-    pub exit: String,
-    /// The tar of the job's `/output`.
-    pub bundle: BlobView,
-    /// The job's log, if the runner shared it.
-    pub log: Option<BlobView>,
-    /// When the container started and ended.
-    pub started_at: String,
-    /// When it ended.
-    pub finished_at: String,
 }
 
 async fn job_result(

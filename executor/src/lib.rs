@@ -1,10 +1,20 @@
-//! Running jobs: the [`Executor`] trait and its containerd implementation.
+//! Running kaapana-node jobs in containers on containerd: the [`Executor`] trait and its
+//! containerd implementation.
 //!
-//! An executor runs one job ([`JobRun`]) in a sandbox: the image's root filesystem, the job's
-//! dataset read-only at `/input` (upstream results at `/input/<name>`), a writable `/output`,
-//! no network, CPU and memory limits and a wall-clock timeout; its stdout and stderr go to a
-//! log file. [`Executor::run`] returns when the job has ended *and* everything it left in the
-//! executor (container, task, snapshot) is gone.
+//! This crate owns everything between "run this job" and "it ended like this": importing OCI
+//! image tarballs and pulling images by digest into containerd ([`image`], [`pull`]), the job
+//! sandbox (the image's root filesystem, the job's dataset read-only at `/input`, upstream
+//! results at `/input/<name>`, a writable `/output`, no network), CPU and memory limits, the
+//! wall-clock timeout, out-of-memory detection, the exit record, re-attaching to jobs after a
+//! restart of the node ([`containerd`]), and supervising a containerd child process
+//! ([`lifecycle`]). It must not know federation rules (who may run what, job state machines:
+//! `kaapana-federation`), the node's store, or the network protocol: the node decides which
+//! job runs and records what happened; this crate only runs it. It depends on
+//! `kaapana-protocol` for identifiers and the exit status alone.
+//!
+//! An executor runs one job ([`JobRun`]) in a sandbox; its stdout and stderr go to a log file.
+//! [`Executor::run`] returns when the job has ended *and* everything it left in the executor
+//! (container, task, snapshot) is gone.
 //!
 //! The trait is object-safe (`Arc<dyn Executor>`): its methods return boxed futures.
 //!
@@ -14,6 +24,9 @@
 //! - [`image`]: importing OCI image layout tarballs into containerd ([`import_oci_tar`]).
 //! - [`pull`]: pulling images by digest from an OCI registry into containerd
 //!   ([`pull_image`]).
+//! - `busybox` (feature `test-utils`): a minimal job image built from the host's static
+//!   busybox, for tests and the node's demo.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,6 +36,7 @@ use futures::future::BoxFuture;
 use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, JobId, ResourceLimits, Timestamp};
 
 mod api;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod busybox;
 pub mod containerd;
 pub mod image;
