@@ -3,8 +3,8 @@
 //! A scenario describes one federation (sites, network, faults, workload) and optionally a
 //! `[sweep]` of values for a few keys; [`Scenario::variants`] expands it into one [`Variant`]
 //! per combination, each a separate, independently seeded run. Every key has a default that
-//! mirrors kaapana-node's own (its outbox, request timeout, ping interval, runner-lost grace
-//! period), so a scenario names only what it varies.
+//! mirrors kaapana-node's own (its outbox, request timeout, ping interval, runner-lost and
+//! give-up periods), so a scenario names only what it varies.
 
 use std::path::Path;
 
@@ -185,22 +185,24 @@ impl Default for SiteConfig {
     }
 }
 
-/// The node settings that shape recovery.
+/// The node settings that shape recovery (they become the cores' `SiteConfig`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// A runner with unfinished jobs that is unreachable for longer than this is lost
-    /// (kaapana-node's `runner_lost_after_secs`, default 300).
+    /// A runner out of reach for longer than this is lost: its jobs that may move, move
+    /// (kaapana-node's `[workflows] runner_lost_after_secs`, default 300).
     pub runner_lost_after_s: f64,
-    /// How often the owner looks for lost runners, in seconds (kaapana-node: 5).
-    pub lost_check_s: f64,
+    /// A runner out of reach for longer than this is gone: its jobs that still wait for it
+    /// fail, so that their workflows end (kaapana-node's `runner_give_up_after_secs`, default
+    /// 86,400).
+    pub runner_give_up_after_s: f64,
     /// The polling model's interval, in seconds.
     pub poll_interval_s: f64,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        Self { runner_lost_after_s: 300.0, lost_check_s: 5.0, poll_interval_s: 5.0 }
+        Self { runner_lost_after_s: 300.0, runner_give_up_after_s: 86_400.0, poll_interval_s: 5.0 }
     }
 }
 
@@ -467,8 +469,17 @@ impl Scenario {
                 "site.region_size must be 1..=1024 (a job manifest lists at most 1,024 inputs)",
             ));
         }
-        if self.node.poll_interval_s <= 0.0 || self.node.lost_check_s <= 0.0 {
-            return Err(self.invalid("node intervals must be positive"));
+        if self.node.poll_interval_s <= 0.0 {
+            return Err(self.invalid("node.poll_interval_s must be positive"));
+        }
+        let limits = [
+            ("node.runner_lost_after_s", self.node.runner_lost_after_s),
+            ("node.runner_give_up_after_s", self.node.runner_give_up_after_s),
+        ];
+        for (name, v) in limits {
+            if !(0.0..=1e12).contains(&v) {
+                return Err(self.invalid(format!("{name} must be between 0 and 10^12 seconds")));
+            }
         }
         if self.network.request_timeout_s <= 0.0 || self.network.ping_interval_s <= 0.0 {
             return Err(

@@ -6,13 +6,13 @@
 //! at every step ([`invariants`]), the reports and charts of a run ([`report`], [`plot`]), and
 //! its memory measurement ([`mem`]).
 //!
-//! It must not copy the federation's logic: every virtual site drives the very state machines
-//! of `kaapana-federation` that the daemon drives ([`Workflow`](kaapana_federation::Workflow),
-//! [`OwnerJob`](kaapana_federation::OwnerJob), [`RunnerJob`](kaapana_federation::RunnerJob)),
-//! with the real protocol structs as message payloads. What it leaves to others: signing and
-//! verifying (messages are counted at their signed size but not signed), real I/O, and the
-//! node's own code, which it mirrors but does not link. It reads no clock and no entropy
-//! during a run: the same scenario and seed give byte-identical results.
+//! It must not copy the federation's logic: every virtual site holds a
+//! [`kaapana_federation::Site`], the same federation core the daemon runs, feeds it events
+//! and carries out the commands it returns, with the real protocol structs as message
+//! payloads. What it leaves to others: signing and verifying (messages are counted at their
+//! signed size but not signed), real I/O (modelled in virtual time), and the daemon's own
+//! code. It reads no clock and no entropy during a run: the same scenario and seed give
+//! byte-identical results.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;

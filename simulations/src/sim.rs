@@ -1,26 +1,37 @@
 //! The simulated federation: sites, links and the events between them.
 //!
-//! Every site drives the real `kaapana-federation` state machines exactly as
-//! `node/src/daemon/{workflows,jobs,execution}.rs` do: an owner plans with [`Workflow::start`],
-//! records [`OwnerJob::queued`] for each dispatch and feeds [`Workflow::handle`] with job
-//! updates (after [`OwnerJob::apply`]), stored results and lost runners; a runner takes job
-//! manifests through [`RunnerJob::receive`] and executor progress through
-//! [`RunnerJob::handle`]. What the node does with I/O is modelled here:
+//! Every site holds a [`kaapana_federation::Site`], the one federation core the daemon runs
+//! too: the simulator feeds it [`Event`]s ([`Site::handle`](kaapana_federation::Site::handle))
+//! and carries out the [`Command`]s it returns, in virtual time. It holds no federation rule
+//! of its own; what it models is the I/O the daemon does around the core:
 //!
-//! - the durable outbox: one worker per (site, peer) sends the oldest entries as one request
-//!   while the peer is connected, removes what the peer settled, backs off exponentially
-//!   (100 ms doubling, at most 30 s) after a failure and wakes on new entries and reconnects;
-//!   the receiver records message ids durably before it answers, so a resend is `Replayed`;
+//! - `Persist`: nothing to do (the core's value is the durable state; the sim keeps it across
+//!   crashes and rebuilds the core from its records on restart, as the daemon does);
+//! - `Send`: the durable outbox. One worker per (site, peer) sends the oldest entries as one
+//!   request while the peer is connected, removes what the peer settled, backs off
+//!   exponentially (100 ms doubling, at most 30 s) after a failure and wakes on new entries
+//!   and reconnects; the receiver records message ids durably before it answers, so a resend
+//!   is `Replayed`; a message refused as expired is fed back to its sender as
+//!   [`Event::Refused`];
+//! - `StartJob`/`StopJob`: the executor, with the scenario's start delays, durations and
+//!   failures, reporting [`Event::Executor`];
+//! - `DeliverResult`: result bundles, streamed over the runner's uplink and the owner's
+//!   downlink (both shared first come, first served), retried with backoff until the owner
+//!   has them; the owner stores what [`Site::expects_result`] accepts and feeds
+//!   [`Event::ResultStored`];
+//! - `SetTimer`: a [`Event::TimerFired`] at that virtual time (a later timer with the same
+//!   value replaces it);
 //! - connections: a link breaks when a partition cuts it or a site crashes; the peers notice
 //!   after the ping timeout and redial with backoff after it heals (a restarted site dials at
-//!   once); requests on a broken connection fail when that is noticed, or time out;
+//!   once); each end feeds its core `PeerConnected`/`PeerDisconnected` when it notices;
+//!   requests on a broken connection fail when that is noticed, or time out;
 //! - inbound processing: each site handles requests one after another, each costing a commit
 //!   and a little per message, so a busy owner queues;
-//! - result bundles: streamed over the runner's uplink and the owner's downlink (both shared
-//!   first come, first served), retried with backoff until the owner has them;
 //! - crashes: volatile state (workers, transfers, timers, connections, and containers unless
-//!   they survive) is lost, durable state (workflows, jobs, outboxes, seen message ids,
-//!   results) is kept; a restart re-attaches or fails running jobs and resends results;
+//!   they survive) is lost, durable state (the core's workflows and jobs, outboxes, seen
+//!   message ids, stored and signed results) is kept; a restart feeds `Started`, resends
+//!   unsent results, starts scheduled jobs that never started and re-attaches running ones or
+//!   reports them failed (the daemon's recovery);
 //! - the polling baseline: instead of pushing, every site polls every workflow owner; its own
 //!   messages ride along on the poll and the owner's come back in the answer.
 
@@ -29,14 +40,14 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use kaapana_federation::{
-    AllowList, Candidate, Execution, OwnerJob, Policy, RunnerCommand, RunnerEvent, RunnerJob,
-    Update, Workflow, WorkflowCommand, WorkflowEvent, WorkflowState,
+    AllowList, Command, Event, Execution, Expected, Message, Notice, Outcome, Policy, Record,
+    RegisteredInstance, Registry, RunnerJob, SiteConfig, SiteError, Timer, Workflow, WorkflowState,
 };
 use kaapana_protocol::{
-    BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetSummary, ENVELOPE_OVERHEAD,
-    ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobManifest,
-    JobSpec, JobState, JobUpdate, NameScope, Pick, Processing, ResourceLimits, Resources,
-    ResultManifest, RunnerSelector, Sha256Digest, Timestamp, WorkflowId, WorkflowManifest,
+    BlobRef, CapabilityAd, CapabilityQuery, DatasetSummary, ENVELOPE_OVERHEAD, ExecutorKind,
+    ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobSpec, JobState,
+    NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector,
+    Sha256Digest, Timestamp, WorkflowId, WorkflowManifest,
 };
 use serde::Serialize;
 
@@ -45,13 +56,16 @@ use crate::engine::{EventQueue, MS, Micros, SEC, secs};
 use crate::invariants::{Invariants, Violation};
 use crate::rng::Rng;
 
+/// The federation core of one site.
+type Core = kaapana_federation::Site;
+
 /// The wall-clock instant virtual time 0 stands for (in 2027), so that headers look real.
 pub const T0_MS: u64 = 1_800_000_000_000;
 /// How long job manifests stay valid (kaapana-node: 7 days).
 const JOB_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long job updates and cancels stay valid (kaapana-node: 7 days).
 const MESSAGE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How long workflow manifests and ads stay valid.
+/// How long workflow manifests, ads and results stay valid.
 const LONG_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Entries per request at most (kaapana-node's outbox).
 const MAX_BATCH: usize = kaapana_protocol::MAX_BATCH;
@@ -244,9 +258,11 @@ pub struct Counters {
     pub crashes: u64,
     /// Messages refused because they expired before they were delivered.
     pub expired: u64,
-    /// Runner events that did not apply (ignored, as the node ignores them).
+    /// Executor reports the core refused (they did not apply to the job's state).
     pub transition_errors: u64,
-    /// `RunnerLost` events fed to workflows.
+    /// Workflows a fired lost-runner check changed (jobs moved to another runner, or given
+    /// up): the workflow records the core asked to persist while handling
+    /// `TimerFired(RunnerCheck)`.
     pub runner_lost_events: u64,
 }
 
@@ -271,41 +287,32 @@ pub struct WorkflowOutcome {
     pub retries: u64,
 }
 
-// Messages live behind an `Rc` in outboxes and requests: the size of the enum matters little.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Msg {
-    Job(JobManifest),
-    Update(JobUpdate),
-    Cancel(Cancel),
+fn msg_kind(m: &Message) -> MsgKind {
+    match m {
+        Message::JobManifest(_) => MsgKind::Job,
+        Message::JobUpdate(_) => MsgKind::Update,
+        _ => MsgKind::Cancel,
+    }
 }
 
-impl Msg {
-    const fn kind(&self) -> MsgKind {
-        match self {
-            Self::Job(_) => MsgKind::Job,
-            Self::Update(_) => MsgKind::Update,
-            Self::Cancel(_) => MsgKind::Cancel,
-        }
+fn expires_at(m: &Message) -> Timestamp {
+    match m {
+        Message::JobManifest(m) => m.header.expires_at,
+        Message::JobUpdate(m) => m.header.expires_at,
+        Message::Cancel(m) => m.header.expires_at,
+        _ => Timestamp::from_millis(u64::MAX),
     }
+}
 
-    const fn expires_at(&self) -> Timestamp {
-        match self {
-            Self::Job(m) => m.header.expires_at,
-            Self::Update(m) => m.header.expires_at,
-            Self::Cancel(m) => m.header.expires_at,
-        }
-    }
-
-    /// The signed envelope's size: the postcard payload plus the envelope's fixed overhead.
-    fn wire_size(&self) -> u64 {
-        let payload = match self {
-            Self::Job(m) => postcard_size(m),
-            Self::Update(m) => postcard_size(m),
-            Self::Cancel(m) => postcard_size(m),
-        };
-        (payload + ENVELOPE_OVERHEAD) as u64
-    }
+/// The signed envelope's size: the postcard payload plus the envelope's fixed overhead.
+fn wire_size(m: &Message) -> u64 {
+    let payload = match m {
+        Message::JobManifest(m) => postcard_size(m),
+        Message::JobUpdate(m) => postcard_size(m),
+        Message::Cancel(m) => postcard_size(m),
+        _ => 0,
+    };
+    (payload + ENVELOPE_OVERHEAD) as u64
 }
 
 impl MsgKind {
@@ -336,7 +343,7 @@ const fn varint_len(mut v: u64) -> u64 {
 #[derive(Clone, Debug)]
 struct Env {
     id: u64,
-    msg: Rc<Msg>,
+    msg: Rc<Message>,
     bytes: u64,
 }
 
@@ -369,27 +376,20 @@ struct Request {
     reply: Vec<Env>,
 }
 
+/// A result this site signed for a remote owner, kept durably until the owner confirmed it.
 #[derive(Debug)]
-struct RunnerRec {
-    job: RunnerJob,
-    manifest: Rc<JobManifest>,
-    /// The signed result, once the container ended (written durably before it is sent).
-    result: Option<PendingResult>,
+struct Signed {
+    owner: u32,
+    result: ResultManifest,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct PendingResult {
-    bundle: BlobRef,
-    exit: ExitStatus,
-    sent: bool,
-}
-
+/// What a site keeps across a crash besides its core.
 #[derive(Debug, Default)]
 struct Durable {
-    workflows: BTreeMap<WorkflowId, Workflow>,
-    owner_jobs: HashMap<JobId, OwnerJob>,
+    /// Result bundles stored here (at owners).
     stored_results: HashMap<JobId, BlobRef>,
-    runner_jobs: BTreeMap<JobId, RunnerRec>,
+    /// Signed results not yet confirmed by their owner.
+    results: BTreeMap<JobId, Signed>,
     outbox: BTreeMap<u32, VecDeque<OutEntry>>,
     next_msg: u64,
     seen: HashSet<(u32, u64)>,
@@ -417,7 +417,8 @@ struct Volatile {
     busy_until: Micros,
     up_free: Micros,
     down_free: Micros,
-    disconnected: BTreeSet<u32>,
+    /// The generation of the armed `RunnerCheck` timer per peer.
+    timers: HashMap<u32, u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -433,11 +434,21 @@ struct Site {
     inc: u32,
     up_bps: f64,
     down_bps: f64,
+    /// The federation core: workflows owned here, jobs run here (durable), peers (volatile,
+    /// rebuilt on restart).
+    core: Core,
     d: Durable,
     v: Volatile,
     containers: BTreeMap<JobId, Container>,
-    /// At workflow owners: every site with its latest ad, kept up to date.
-    cands: Option<Vec<Candidate>>,
+}
+
+/// What a site offers, drawn once; its ads are built from it.
+#[derive(Debug)]
+struct Attr {
+    dataset: bool,
+    items: u64,
+    gpu: bool,
+    cpu: u32,
 }
 
 #[derive(Debug)]
@@ -472,7 +483,7 @@ enum Ev {
     ResultTry { site: u32, job: JobId, inc: u32 },
     ResultArrive { site: u32, job: JobId, inc: u32, attempt: u64, epoch: u32 },
     ResultAcked { site: u32, job: JobId, inc: u32, attempt: u64, epoch: u32 },
-    LostCheck { site: u32, inc: u32 },
+    RunnerCheck { site: u32, peer: u32, generation: u64, inc: u32 },
     Crash { site: u32 },
     Restart { site: u32 },
     PartitionStart { p: usize },
@@ -512,8 +523,14 @@ pub struct Sim {
     events: u64,
     timed_out: bool,
     last_end: Micros,
-    policy: Policy,
-    own_policy: Policy,
+    /// The cores' time limits.
+    config: SiteConfig,
+    /// What every site offers.
+    attrs: Vec<Attr>,
+    /// Events for cores, fed in order after the current one (a core's command may cause one).
+    pending: VecDeque<(u32, Event)>,
+    feeding: bool,
+    next_timer: u64,
 }
 
 /// A valid instance id for site `i`: the Ed25519 public key of a seed derived from `i`.
@@ -540,6 +557,25 @@ pub fn site_name(i: u32) -> String {
 
 fn ts(now: Micros) -> Timestamp {
     Timestamp::from_millis(T0_MS + now / MS)
+}
+
+/// The virtual time a timestamp stands for.
+const fn micros(t: Timestamp) -> Micros {
+    t.as_millis().saturating_sub(T0_MS).saturating_mul(MS)
+}
+
+/// Site `p` as another site registers it (by certificate exchange in the node), with `policy`.
+fn registered(id: InstanceId, p: u32, policy: &Policy) -> RegisteredInstance {
+    RegisteredInstance {
+        instance_id: id,
+        name: site_name(p),
+        certificate_der: Vec::new(),
+        fingerprint: [0; 32],
+        listen_addrs: Vec::new(),
+        certificate_not_after: ts(0).saturating_add(LONG_LIFETIME),
+        registered_at: ts(0),
+        policy: policy.clone(),
+    }
 }
 
 fn job_keys(job: &JobId) -> [u64; 2] {
@@ -576,14 +612,20 @@ impl Sim {
             ids.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
         let owners: BTreeSet<u32> =
             sc.workflow.iter().flat_map(|w| w.owners.iter().copied()).collect();
+        let config = SiteConfig {
+            job_lifetime: JOB_LIFETIME,
+            message_lifetime: MESSAGE_LIFETIME,
+            runner_lost_after: Duration::from_secs_f64(sc.node.runner_lost_after_s),
+            runner_give_up_after: Duration::from_secs_f64(sc.node.runner_give_up_after_s),
+        };
+        let policy = Policy {
+            allowed_workflows: AllowList::Any,
+            allowed_datasets: AllowList::Any,
+            execution: Execution::Automatic,
+            share_logs: false,
+        };
 
         // Static attributes of every site, each from its own stream.
-        struct Attr {
-            dataset: bool,
-            items: u64,
-            gpu: bool,
-            cpu: u32,
-        }
         let mut attrs = Vec::with_capacity(n as usize);
         let mut sites = Vec::with_capacity(n as usize);
         for (i, id) in ids.iter().enumerate() {
@@ -595,6 +637,20 @@ impl Sim {
             let up_bps = (sc.network.uplink_mbit_s.sample(&mut r) * 125_000.0).max(1000.0);
             let down_bps = (sc.network.downlink_mbit_s.sample(&mut r) * 125_000.0).max(1000.0);
             attrs.push(Attr { dataset, items, gpu, cpu });
+            // Owners register every other site; the other sites register the owners.
+            let mut registry = Registry::new();
+            let peers: Vec<u32> = if owners.contains(&(i as u32)) {
+                (0..n).collect()
+            } else {
+                owners.iter().copied().collect()
+            };
+            for p in peers.into_iter().filter(|&p| p != i as u32) {
+                let inst = registered(ids[p as usize], p, &policy);
+                registry
+                    .add(inst)
+                    .map_err(|e| SimError::Identity { site: p, detail: e.to_string() })?;
+            }
+            let core = Core::new(*id, site_name(i as u32), config, registry, [], [], ts(0));
             sites.push(Site {
                 id: *id,
                 name: site_name(i as u32),
@@ -602,78 +658,13 @@ impl Sim {
                 inc: 0,
                 up_bps,
                 down_bps,
+                core,
                 d: Durable::default(),
                 v: Volatile::default(),
                 containers: BTreeMap::new(),
-                cands: None,
             });
         }
 
-        // Every owner's view of every site (its own ad included, as the node's is).
-        for &o in &owners {
-            let mut cands = Vec::with_capacity(n as usize);
-            for (i, a) in attrs.iter().enumerate() {
-                let mut datasets = Vec::new();
-                if a.dataset {
-                    let region = region_of(i as u32, sc.site.region_size);
-                    let tokens = (0..a.items)
-                        .map(|k| {
-                            ItemToken(
-                                Rng::keyed(seed, &[K_TOKEN, u64::from(o), i as u64, k]).bytes32(),
-                            )
-                        })
-                        .collect();
-                    datasets.push(DatasetSummary {
-                        name: format!("{}-r{region}", sc.site.dataset),
-                        items: a.items,
-                        bytes: a.items * 200 * 1024 * 1024,
-                        tokens,
-                    });
-                }
-                if sc.site.cohorts > 0 {
-                    datasets.push(DatasetSummary {
-                        name: format!("cohort-{}", i as u32 % sc.site.cohorts),
-                        items: a.items,
-                        bytes: a.items * 200 * 1024 * 1024,
-                        tokens: Vec::new(),
-                    });
-                }
-                let ad = CapabilityAd {
-                    header: Header::new(ts(0), LONG_LIFETIME),
-                    sequence: 1,
-                    instance_name: site_name(i as u32),
-                    node_version: "0.1.0".to_owned(),
-                    executors: vec![ExecutorKind::Containerd],
-                    allowed_images: Vec::new(),
-                    allowed_workflows: NameScope::Any,
-                    datasets,
-                    resources: Resources {
-                        cpu_millis: a.cpu,
-                        memory_bytes: u64::from(a.cpu) * 4 * 1024 * 1024,
-                        gpus: if a.gpu {
-                            vec![Gpu { model: "A100".to_owned(), memory_bytes: 40 << 30 }]
-                        } else {
-                            Vec::new()
-                        },
-                    },
-                };
-                cands.push(Candidate {
-                    instance: ids[i],
-                    name: site_name(i as u32),
-                    ad,
-                    reachable: true,
-                });
-            }
-            sites[o as usize].cands = Some(cands);
-        }
-
-        let allow_all = Policy {
-            allowed_workflows: AllowList::Any,
-            allowed_datasets: AllowList::Any,
-            execution: Execution::Automatic,
-            share_logs: false,
-        };
-        let own_policy = Policy { share_logs: true, ..allow_all.clone() };
         let mut sim = Self {
             seed,
             queue: EventQueue::new(),
@@ -701,10 +692,22 @@ impl Sim {
             events: 0,
             timed_out: false,
             last_end: 0,
-            policy: allow_all,
-            own_policy,
+            config,
+            attrs,
+            pending: VecDeque::new(),
+            feeding: false,
+            next_timer: 0,
             sc,
         };
+
+        // Every site starts; every owner knows every site's ad (its own included, as the
+        // node's is).
+        for s in 0..n {
+            sim.feed(s, Event::Started);
+        }
+        for &o in &owners {
+            sim.restore_ads(o);
+        }
 
         // Links between every owner and every site: the only pairs that exchange messages.
         for &o in &owners {
@@ -772,10 +775,7 @@ impl Sim {
             }
         }
 
-        // Owners watch for lost runners; in the polling model every site polls every owner.
-        for &o in &owners {
-            sim.queue.schedule(secs(sim.sc.node.lost_check_s), Ev::LostCheck { site: o, inc: 0 });
-        }
+        // In the polling model every site polls every owner.
         if sim.sc.delivery == Delivery::Poll {
             for s in 0..n {
                 sim.arm_polls(s);
@@ -867,7 +867,7 @@ impl Sim {
     /// and planned.
     pub fn workflow(&self, i: usize) -> Option<&Workflow> {
         let meta = self.wfs.get(i)?;
-        self.sites.get(meta.owner as usize)?.d.workflows.get(meta.id.as_ref()?)
+        self.sites.get(meta.owner as usize)?.core.workflow(meta.id.as_ref()?)
     }
 
     /// The site index of an instance id.
@@ -980,7 +980,14 @@ impl Sim {
             Ev::ResultAcked { site, job, inc, attempt, epoch } => {
                 self.result_acked(site, job, inc, attempt, epoch);
             }
-            Ev::LostCheck { site, inc } => self.lost_check(site, inc),
+            Ev::RunnerCheck { site, peer, generation, inc } => {
+                let st = &mut self.sites[site as usize];
+                if st.alive && st.inc == inc && st.v.timers.get(&peer) == Some(&generation) {
+                    st.v.timers.remove(&peer);
+                    let id = self.sites[peer as usize].id;
+                    self.feed(site, Event::TimerFired(Timer::RunnerCheck(id)));
+                }
+            }
             Ev::Crash { site } => self.crash(site),
             Ev::Restart { site } => self.restart(site),
             Ev::PartitionStart { p } => self.partition(p, true),
@@ -1002,11 +1009,13 @@ impl Sim {
         self.links.insert(k, Link { up, connected: up, epoch: 0, latency, noticed_at: 0 });
         self.adj[a as usize].push(b);
         self.adj[b as usize].push(a);
-        if !up {
-            let now = self.now();
-            for s in [a, b] {
-                self.sites[s as usize].v.disconnected.insert(if s == a { b } else { a });
+        if up {
+            for (x, y) in [(a, b), (b, a)] {
+                let peer = self.sites[y as usize].id;
+                self.feed(x, Event::PeerConnected { peer });
             }
+        } else {
+            let now = self.now();
             if let Some(l) = self.links.get_mut(&k) {
                 l.noticed_at = now;
             }
@@ -1088,16 +1097,15 @@ impl Sim {
         if !connected {
             l.noticed_at = now;
         }
+        // Each end that is up tells its core (a crashed end's core restarts disconnected).
         for (x, y) in [(a, b), (b, a)] {
-            let site = &mut self.sites[x as usize];
-            if connected {
-                site.v.disconnected.remove(&y);
+            let peer = self.sites[y as usize].id;
+            let event = if connected {
+                Event::PeerConnected { peer }
             } else {
-                site.v.disconnected.insert(y);
-            }
-            if let Some(c) = site.cands.as_mut().and_then(|c| c.get_mut(y as usize)) {
-                c.reachable = connected;
-            }
+                Event::PeerDisconnected { peer }
+            };
+            self.feed(x, event);
         }
         self.record(TraceEvent::Link { at: now, a, b, connected });
         // Requests on the old connection fail now (libp2p reports the closed connection), and
@@ -1174,11 +1182,11 @@ impl Sim {
         self.sites[site as usize].v.workers.get(&peer)
     }
 
-    fn enqueue(&mut self, from: u32, to: u32, msg: Msg) {
+    fn enqueue(&mut self, from: u32, to: u32, msg: Message) {
         if !self.links.contains_key(&key(from, to)) {
             self.ensure_link(from, to);
         }
-        let bytes = msg.wire_size();
+        let bytes = wire_size(&msg);
         let site = &mut self.sites[from as usize];
         let id = site.d.next_msg;
         site.d.next_msg += 1;
@@ -1364,22 +1372,26 @@ impl Sim {
         if site.d.seen.contains(&(from, e.id)) {
             return Verdict::Replayed;
         }
-        if e.msg.expires_at() < ts(now) {
+        if expires_at(&e.msg) < ts(now) {
             self.counters.expired += 1;
             return Verdict::Expired;
         }
         site.d.seen.insert((from, e.id));
         let last = site.d.last_accepted.insert(from, e.id);
         self.inv.in_order(now, from, to, last, e.id);
-        let kind = e.msg.kind();
+        let kind = msg_kind(&e.msg);
         *self.counters.accepted.entry(kind.label()).or_default() += 1;
         self.record(TraceEvent::Accepted { at: now, from, to, kind, id: e.id });
-        let msg = Rc::clone(&e.msg);
-        match &*msg {
-            Msg::Job(m) => self.runner_receive(to, from, m),
-            Msg::Update(u) => self.owner_update(to, from, u),
-            Msg::Cancel(c) => self.runner_cancel(to, from, c),
+        if let Message::JobManifest(m) = &*e.msg
+            && let Some(at) = self.dispatched_at.remove(&m.job_id)
+        {
+            let latency = now.saturating_sub(at);
+            self.counters.delivery_latency_sum += latency;
+            self.counters.delivery_latency_count += 1;
+            self.counters.delivery_latency_max = self.counters.delivery_latency_max.max(latency);
         }
+        let from_id = self.sites[from as usize].id;
+        self.feed(to, Event::Received { from: from_id, message: (*e.msg).clone() });
         Verdict::Accepted
     }
 
@@ -1400,21 +1412,32 @@ impl Sim {
                 if verdict == Verdict::Expired {
                     continue;
                 }
-                let receiver = &self.sites[p as usize].d;
-                let durable = receiver.seen.contains(&(s, id))
+                let receiver = &self.sites[p as usize];
+                let durable = receiver.d.seen.contains(&(s, id))
                     && match &*e.msg {
-                        Msg::Job(m) => receiver.runner_jobs.contains_key(&m.job_id),
+                        Message::JobManifest(m) => receiver.core.runner_job(&m.job_id).is_some(),
                         _ => true,
                     };
                 self.inv.acknowledged_is_durable(self.queue.now(), s, p, id, durable);
             }
         }
-        let settled: HashSet<u64> = r.settled.iter().map(|(id, _)| *id).collect();
+        let settled: HashMap<u64, Verdict> = r.settled.iter().copied().collect();
+        let mut refused = Vec::new();
         if let Some(q) = self.sites[s as usize].d.outbox.get_mut(&p) {
-            while q.front().is_some_and(|e| settled.contains(&e.env.id)) {
-                q.pop_front();
+            while let Some(&v) = q.front().and_then(|e| settled.get(&e.env.id)) {
+                if let Some(e) = q.pop_front()
+                    && v == Verdict::Expired
+                {
+                    refused.push(e.env.msg);
+                }
                 self.undelivered -= 1;
             }
+        }
+        // The receiver refused these for good: the sender's core learns it.
+        let to = self.sites[p as usize].id;
+        for msg in refused {
+            let reason = "it expired before it was delivered".to_owned();
+            self.feed(s, Event::Refused { to, message: (*msg).clone(), reason });
         }
         if let Some(w) = self.sites[s as usize].v.workers.get_mut(&p) {
             w.in_flight = None;
@@ -1505,25 +1528,27 @@ impl Sim {
         self.wfs[wf].outcome.submitted_at = now;
         let cfg = self.sc.workflow[self.wfs[wf].cfg].clone();
         let manifest = self.manifest(wf, owner, &cfg);
-        let site = &mut self.sites[owner as usize];
-        let cands = site.cands.as_deref().unwrap_or(&[]);
-        match Workflow::start(&manifest, cands, ts(now), JOB_LIFETIME) {
-            Ok((workflow, cmds)) => {
-                self.wfs[wf].outcome.jobs = workflow.jobs.len();
-                self.wf_index.insert(manifest.workflow_id, wf);
-                self.wfs[wf].id = Some(manifest.workflow_id);
-                site.d.workflows.insert(manifest.workflow_id, workflow);
-                self.open_workflows += 1;
-                self.apply_workflow_commands(owner, manifest.workflow_id, cmds);
-            }
-            Err(e) => {
-                let o = &mut self.wfs[wf].outcome;
-                o.state = Some(WorkflowState::Failed);
-                o.reason = Some(format!("not planned: {e}"));
-                o.ended_at = Some(now);
-                self.last_end = self.last_end.max(now);
-            }
+        let id = manifest.workflow_id;
+        let cmds = self.sites[owner as usize].core.handle(ts(now), Event::Submit { manifest });
+        let refused = cmds.iter().find_map(|c| match c {
+            Command::Notify(Notice::Refused(e)) => Some(e.to_string()),
+            _ => None,
+        });
+        if let Some(e) = refused {
+            let o = &mut self.wfs[wf].outcome;
+            o.state = Some(WorkflowState::Failed);
+            o.reason = Some(format!("not planned: {e}"));
+            o.ended_at = Some(now);
+            self.last_end = self.last_end.max(now);
+            return;
         }
+        self.wfs[wf].outcome.jobs =
+            self.sites[owner as usize].core.workflow(&id).map_or(0, |w| w.jobs.len());
+        self.wf_index.insert(id, wf);
+        self.wfs[wf].id = Some(id);
+        self.open_workflows += 1;
+        self.carry_out(owner, cmds, false);
+        self.drain();
     }
 
     /// The workflow manifest a researcher at `owner` would write for `cfg`.
@@ -1556,17 +1581,21 @@ impl Sim {
             WorkflowKind::Statistics => {
                 name = "federated-statistics".to_owned();
                 let regions = self.sc.sites.div_ceil(self.sc.site.region_size);
-                let cands = self.sites[owner as usize].cands.as_deref().unwrap_or(&[]);
+                let region_size = self.sc.site.region_size;
+                let cands = self.sites[owner as usize].core.candidates();
                 // The regions where something matches (a researcher would leave out the rest).
-                let mut used = Vec::new();
-                for k in 0..regions {
-                    let q = query(format!("{}-r{k}", cfg.dataset), Pick::All);
-                    let lo = (k * self.sc.site.region_size) as usize;
-                    let hi = (((k + 1) * self.sc.site.region_size) as usize).min(cands.len());
-                    if cands.get(lo..hi).is_some_and(|c| c.iter().any(|c| c.matches(&q))) {
-                        used.push(k);
+                let queries: Vec<CapabilityQuery> = (0..regions)
+                    .map(|k| query(format!("{}-r{k}", cfg.dataset), Pick::All))
+                    .collect();
+                let mut matched = vec![false; regions as usize];
+                for c in cands.iter() {
+                    let Some(&i) = self.index.get(&c.instance) else { continue };
+                    let k = region_of(i, region_size) as usize;
+                    if !matched[k] && c.matches(&queries[k]) {
+                        matched[k] = true;
                     }
                 }
+                let mut used: Vec<u32> = (0..regions).filter(|&k| matched[k as usize]).collect();
                 if used.is_empty() {
                     used.push(0); // planning then says why nothing matches
                 }
@@ -1609,59 +1638,158 @@ impl Sim {
         }
     }
 
-    /// Feeds one event to a workflow of `owner` and carries out its commands.
-    fn feed(&mut self, owner: u32, workflow_id: WorkflowId, event: WorkflowEvent) {
-        let now = ts(self.now());
-        let site = &mut self.sites[owner as usize];
-        let Some(wf) = site.d.workflows.get_mut(&workflow_id) else { return };
-        let cands = site.cands.as_deref().unwrap_or(&[]);
-        let cmds = wf.handle(event, cands, now, JOB_LIFETIME);
-        self.apply_workflow_commands(owner, workflow_id, cmds);
+    // ---- the cores ---------------------------------------------------------------------
+
+    /// Gives owner `o`'s core every site's ad (its own through `OwnCapabilities`), as the
+    /// daemon restores the ads it stored.
+    fn restore_ads(&mut self, o: u32) {
+        let own = self.ad(o, o);
+        for i in 0..self.sc.sites {
+            if i != o {
+                let ad = self.ad(o, i);
+                let id = self.sites[i as usize].id;
+                self.sites[o as usize].core.restore_capabilities(id, ad);
+            }
+        }
+        self.feed(o, Event::OwnCapabilities(Box::new(own)));
     }
 
-    fn apply_workflow_commands(
-        &mut self,
-        owner: u32,
-        workflow_id: WorkflowId,
-        cmds: Vec<WorkflowCommand>,
-    ) {
+    /// Site `i`'s capability ad as owner `o` receives it (item tokens are per owner).
+    fn ad(&self, o: u32, i: u32) -> CapabilityAd {
+        let sc = &self.sc;
+        let a = &self.attrs[i as usize];
+        let mut datasets = Vec::new();
+        if a.dataset {
+            let region = region_of(i, sc.site.region_size);
+            let tokens = (0..a.items)
+                .map(|k| {
+                    ItemToken(
+                        Rng::keyed(self.seed, &[K_TOKEN, u64::from(o), u64::from(i), k]).bytes32(),
+                    )
+                })
+                .collect();
+            datasets.push(DatasetSummary {
+                name: format!("{}-r{region}", sc.site.dataset),
+                items: a.items,
+                bytes: a.items * 200 * 1024 * 1024,
+                tokens,
+            });
+        }
+        if sc.site.cohorts > 0 {
+            datasets.push(DatasetSummary {
+                name: format!("cohort-{}", i % sc.site.cohorts),
+                items: a.items,
+                bytes: a.items * 200 * 1024 * 1024,
+                tokens: Vec::new(),
+            });
+        }
+        CapabilityAd {
+            header: Header::new(ts(0), LONG_LIFETIME),
+            sequence: 1,
+            instance_name: site_name(i),
+            node_version: "0.1.0".to_owned(),
+            executors: vec![ExecutorKind::Containerd],
+            allowed_images: Vec::new(),
+            allowed_workflows: NameScope::Any,
+            datasets,
+            resources: Resources {
+                cpu_millis: a.cpu,
+                memory_bytes: u64::from(a.cpu) * 4 * 1024 * 1024,
+                gpus: if a.gpu {
+                    vec![Gpu { model: "A100".to_owned(), memory_bytes: 40 << 30 }]
+                } else {
+                    Vec::new()
+                },
+            },
+        }
+    }
+
+    /// Feeds `event` to site `s`'s core now and carries out its commands; events a command
+    /// causes are fed after it, in order.
+    fn feed(&mut self, s: u32, event: Event) {
+        self.pending.push_back((s, event));
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        if self.feeding {
+            return;
+        }
+        self.feeding = true;
+        while let Some((s, event)) = self.pending.pop_front() {
+            if !self.sites[s as usize].alive {
+                continue;
+            }
+            let check = matches!(event, Event::TimerFired(_));
+            let now = ts(self.now());
+            let cmds = self.sites[s as usize].core.handle(now, event);
+            self.carry_out(s, cmds, check);
+        }
+        self.feeding = false;
+    }
+
+    /// Carries out a core's commands, in order: the I/O the daemon does.
+    fn carry_out(&mut self, s: u32, cmds: Vec<Command>, runner_check: bool) {
         let now = self.now();
         for cmd in cmds {
             match cmd {
-                WorkflowCommand::Dispatch(m) => {
-                    self.counters.dispatches += 1;
-                    self.sites[owner as usize]
-                        .d
-                        .owner_jobs
-                        .insert(m.job_id, OwnerJob::queued(&m, ts(now)));
-                    let Some(&runner) = self.index.get(&m.runner) else { continue };
-                    if runner == owner {
-                        self.runner_receive(owner, owner, &m);
-                    } else {
-                        self.dispatched_at.insert(m.job_id, now);
-                        self.enqueue(owner, runner, Msg::Job(m));
+                // The core's value is the durable record; only what a lost-runner check
+                // changed is counted.
+                Command::Persist(Record::Workflow(_)) if runner_check => {
+                    self.counters.runner_lost_events += 1;
+                }
+                Command::Send { to, message } => {
+                    if let Some(&r) = self.index.get(&to) {
+                        self.enqueue(s, r, message);
                     }
                 }
-                WorkflowCommand::CancelJob { runner, job_id, reason } => {
-                    let Some(&r) = self.index.get(&runner) else { continue };
-                    if r == owner {
-                        let by = self.sites[owner as usize].name.clone();
-                        self.runner_event(owner, job_id, RunnerEvent::Aborted { by });
-                    } else {
-                        let cancel = Cancel {
-                            header: Header::new(ts(now), MESSAGE_LIFETIME),
-                            workflow_id,
-                            job_id: Some(job_id),
-                            reason,
-                        };
-                        self.enqueue(owner, r, Msg::Cancel(cancel));
-                    }
+                Command::StartJob(m) => {
+                    let job = m.job_id;
+                    let delay = {
+                        let mut r = self.job_rng(&job, 1);
+                        secs(self.sc.site.executor_start_s.sample(&mut r))
+                    };
+                    let inc = self.sites[s as usize].inc;
+                    self.queue.schedule(now + delay, Ev::ExecStart { site: s, job, inc });
                 }
-                WorkflowCommand::Ended { state, reason } => {
-                    self.ended(owner, workflow_id, state, reason)
+                Command::StopJob(job) => {
+                    self.sites[s as usize].containers.remove(&job);
                 }
+                Command::DeliverResult { job, exit } => self.deliver_result(s, &job, exit),
+                Command::SetTimer { timer, at } => self.set_timer(s, timer, at),
+                Command::Notify(notice) => self.notice(s, notice),
                 _ => {}
             }
+        }
+    }
+
+    fn set_timer(&mut self, s: u32, timer: Timer, at: Timestamp) {
+        let Timer::RunnerCheck(peer) = timer else { return };
+        let Some(&p) = self.index.get(&peer) else { return };
+        self.next_timer += 1;
+        let generation = self.next_timer;
+        let site = &mut self.sites[s as usize];
+        site.v.timers.insert(p, generation);
+        let inc = site.inc;
+        let at = micros(at).max(self.now());
+        self.queue.schedule(at, Ev::RunnerCheck { site: s, peer: p, generation, inc });
+    }
+
+    fn notice(&mut self, s: u32, notice: Notice) {
+        match notice {
+            Notice::JobDispatched { job } => {
+                self.counters.dispatches += 1;
+                if job.runner != self.sites[s as usize].id {
+                    self.dispatched_at.insert(job.job_id, self.now());
+                }
+            }
+            Notice::WorkflowEnded { workflow, state, reason } => {
+                self.ended(s, workflow, state, reason);
+            }
+            Notice::Refused(SiteError::Transition(_) | SiteError::NoSuchJob(_)) => {
+                self.counters.transition_errors += 1;
+            }
+            _ => {}
         }
     }
 
@@ -1675,12 +1803,11 @@ impl Sim {
         let now = self.now();
         self.inv.ended_with_reason(now, state, reason.as_deref());
         let Some(&i) = self.wf_index.get(&workflow_id) else { return };
+        let w = self.sites[owner as usize].core.workflow(&workflow_id);
         let (jobs, retries) =
-            self.sites[owner as usize].d.workflows.get(&workflow_id).map_or((0, 0), |w| {
-                (w.jobs.len(), w.jobs.iter().map(|j| u64::from(j.attempt)).sum())
-            });
+            w.map_or((0, 0), |w| (w.jobs.len(), w.jobs.iter().map(|j| u64::from(j.attempt)).sum()));
         if state == WorkflowState::Finished
-            && let Some(w) = self.sites[owner as usize].d.workflows.get(&workflow_id)
+            && let Some(w) = w
         {
             let all_done = w.jobs.iter().all(|j| j.is_done());
             self.inv.finished_means_done(now, all_done);
@@ -1698,222 +1825,7 @@ impl Sim {
         self.record(TraceEvent::WorkflowEnded { at: now, owner, state, reason });
     }
 
-    /// A job update from `from` (or from this site's own runner side) reaches the owner.
-    fn owner_update(&mut self, owner: u32, from: u32, u: &JobUpdate) {
-        let now = ts(self.now());
-        let from_id = self.sites[from as usize].id;
-        let site = &mut self.sites[owner as usize];
-        let Some(job) = site.d.owner_jobs.get_mut(&u.job_id) else { return };
-        if job.apply(u, from_id, now) != Ok(true) {
-            return;
-        }
-        let event = WorkflowEvent::JobUpdated {
-            job_id: job.job_id,
-            state: job.state,
-            reason: job.reason.clone(),
-            retryable: job.retryable,
-        };
-        let workflow_id = job.workflow_id;
-        if site.d.workflows.get(&workflow_id).is_some_and(|w| w.job(&u.job_id).is_some()) {
-            self.feed(owner, workflow_id, event);
-        }
-    }
-
-    /// A result bundle from `from` is stored at `owner` (kaapana-node's `record_result`).
-    fn owner_record_result(&mut self, owner: u32, from: u32, job: &RunnerJob, p: PendingResult) {
-        let now = self.now();
-        let from_id = self.sites[from as usize].id;
-        let site = &mut self.sites[owner as usize];
-        site.d.stored_results.insert(job.job_id, p.bundle);
-        let current = site
-            .d
-            .workflows
-            .get(&job.workflow_id)
-            .and_then(|w| w.job(&job.job_id))
-            .is_some_and(|j| j.runner == from_id && j.attempt == job.attempt);
-        self.record(TraceEvent::ResultStored { at: now, from, job: job.job_id });
-        if current {
-            let event = WorkflowEvent::ResultStored {
-                job_id: job.job_id,
-                bundle: p.bundle,
-                success: p.exit == ExitStatus::Exited(0),
-            };
-            self.feed(owner, job.workflow_id, event);
-        }
-    }
-
-    /// Every few seconds: runners of unfinished dispatched jobs that have been out of reach
-    /// for longer than the grace period are lost (kaapana-node's `check_lost_runners`).
-    fn lost_check(&mut self, s: u32, inc: u32) {
-        let site = &self.sites[s as usize];
-        if !site.alive || site.inc != inc {
-            return;
-        }
-        let interval = secs(self.sc.node.lost_check_s).max(MS);
-        self.queue.after(interval, Ev::LostCheck { site: s, inc });
-        let now = self.now();
-        let grace = secs(self.sc.node.runner_lost_after_s);
-        let overdue: BTreeSet<InstanceId> = site
-            .v
-            .disconnected
-            .iter()
-            .filter(|&&p| {
-                self.links
-                    .get(&key(s, p))
-                    .is_some_and(|l| !l.connected && now.saturating_sub(l.noticed_at) > grace)
-            })
-            .map(|&p| self.sites[p as usize].id)
-            .collect();
-        if overdue.is_empty() {
-            return;
-        }
-        let mut lost: Vec<InstanceId> = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut running: Vec<WorkflowId> = Vec::new();
-        for (id, w) in &site.d.workflows {
-            if w.state.is_final() {
-                continue;
-            }
-            running.push(*id);
-            for j in &w.jobs {
-                if j.dispatched
-                    && !j.state.is_terminal()
-                    && j.runner != site.id
-                    && overdue.contains(&j.runner)
-                    && seen.insert(j.runner)
-                {
-                    lost.push(j.runner);
-                }
-            }
-        }
-        for runner in lost {
-            for &id in &running {
-                let moves = self.sites[s as usize].d.workflows.get(&id).is_some_and(|w| {
-                    !w.state.is_final()
-                        && w.jobs
-                            .iter()
-                            .any(|j| j.runner == runner && j.dispatched && !j.state.is_terminal())
-                });
-                if moves {
-                    self.counters.runner_lost_events += 1;
-                    self.feed(s, id, WorkflowEvent::RunnerLost { instance: runner });
-                }
-            }
-        }
-    }
-
     // ---- runners: jobs -----------------------------------------------------------------
-
-    /// A job manifest reaches its runner (kaapana-node's `on_job_manifest`/`receive_local`).
-    fn runner_receive(&mut self, s: u32, from: u32, m: &JobManifest) {
-        let now = self.now();
-        let local = s == from;
-        let site = &self.sites[s as usize];
-        if m.runner != site.id || m.owner != self.sites[from as usize].id {
-            return;
-        }
-        if site.d.runner_jobs.contains_key(&m.job_id) {
-            return;
-        }
-        if !local && let Some(at) = self.dispatched_at.remove(&m.job_id) {
-            let latency = now.saturating_sub(at);
-            self.counters.delivery_latency_sum += latency;
-            self.counters.delivery_latency_count += 1;
-            self.counters.delivery_latency_max = self.counters.delivery_latency_max.max(latency);
-        }
-        let owner_name = self.sites[from as usize].name.clone();
-        let policy = if local { &self.own_policy } else { &self.policy };
-        let (job, cmds) = RunnerJob::receive(m, &owner_name, policy, ts(now));
-        let id = job.job_id;
-        self.sites[s as usize]
-            .d
-            .runner_jobs
-            .insert(id, RunnerRec { job, manifest: Rc::new(m.clone()), result: None });
-        self.apply_runner_commands(s, id, cmds);
-    }
-
-    /// A Cancel reaches a runner: every matching job still running is aborted.
-    fn runner_cancel(&mut self, s: u32, from: u32, c: &Cancel) {
-        let owner = self.sites[from as usize].id;
-        let by = self.sites[from as usize].name.clone();
-        let matching: Vec<JobId> = self.sites[s as usize]
-            .d
-            .runner_jobs
-            .values()
-            .filter(|r| {
-                r.job.owner == owner
-                    && r.job.workflow_id == c.workflow_id
-                    && c.job_id.is_none_or(|id| id == r.job.job_id)
-                    && !r.job.state.is_terminal()
-            })
-            .map(|r| r.job.job_id)
-            .collect();
-        for job in matching {
-            self.runner_event(s, job, RunnerEvent::Aborted { by: by.clone() });
-        }
-    }
-
-    /// Applies a local event to a job this site runs.
-    fn runner_event(&mut self, s: u32, job: JobId, event: RunnerEvent) {
-        let now = ts(self.now());
-        let Some(rec) = self.sites[s as usize].d.runner_jobs.get_mut(&job) else { return };
-        match rec.job.handle(event, now) {
-            Ok(cmds) => self.apply_runner_commands(s, job, cmds),
-            Err(_) => self.counters.transition_errors += 1,
-        }
-    }
-
-    /// Carries out a runner job's commands, in order (kaapana-node's
-    /// `apply_runner_commands`).
-    fn apply_runner_commands(&mut self, s: u32, job: JobId, cmds: Vec<RunnerCommand>) {
-        let now = self.now();
-        let Some(rec) = self.sites[s as usize].d.runner_jobs.get(&job) else { return };
-        let owner_id = rec.job.owner;
-        let Some(&owner) = self.index.get(&owner_id) else { return };
-        let local = owner == s;
-        let mut local_updates = Vec::new();
-        for c in cmds {
-            match c {
-                // The record is in the durable map already.
-                RunnerCommand::Persist => {}
-                RunnerCommand::SendUpdate(u) => {
-                    let Some(rec) = self.sites[s as usize].d.runner_jobs.get(&job) else {
-                        continue;
-                    };
-                    let update = make_update(&rec.job, &u, ts(now));
-                    if local {
-                        local_updates.push(update);
-                    } else {
-                        self.enqueue(s, owner, Msg::Update(update));
-                    }
-                }
-                RunnerCommand::Execute => {
-                    let delay = {
-                        let mut r = self.job_rng(&job, 1);
-                        secs(self.sc.site.executor_start_s.sample(&mut r))
-                    };
-                    let inc = self.sites[s as usize].inc;
-                    self.queue.schedule(now + delay, Ev::ExecStart { site: s, job, inc });
-                }
-                RunnerCommand::Kill => {
-                    self.sites[s as usize].containers.remove(&job);
-                }
-                RunnerCommand::SendResult { exit } => {
-                    let size = self.result_size(s, &job);
-                    let bundle = BlobRef { digest: Sha256Digest::of(job.as_bytes()), size };
-                    if let Some(rec) = self.sites[s as usize].d.runner_jobs.get_mut(&job) {
-                        rec.result = Some(PendingResult { bundle, exit, sent: false });
-                        self.unsent_results += 1;
-                    }
-                    self.start_result(s, job);
-                }
-                _ => {}
-            }
-        }
-        for u in local_updates {
-            self.owner_update(s, s, &u);
-        }
-    }
 
     fn job_rng(&self, job: &JobId, what: u64) -> Rng {
         let [a, b] = job_keys(job);
@@ -1922,7 +1834,7 @@ impl Sim {
 
     /// The workflow configuration a runner job belongs to.
     fn job_cfg(&self, s: u32, job: &JobId) -> Option<&WorkflowConfig> {
-        let rec = self.sites[s as usize].d.runner_jobs.get(job)?;
+        let rec = self.sites[s as usize].core.runner_job(job)?;
         let &i = self.wf_index.get(&rec.job.workflow_id)?;
         self.sc.workflow.get(self.wfs.get(i)?.cfg)
     }
@@ -1941,22 +1853,22 @@ impl Sim {
         if !site.alive || site.inc != inc {
             return;
         }
-        let Some(rec) = site.d.runner_jobs.get(&job) else { return };
+        let Some(rec) = site.core.runner_job(&job) else { return };
         if rec.job.state != JobState::Scheduled {
             return;
         }
-        let manifest = Rc::clone(&rec.manifest);
         let attempt = rec.job.attempt;
         // Site jobs read a dataset; aggregations and reports at the owner read results.
-        let aggregation = manifest.dataset.is_none();
+        let aggregation = rec.manifest.dataset.is_none();
+        let inputs = rec.manifest.inputs.len();
         let name = site.name.clone();
         let mut r = self.job_rng(&job, 3);
         if r.chance(self.sc.site.executor_failure) {
             let reason = format!("image could not be pulled at {name} (simulated)");
-            self.runner_event(s, job, RunnerEvent::ExecutorFailed { reason });
+            self.feed(s, Event::Executor { job, outcome: Outcome::Failed(reason) });
             return;
         }
-        self.check_inputs(&manifest);
+        self.check_inputs(s, &job);
         let max_retries = self.job_cfg(s, &job).map_or(0, |c| c.max_retries);
         self.inv.started_once(now, s, job, attempt, max_retries);
         self.counters.executions += 1;
@@ -1966,7 +1878,7 @@ impl Sim {
             match self.job_cfg(s, &job) {
                 Some(c) if aggregation => {
                     c.aggregate_job_s.sample(&mut r)
-                        + c.aggregate_per_input_ms / 1000.0 * manifest.inputs.len() as f64
+                        + c.aggregate_per_input_ms / 1000.0 * inputs as f64
                 }
                 Some(c) => c.site_job_s.sample(&mut r),
                 None => 1.0,
@@ -1974,21 +1886,28 @@ impl Sim {
         };
         let ends_at = now + secs(duration).max(MS);
         self.sites[s as usize].containers.insert(job, Container { ends_at });
-        self.runner_event(s, job, RunnerEvent::Started);
+        self.feed(s, Event::Executor { job, outcome: Outcome::Started });
         self.queue.schedule(ends_at, Ev::ExecExit { site: s, job, inc });
     }
 
     /// No job starts before every job of every step it reads from is done at the owner.
-    fn check_inputs(&mut self, m: &JobManifest) {
+    fn check_inputs(&mut self, s: u32, job: &JobId) {
         if !self.inv.enabled() {
             return;
         }
         let now = self.now();
-        let Some(&owner) = self.index.get(&m.owner) else { return };
+        let Some((name, missing)) = self.inputs_missing(s, job) else { return };
+        self.inv.inputs_done(now, &name, missing);
+    }
+
+    /// The job's name and, if it may not start yet, why.
+    fn inputs_missing(&self, s: u32, job: &JobId) -> Option<(String, Option<String>)> {
+        let m = &self.sites[s as usize].core.runner_job(job)?.manifest;
+        let &owner = self.index.get(&m.owner)?;
         let site = &self.sites[owner as usize];
-        let Some(w) = site.d.workflows.get(&m.workflow_id) else { return };
-        let Some(job) = w.job(&m.job_id) else { return };
-        let Some(step) = w.steps.get(job.step) else { return };
+        let w = site.core.workflow(&m.workflow_id)?;
+        let job = w.job(&m.job_id)?;
+        let step = w.steps.get(job.step)?;
         let mut upstream = 0usize;
         let mut missing = None;
         for &i in &step.inputs {
@@ -2007,7 +1926,7 @@ impl Sim {
         if missing.is_none() && upstream != m.inputs.len() {
             missing = Some(format!("{} inputs listed, {upstream} upstream jobs", m.inputs.len()));
         }
-        self.inv.inputs_done(now, &m.job_name, missing);
+        Some((m.job_name.clone(), missing))
     }
 
     fn exec_exit(&mut self, s: u32, job: JobId, inc: u32) {
@@ -2023,55 +1942,74 @@ impl Sim {
             ExitStatus::Exited(0)
         };
         if self.sites[s as usize]
-            .d
-            .runner_jobs
-            .get(&job)
+            .core
+            .runner_job(&job)
             .is_some_and(|r| r.job.state == JobState::Scheduled)
         {
             // A re-attached container that was never reported started.
-            self.runner_event(s, job, RunnerEvent::Started);
+            self.feed(s, Event::Executor { job, outcome: Outcome::Started });
         }
-        self.runner_event(s, job, RunnerEvent::Exited { exit });
+        self.feed(s, Event::Executor { job, outcome: Outcome::Exited(exit) });
     }
 
     // ---- results -----------------------------------------------------------------------
 
-    fn start_result(&mut self, s: u32, job: JobId) {
-        let Some(rec) = self.sites[s as usize].d.runner_jobs.get(&job) else { return };
-        let Some(p) = rec.result.filter(|p| !p.sent) else { return };
-        let Some(&owner) = self.index.get(&rec.job.owner) else { return };
+    /// Packs a job's output and signs its result; the site's own jobs' results are stored at
+    /// once, the others are written durably and delivered to their owner.
+    fn deliver_result(&mut self, s: u32, job: &RunnerJob, exit: ExitStatus) {
+        let size = self.result_size(s, &job.job_id);
+        let bundle = BlobRef { digest: Sha256Digest::of(job.job_id.as_bytes()), size };
+        let result = result_manifest(job, exit, bundle);
+        let Some(&owner) = self.index.get(&job.owner) else { return };
         if owner == s {
             // Its own workflow's job: the bundle is in the local blob store already.
-            let job_rec = rec.job.clone();
-            self.owner_record_result(s, s, &job_rec, p);
-            if let Some(rec) = self.sites[s as usize].d.runner_jobs.get_mut(&job) {
-                rec.result = Some(PendingResult { sent: true, ..p });
-                self.unsent_results -= 1;
-            }
+            self.store_result(s, s, result);
             return;
         }
-        if self.sites[s as usize].v.transfers.contains_key(&job) {
+        let id = job.job_id;
+        if self.sites[s as usize].d.results.insert(id, Signed { owner, result }).is_none() {
+            self.unsent_results += 1;
+        }
+        self.start_result(s, id);
+    }
+
+    /// A result from runner `from` reaches `owner`: stored and reported to the core if the
+    /// core takes it (a superseded or foreign one is dropped, but acknowledged).
+    fn store_result(&mut self, owner: u32, from: u32, result: ResultManifest) {
+        let now = self.now();
+        let from_id = self.sites[from as usize].id;
+        let site = &mut self.sites[owner as usize];
+        if site.core.expects_result(&result, &from_id) != Expected::Yes {
             return;
         }
-        self.sites[s as usize].v.transfers.insert(job, Transfer::default());
+        site.d.stored_results.insert(result.job_id, result.bundle);
+        self.record(TraceEvent::ResultStored { at: now, from, job: result.job_id });
+        self.feed(owner, Event::ResultStored { from: from_id, result });
+    }
+
+    fn start_result(&mut self, s: u32, job: JobId) {
+        let site = &mut self.sites[s as usize];
+        if !site.d.results.contains_key(&job) || site.v.transfers.contains_key(&job) {
+            return;
+        }
+        site.v.transfers.insert(job, Transfer::default());
         self.result_try(s, job);
     }
 
     fn result_try(&mut self, s: u32, job: JobId) {
-        let Some(rec) = self.sites[s as usize].d.runner_jobs.get(&job) else { return };
-        let Some(p) = rec.result.filter(|p| !p.sent) else {
+        let Some(signed) = self.sites[s as usize].d.results.get(&job) else {
             self.sites[s as usize].v.transfers.remove(&job);
             return;
         };
-        let Some(&owner) = self.index.get(&rec.job.owner) else { return };
+        let owner = signed.owner;
+        let bytes = signed.result.bundle.size
+            + postcard_size(&signed.result) as u64
+            + ENVELOPE_OVERHEAD as u64;
         let inc = self.sites[s as usize].inc;
         if !self.connected(s, owner) {
             self.result_failed(s, job);
             return;
         }
-        let bytes = p.bundle.size
-            + postcard_size(&result_manifest_shape(&rec.job, p)) as u64
-            + ENVELOPE_OVERHEAD as u64;
         let Some(t) = self.sites[s as usize].v.transfers.get_mut(&job) else { return };
         t.attempt += 1;
         let attempt = t.attempt;
@@ -2106,8 +2044,7 @@ impl Sim {
         if site.v.transfers.get(job).is_none_or(|t| t.attempt != attempt) {
             return None;
         }
-        let rec = site.d.runner_jobs.get(job)?;
-        let &owner = self.index.get(&rec.job.owner)?;
+        let owner = site.d.results.get(job)?.owner;
         let ok = self.links.get(&key(s, owner)).is_some_and(|l| l.up && l.epoch == epoch)
             && self.sites[owner as usize].alive;
         ok.then_some(owner)
@@ -2127,12 +2064,9 @@ impl Sim {
             }
             return;
         };
-        let Some(rec) = self.sites[s as usize].d.runner_jobs.get(&job) else { return };
-        let (runner_job, p) = match rec.result {
-            Some(p) => (rec.job.clone(), p),
-            None => return,
-        };
-        self.owner_record_result(owner, s, &runner_job, p);
+        let Some(signed) = self.sites[s as usize].d.results.get(&job) else { return };
+        let result = signed.result.clone();
+        self.store_result(owner, s, result);
         let at = self.now() + self.latency(s, owner);
         self.queue.schedule(at, Ev::ResultAcked { site: s, job, inc, attempt, epoch });
     }
@@ -2154,11 +2088,7 @@ impl Sim {
         }
         let site = &mut self.sites[s as usize];
         site.v.transfers.remove(&job);
-        if let Some(rec) = site.d.runner_jobs.get_mut(&job)
-            && let Some(p) = rec.result.as_mut()
-            && !p.sent
-        {
-            p.sent = true;
+        if site.d.results.remove(&job).is_some() {
             self.unsent_results -= 1;
         }
     }
@@ -2193,23 +2123,28 @@ impl Sim {
         }
         site.alive = true;
         site.inc += 1;
-        let inc = site.inc;
+        // The daemon loads its records and builds its core afresh: every peer out of reach
+        // until it connects.
+        let old = &site.core;
+        let core = Core::new(
+            site.id,
+            site.name.clone(),
+            self.config,
+            old.registry().clone(),
+            old.workflows().cloned().collect::<Vec<Workflow>>(),
+            old.runner_jobs().cloned().collect::<Vec<_>>(),
+            ts(now),
+        );
+        site.core = core;
         self.record(TraceEvent::Site { at: now, site: s, up: true });
+        self.feed(s, Event::Started);
+        if self.owners.contains(&s) {
+            self.restore_ads(s);
+        }
         for p in self.adj[s as usize].clone() {
             self.refresh_link(s, p, true);
-            let connected = self.connected(s, p);
-            let site = &mut self.sites[s as usize];
-            if !connected {
-                site.v.disconnected.insert(p);
-            }
-            if let Some(c) = site.cands.as_mut().and_then(|c| c.get_mut(p as usize)) {
-                c.reachable = connected;
-            }
         }
         self.recover(s);
-        if self.owners.contains(&s) {
-            self.queue.after(secs(self.sc.node.lost_check_s), Ev::LostCheck { site: s, inc });
-        }
         if self.sc.delivery == Delivery::Poll {
             self.arm_polls(s);
         }
@@ -2221,22 +2156,22 @@ impl Sim {
         }
     }
 
-    /// After a restart: results are sent again; scheduled jobs are started (again: they never
-    /// ran); running jobs are re-attached to their containers or failed (kaapana-node's
-    /// `recover`).
+    /// After a restart: signed results are sent again; scheduled jobs are started (again:
+    /// they never ran); running jobs are re-attached to their containers or reported failed
+    /// (kaapana-node's recovery).
     fn recover(&mut self, s: u32) {
         let now = self.now();
         let inc = self.sites[s as usize].inc;
-        let jobs: Vec<(JobId, JobState, bool)> = self.sites[s as usize]
-            .d
-            .runner_jobs
-            .values()
-            .map(|r| (r.job.job_id, r.job.state, r.result.is_some_and(|p| !p.sent)))
+        let unsent: Vec<JobId> = self.sites[s as usize].d.results.keys().copied().collect();
+        for job in unsent {
+            self.start_result(s, job);
+        }
+        let jobs: Vec<(JobId, JobState)> = self.sites[s as usize]
+            .core
+            .runner_jobs()
+            .map(|r| (r.job.job_id, r.job.state))
             .collect();
-        for (job, state, unsent) in jobs {
-            if state.is_terminal() && unsent {
-                self.start_result(s, job);
-            }
+        for (job, state) in jobs {
             let held = self.sites[s as usize].containers.get(&job).copied();
             match (state, held) {
                 (JobState::Scheduled, None) => {
@@ -2247,7 +2182,7 @@ impl Sim {
                 }
                 (JobState::Running, None) => {
                     let reason = "the node restarted and the job's container was gone".to_owned();
-                    self.runner_event(s, job, RunnerEvent::ExecutorFailed { reason });
+                    self.feed(s, Event::Executor { job, outcome: Outcome::Failed(reason) });
                 }
                 _ => {}
             }
@@ -2290,29 +2225,16 @@ fn take_batch(queue: &mut VecDeque<OutEntry>, counters: &mut Counters) -> Vec<En
     out
 }
 
-fn make_update(job: &RunnerJob, u: &Update, now: Timestamp) -> JobUpdate {
-    JobUpdate {
-        header: Header::new(now, MESSAGE_LIFETIME),
-        job_id: job.job_id,
-        workflow_id: job.workflow_id,
-        attempt: job.attempt,
-        sequence: u.sequence,
-        state: u.state,
-        reason: u.reason.clone(),
-        retryable: u.retryable,
-    }
-}
-
-/// A result manifest like the runner signs, for its size.
-fn result_manifest_shape(job: &RunnerJob, p: PendingResult) -> ResultManifest {
+/// The result manifest a runner signs for a job that ended with `exit`.
+fn result_manifest(job: &RunnerJob, exit: ExitStatus, bundle: BlobRef) -> ResultManifest {
     let at = job.finished_at.unwrap_or(job.received_at);
     ResultManifest {
         header: Header::new(at, LONG_LIFETIME),
         job_id: job.job_id,
         workflow_id: job.workflow_id,
         attempt: job.attempt,
-        exit: p.exit,
-        bundle: p.bundle,
+        exit,
+        bundle,
         log: None,
         timings: kaapana_protocol::JobTimings {
             received_at: job.received_at,

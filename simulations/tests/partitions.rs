@@ -180,7 +180,8 @@ fn a_job_on_a_runner_lost_for_longer_than_the_grace_period_moves_and_the_old_one
 #[test]
 fn a_statistics_workflow_waits_for_a_runner_that_never_comes_back_and_the_run_says_so() {
     // Jobs of a `Pick::All` step are bound to their runner's data: the core does not move them
-    // when the runner is lost, and nothing else ends the workflow. The run must fail loudly.
+    // when the runner is lost; it gives them up only after `runner_give_up_after_s` (a day by
+    // default), long after this run's 3,000 s. The run must fail loudly.
     let text = r#"
         name = "forever"
         sites = 5
@@ -197,4 +198,35 @@ fn a_statistics_workflow_waits_for_a_runner_that_never_comes_back_and_the_run_sa
     let err = simulations::run_variant(&sc.variants()[0], SimOptions::default()).unwrap_err();
     assert!(matches!(err, SimError::Unfinished { count: 1, .. }), "{err}");
     assert!(err.to_string().contains("did not end"), "{err}");
+}
+
+#[test]
+fn a_runner_out_of_reach_longer_than_the_give_up_period_fails_its_bound_jobs_and_the_workflow_ends()
+{
+    // The same workflow with a give-up period of 1,000 s: the cut site's job fails with the
+    // core's reason and the workflow ends, 1,000 s after the owner noticed the cut.
+    let text = r#"
+        name = "give-up"
+        sites = 5
+        max_time_s = 3000.0
+        [node]
+        runner_give_up_after_s = 1000.0
+        [[workflow]]
+        kind = "statistics"
+        at_s = 1.0
+        [[partition]]
+        fraction = 0.25
+        start_s = 2.0
+        duration_s = 1000000.0
+    "#;
+    let mut s = sim(text);
+    s.run().unwrap();
+    let outcome = &s.outcomes()[0];
+    assert_eq!(outcome.state, Some(WorkflowState::Failed), "{outcome:?}");
+    let reason = outcome.reason.as_deref().unwrap();
+    assert!(reason.contains("out of reach for more than 1000 s"), "{reason}");
+    // Noticed 20-25 s after the cut at 2 s, given up 1,000 s later, to the millisecond.
+    let ended = outcome.ended_at.unwrap();
+    assert!((1022 * SEC..=1027 * SEC).contains(&ended), "ended at {ended}");
+    assert!(s.counters().runner_lost_events >= 1, "the give-up changed the workflow");
 }
