@@ -41,9 +41,7 @@ use crate::capability::Candidate;
 use crate::job::{Expected, RunnerCommand, RunnerEvent, RunnerJob, TransitionError, Update};
 use crate::policy::Policy;
 use crate::registry::{RegisteredInstance, Registry};
-use crate::workflow::{
-    JobCounts, PlanError, Workflow, WorkflowCommand, WorkflowEvent, WorkflowState,
-};
+use crate::workflow::{PlanError, Workflow, WorkflowCommand, WorkflowEvent, WorkflowState};
 
 /// Time limits of a site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +61,7 @@ impl Default for SiteConfig {
         Self {
             job_lifetime: Duration::from_secs(7 * 24 * 3600),
             message_lifetime: Duration::from_secs(7 * 24 * 3600),
-            runner_lost_after: Duration::from_secs(120),
+            runner_lost_after: Duration::from_secs(300),
             runner_give_up_after: Duration::from_secs(24 * 3600),
         }
     }
@@ -267,14 +265,13 @@ pub enum Notice {
         /// Its name.
         name: String,
     },
-    /// A workflow's jobs moved on.
+    /// A workflow's jobs moved on ([`Workflow::counts`] says where they are; the notice does
+    /// not count them, which costs time in proportion to the workflow's size).
     WorkflowProgress {
         /// It.
         workflow: WorkflowId,
         /// Its name.
         name: String,
-        /// Where its jobs are.
-        counts: JobCounts,
     },
     /// A workflow reached its final state.
     WorkflowEnded {
@@ -366,7 +363,7 @@ struct Peer {
     connected: bool,
     /// When `connected` last changed (or when the site started).
     since: Timestamp,
-    ad: Option<CapabilityAd>,
+    ad: Option<Box<CapabilityAd>>,
 }
 
 /// Commands collected during one call: changed records and effects.
@@ -393,7 +390,8 @@ pub struct Site {
     peers: BTreeMap<InstanceId, Peer>,
     own_ad: Option<CapabilityAd>,
     workflows: BTreeMap<WorkflowId, Workflow>,
-    runner_jobs: BTreeMap<JobId, RunnerRecord>,
+    /// Boxed: a site holds few, and a map of large inline values reserves much room.
+    runner_jobs: BTreeMap<JobId, Box<RunnerRecord>>,
     /// The ids of every attempt of every job of this site's workflows → their workflow
     /// (a job id is derived from its workflow's id, so it names the workflow by itself).
     owned_jobs: BTreeMap<JobId, WorkflowId>,
@@ -436,7 +434,7 @@ impl Site {
             peers,
             own_ad: None,
             workflows,
-            runner_jobs: runner_jobs.into_iter().map(|r| (r.job.job_id, r)).collect(),
+            runner_jobs: runner_jobs.into_iter().map(|r| (r.job.job_id, Box::new(r))).collect(),
             owned_jobs,
             candidates: None,
         }
@@ -446,7 +444,7 @@ impl Site {
     /// an event.
     pub fn restore_capabilities(&mut self, from: InstanceId, ad: CapabilityAd) {
         if let Some(p) = self.peers.get_mut(&from) {
-            p.ad = Some(ad);
+            p.ad = Some(Box::new(ad));
             self.candidates = None;
         }
     }
@@ -483,12 +481,12 @@ impl Site {
 
     /// A job this site runs.
     pub fn runner_job(&self, id: &JobId) -> Option<&RunnerRecord> {
-        self.runner_jobs.get(id)
+        self.runner_jobs.get(id).map(AsRef::as_ref)
     }
 
     /// Every job this site runs.
     pub fn runner_jobs(&self) -> impl Iterator<Item = &RunnerRecord> {
-        self.runner_jobs.values()
+        self.runner_jobs.values().map(AsRef::as_ref)
     }
 
     /// Whether `peer` is connected as far as this site knows.
@@ -512,7 +510,9 @@ impl Site {
             let peer = self.peers.get(&inst.instance_id);
             // An instance that has not advertised anything yet matches no capability query,
             // but jobs may still name it: they wait in the outbox until it is reachable.
-            let ad = peer.and_then(|p| p.ad.clone()).unwrap_or_else(|| unknown_ad(&inst.name));
+            let ad = peer
+                .and_then(|p| p.ad.as_deref().cloned())
+                .unwrap_or_else(|| unknown_ad(&inst.name));
             out.push(Candidate {
                 instance: inst.instance_id,
                 name: inst.name.clone(),
@@ -540,8 +540,13 @@ impl Site {
         let mut out = Out::default();
         match event {
             Event::Started => {
-                let peers: Vec<InstanceId> = self.peers.keys().copied().collect();
-                for p in peers {
+                // Peers nothing waits for need no timer: a job sent to one later arms it.
+                let mut waited_for = BTreeSet::new();
+                for w in self.workflows.values().filter(|w| !w.state.is_final()) {
+                    let runners = w.jobs.iter().filter(|j| waits_for_runner(j)).map(|j| j.runner);
+                    waited_for.extend(runners);
+                }
+                for p in waited_for {
                     self.arm_runner_check(p, now, &mut out);
                 }
             }
@@ -554,7 +559,7 @@ impl Site {
                 if let Some(p) = self.peers.get_mut(&from)
                     && p.ad.as_ref().is_none_or(|old| old.sequence < ad.sequence)
                 {
-                    p.ad = Some(ad);
+                    p.ad = Some(Box::new(ad));
                     self.candidates = None;
                 }
             }
@@ -604,7 +609,9 @@ impl Site {
                     p.connected = false;
                     p.since = now;
                     self.candidates = None;
-                    self.arm_runner_check(peer, now, &mut out);
+                    if self.waits_for(&peer) {
+                        self.arm_runner_check(peer, now, &mut out);
+                    }
                 }
             }
             Event::InstanceRegistered(inst) => {
@@ -663,7 +670,13 @@ impl Site {
             });
             return;
         }
-        let Some(owner) = self.registry.get(&from) else { return };
+        let Some(owner) = self.registry.get(&from) else {
+            out.notify(Notice::JobRefused {
+                from,
+                detail: format!("job {} comes from an instance that is not registered", m.job_id),
+            });
+            return;
+        };
         let (name, policy) = (owner.name.clone(), owner.policy.clone());
         self.receive(from, &name, &policy, m, now, out);
     }
@@ -684,7 +697,7 @@ impl Site {
         let (job, cmds) = RunnerJob::receive(&m, owner_name, policy, now);
         out.notify(Notice::JobReceived { owner, job: Box::new(job.clone()) });
         let id = job.job_id;
-        self.runner_jobs.insert(id, RunnerRecord { job, manifest: m });
+        self.runner_jobs.insert(id, Box::new(RunnerRecord { job, manifest: m }));
         self.runner_commands(id, cmds, now, out);
     }
 
@@ -879,11 +892,7 @@ impl Site {
     ) {
         if let Some(w) = self.workflows.get(&wid) {
             out.workflows.insert(wid);
-            out.notify(Notice::WorkflowProgress {
-                workflow: wid,
-                name: w.name.clone(),
-                counts: w.counts(),
-            });
+            out.notify(Notice::WorkflowProgress { workflow: wid, name: w.name.clone() });
         }
         self.workflow_commands(wid, cmds, now, out);
     }
@@ -976,6 +985,13 @@ impl Site {
     }
 
     // ---- runners out of reach ---------------------------------------------------------
+
+    /// Whether a running workflow has a job that still needs `peer`.
+    fn waits_for(&self, peer: &InstanceId) -> bool {
+        self.workflows.values().any(|w| {
+            !w.state.is_final() && w.jobs.iter().any(|j| j.runner == *peer && waits_for_runner(j))
+        })
+    }
 
     /// Arms the next look at `peer` while it is out of reach: when it becomes lost, or now if
     /// it is lost already (a job was just sent to it).

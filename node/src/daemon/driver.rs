@@ -228,11 +228,15 @@ impl NodeState {
             Notice::WorkflowSubmitted { workflow, name } => {
                 (EventKind::WorkflowSubmitted, None, format!("workflow {name} ({workflow})"))
             }
-            Notice::WorkflowProgress { workflow, name, counts } => (
-                EventKind::WorkflowProgress,
-                None,
-                format!("workflow {name} ({workflow}): {counts}"),
-            ),
+            Notice::WorkflowProgress { workflow, name } => {
+                let counts = self.site().workflow(&workflow).map(|w| w.counts().to_string());
+                let counts = counts.unwrap_or_default();
+                (
+                    EventKind::WorkflowProgress,
+                    None,
+                    format!("workflow {name} ({workflow}): {counts}"),
+                )
+            }
             Notice::WorkflowEnded { workflow, state, reason } => {
                 let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
                 (EventKind::WorkflowEnded, None, format!("workflow {workflow} {state}{why}"))

@@ -378,6 +378,11 @@ pub(crate) async fn recover(state: &Arc<NodeState>) {
     for record in jobs {
         let id = record.job.job_id;
         resend_results(state, &record.job);
+        if record.job.state.is_terminal() && held.contains(&id) {
+            // It ended (aborted, say) but the kill was lost with the node: kill it now.
+            kill(state, id);
+            continue;
+        }
         if !matches!(record.job.state, JobState::Scheduled | JobState::Running) {
             continue;
         }
