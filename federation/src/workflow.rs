@@ -562,16 +562,7 @@ impl Workflow {
             WorkflowEvent::GiveUp { job_id, reason } => {
                 let Some(i) = self.live_job_or_finished(&job_id) else { return out };
                 touched.insert(self.jobs[i].step);
-                let reason = fit_text(&reason);
-                if self.jobs[i].state == JobState::Finished {
-                    // Ended already (its slot is free), but without a result it is not done.
-                    let job = &mut self.jobs[i];
-                    job.state = JobState::Failed;
-                    job.reason = Some(reason);
-                    self.revision.bump();
-                } else {
-                    self.set_terminal(i, JobState::Failed, Some(reason));
-                }
+                self.fail(i, fit_text(&reason));
                 self.jobs[i].updated_at = now;
                 self.after_failure(i, false, None, candidates, now, &mut out);
             }
@@ -815,15 +806,7 @@ impl Workflow {
             } else {
                 format!("{lost} and the job has no retries left")
             };
-            if finished {
-                // Ended already (its slot is free), but without a result it is not done.
-                let job = &mut self.jobs[i];
-                job.state = JobState::Failed;
-                job.reason = Some(reason);
-                self.revision.bump();
-            } else {
-                self.set_terminal(i, JobState::Failed, Some(reason));
-            }
+            self.fail(i, reason);
             self.after_failure(i, true, Some(instance), candidates, now, out);
         }
     }
@@ -984,6 +967,19 @@ impl Workflow {
         job.reason = reason;
         if job.is_done() {
             self.index.done[s] += 1;
+        }
+    }
+
+    /// Fails job `i` with `reason`: a live job through [`Self::set_terminal`]; a finished one
+    /// whose result has not arrived (its slot is free already, but it is not done) in place.
+    fn fail(&mut self, i: usize, reason: String) {
+        if self.jobs[i].state == JobState::Finished {
+            let job = &mut self.jobs[i];
+            job.state = JobState::Failed;
+            job.reason = Some(reason);
+            self.revision.bump();
+        } else {
+            self.set_terminal(i, JobState::Failed, Some(reason));
         }
     }
 

@@ -94,11 +94,6 @@ impl From<SiteError> for WorkflowError {
     }
 }
 
-/// The first refusal among `notices`, as the caller's error.
-fn refusal(refused: Vec<SiteError>) -> Result<(), SiteError> {
-    refused.into_iter().next().map_or(Ok(()), Err)
-}
-
 /// What a committed batch of commands leaves to do.
 #[derive(Debug, Default)]
 struct Effects {
@@ -152,10 +147,15 @@ impl NodeState {
         Ok(refused)
     }
 
-    /// Feeds one local request and returns its refusal as the caller's error.
-    pub(crate) async fn request(self: &Arc<Self>, event: Event) -> Result<(), RequestError> {
-        let refused = self.feed(vec![event], Vec::new()).await?;
-        refusal(refused).map_err(RequestError::Refused)
+    /// Feeds one local request (committed with `with`) and returns its refusal as the
+    /// caller's error.
+    pub(crate) async fn request(
+        self: &Arc<Self>,
+        event: Event,
+        with: Vec<WriteOp>,
+    ) -> Result<(), RequestError> {
+        let refused = self.feed(vec![event], with).await?;
+        refused.into_iter().next().map_or(Ok(()), |e| Err(RequestError::Refused(e)))
     }
 
     /// Store operations for the records and messages, then the effects for after the commit.
@@ -275,8 +275,7 @@ impl NodeState {
         job: JobId,
         outcome: Outcome,
     ) -> Result<(), JobError> {
-        let refused = self.feed(vec![Event::Executor { job, outcome }], Vec::new()).await?;
-        refusal(refused).map_err(JobError::from)
+        Ok(self.request(Event::Executor { job, outcome }, Vec::new()).await?)
     }
 
     /// A job manifest its runner refused for good (expired while it waited, or otherwise):

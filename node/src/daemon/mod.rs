@@ -401,10 +401,7 @@ impl NodeState {
         let id = manifest.workflow_id;
         let signed = self.sign(&manifest).map_err(|e| WorkflowError::Sign(e.to_string()))?;
         let record = WriteOp::PutWorkflowManifest { workflow: id, envelope: signed.into_bytes() };
-        let refused = self.feed(vec![FedEvent::Submit { manifest }], vec![record]).await?;
-        if let Some(e) = refused.into_iter().next() {
-            return Err(e.into());
-        }
+        self.request(FedEvent::Submit { manifest }, vec![record]).await?;
         self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
     }
 
@@ -414,7 +411,7 @@ impl NodeState {
         id: kaapana_protocol::WorkflowId,
         by: String,
     ) -> Result<kaapana_federation::Workflow, WorkflowError> {
-        self.request(FedEvent::CancelWorkflow { workflow: id, by }).await?;
+        self.request(FedEvent::CancelWorkflow { workflow: id, by }, Vec::new()).await?;
         self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
     }
 
@@ -428,7 +425,7 @@ impl NodeState {
             Ok(()) => FedEvent::Approve { job },
             Err(reason) => FedEvent::Reject { job, reason },
         };
-        self.request(event).await?;
+        self.request(event, Vec::new()).await?;
         self.site().runner_job(&job).map(|r| r.job.clone()).ok_or(JobError::NotFound(job))
     }
 
