@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod data_dir;
 pub mod datasets;
 pub mod demo;
+pub mod events;
 pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;

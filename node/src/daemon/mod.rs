@@ -7,10 +7,10 @@
 //! are never held across an `.await`.
 
 mod driver;
-mod events;
 mod execution;
 mod inbound;
 mod outbox;
+mod results;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,8 +30,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::events::{Event, EventKind, EventLog};
 pub use driver::{JobError, RequestError, WorkflowError};
-pub use events::{Event, EventKind, EventLog};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;
@@ -731,7 +731,8 @@ impl Daemon {
         let own = Box::new(state.own_capability_ad());
         state.feed(vec![FedEvent::OwnCapabilities(own), FedEvent::Started], Vec::new()).await?;
         tasks.spawn(net::results::serve_results(
-            Arc::clone(&state),
+            Arc::new(results::Owner(Arc::clone(&state))),
+            crate::blobs::BlobStore::in_data_dir(&state.files.dir),
             net.stream_control(),
             cancel.clone(),
         ));

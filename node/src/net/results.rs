@@ -72,7 +72,11 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::{BlobError, BlobStore, Upload};
-use crate::daemon::{NodeState, now};
+use crate::events::EventKind;
+
+fn now() -> kaapana_protocol::Timestamp {
+    kaapana_protocol::Timestamp::from_system_time(std::time::SystemTime::now())
+}
 use crate::metrics::{KindLabel, ReasonLabel};
 
 /// The size of the pieces a blob is read, sent and written in.
@@ -464,8 +468,32 @@ impl Inflight {
     }
 }
 
-struct Server {
-    state: Arc<NodeState>,
+/// What the owner's side of `/kaapana/results/1` needs of the node it runs in: the checks of
+/// an offered manifest that need the registry and the federation core, recording a stored
+/// result, and reporting. The daemon implements it; this module needs nothing else of it.
+pub trait ResultOwner: Send + Sync + 'static {
+    /// Verifies an offered signed manifest (a registered signer, signature and times) and says
+    /// whether this owner takes its result; the verified manifest, or why not.
+    fn accept(&self, envelope: &[u8]) -> Result<(Signed<ResultManifest>, ResultManifest), Refusal>;
+
+    /// Records durably that a verified result's part is stored.
+    fn record(
+        &self,
+        from: InstanceId,
+        signed: &Signed<ResultManifest>,
+        manifest: &ResultManifest,
+        bundle_part: bool,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Reports an event about `peer`.
+    fn report(&self, kind: EventKind, peer: &InstanceId, detail: String);
+
+    /// The node's metrics.
+    fn metrics(&self) -> &crate::metrics::Metrics;
+}
+
+struct Server<O> {
+    owner: Arc<O>,
     blobs: BlobStore,
     inflight: Inflight,
     cancel: CancellationToken,
@@ -473,7 +501,12 @@ struct Server {
 
 /// Accepts `/kaapana/results/1` streams until `cancel` fires; each upload runs in its own
 /// task (see the module docs).
-pub async fn serve_results(state: Arc<NodeState>, mut control: Control, cancel: CancellationToken) {
+pub async fn serve_results<O: ResultOwner>(
+    owner: Arc<O>,
+    blobs: Result<BlobStore, BlobError>,
+    mut control: Control,
+    cancel: CancellationToken,
+) {
     let mut incoming = match control.accept(StreamProtocol::new(RESULTS_PROTOCOL)) {
         Ok(incoming) => incoming,
         Err(e) => {
@@ -481,14 +514,14 @@ pub async fn serve_results(state: Arc<NodeState>, mut control: Control, cancel: 
             return;
         }
     };
-    let blobs = match BlobStore::in_data_dir(&state.files.dir) {
+    let blobs = match blobs {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "cannot open the blob store; results cannot be received");
             return;
         }
     };
-    let server = Arc::new(Server { state, blobs, inflight: Inflight::default(), cancel });
+    let server = Arc::new(Server { owner, blobs, inflight: Inflight::default(), cancel });
     let mut uploads = JoinSet::new();
     loop {
         tokio::select! {
@@ -527,9 +560,10 @@ enum End {
     WriterStopped,
 }
 
-type Refusal = (RejectCode, String);
+/// Why an upload is refused: the code the runner gets and the detail.
+pub type Refusal = (RejectCode, String);
 
-impl Server {
+impl<O: ResultOwner> Server<O> {
     async fn handle(&self, peer: PeerId, mut stream: Stream) {
         let from = InstanceId::from_peer_id(peer);
         let offer = match timeout(OFFER_TIMEOUT, read_frame::<Offer>(&mut stream, MAX_OFFER)).await
@@ -641,7 +675,7 @@ impl Server {
             (End::Broken(_) | End::Idle | End::Eof, Ok(())) if have < blob.size => {
                 let detail =
                     format!("{have} of {} bytes of {what} arrived{why}; they are kept", blob.size);
-                self.event(crate::daemon::EventKind::ResultIncomplete, from, detail.clone());
+                self.event(EventKind::ResultIncomplete, from, detail.clone());
                 Some((RejectCode::Incomplete, detail))
             }
             (End::Broken(_) | End::Idle | End::Eof, Ok(())) => {
@@ -671,43 +705,7 @@ impl Server {
         &self,
         offer: &Offer,
     ) -> Result<(Signed<ResultManifest>, ResultManifest, BlobRef), Refusal> {
-        let manifest = |r: RejectReason, d: String| (RejectCode::Manifest(r), d);
-        let signed = Signed::<ResultManifest>::from_bytes(&offer.envelope)
-            .map_err(|e| manifest(RejectReason::from(&e), e.to_string()))?;
-        let signer = signed.claimed_signer();
-        if !self.state.registry().is_registered(&signer) {
-            return Err(manifest(
-                RejectReason::UnknownSigner,
-                format!("signed by {signer}, which is not a registered instance"),
-            ));
-        }
-        let verified = signed
-            .verify(now(), &self.state.verify_options)
-            .map_err(|e| manifest(RejectReason::from(&e), e.to_string()))?;
-        let (signed, payload) = verified.into_parts();
-        use kaapana_federation::Expected;
-        let expected = self.state.site().expects_result(&payload, &signer);
-        match expected {
-            Expected::Yes => {}
-            Expected::NotYours => {
-                return Err((
-                    RejectCode::NotYourJob,
-                    format!(
-                        "job {} was not submitted to {signer} by this instance",
-                        payload.job_id
-                    ),
-                ));
-            }
-            Expected::Superseded { current } => {
-                return Err((
-                    RejectCode::Superseded,
-                    format!(
-                        "job {} attempt {} was replaced by job {current}; its result is discarded",
-                        payload.job_id, payload.attempt
-                    ),
-                ));
-            }
-        }
+        let (signed, payload) = self.owner.accept(&offer.envelope)?;
         let blob = offer.part.blob(&payload).ok_or_else(|| {
             (RejectCode::NoSuchPart, format!("the manifest names no {}", offer.part.name()))
         })?;
@@ -725,46 +723,36 @@ impl Server {
         had_blob: bool,
     ) -> Result<(), Refusal> {
         let bundle = part == ResultPart::Bundle;
-        if let Err(e) = self.state.result_stored(*from, signed, manifest, bundle).await {
+        if let Err(e) = self.owner.record(*from, signed, manifest, bundle).await {
             return Err((RejectCode::Storage, format!("cannot record the result: {e}")));
         }
-        self.state
-            .metrics
+        self.owner
+            .metrics()
             .messages_in
             .get_or_create(&KindLabel { kind: "ResultManifest".into() })
             .inc();
         let how = if had_blob { "already stored" } else { "stored" };
         let signer = signed.claimed_signer();
-        self.event(
-            crate::daemon::EventKind::ResultReceived,
-            from,
-            format!("{what} {how}, signed by {signer}"),
-        );
+        self.event(EventKind::ResultReceived, from, format!("{what} {how}, signed by {signer}"));
         Ok(())
     }
 
     async fn refuse(&self, from: &InstanceId, stream: &mut Stream, (reason, detail): Refusal) {
-        self.state
-            .metrics
+        self.owner
+            .metrics()
             .rejections
             .get_or_create(&ReasonLabel { reason: reason.label().into() })
             .inc();
         tracing::warn!(peer = %from, reason = reason.label(), %detail, "result rejected");
-        self.event(
-            crate::daemon::EventKind::ResultRejected,
-            from,
-            format!("{}: {detail}", reason.label()),
-        );
+        self.event(EventKind::ResultRejected, from, format!("{}: {detail}", reason.label()));
         let reply = Reply::Rejected { reason, detail };
         if timeout(OFFER_TIMEOUT, write_frame(stream, &reply)).await.is_ok() {
             let _ = timeout(OFFER_TIMEOUT, stream.close()).await;
         }
     }
 
-    fn event(&self, kind: crate::daemon::EventKind, peer: &InstanceId, detail: String) {
-        let name =
-            self.state.registry().get(peer).map_or_else(|| peer.to_string(), |i| i.name.clone());
-        self.state.events.push(now(), kind, Some(name), detail);
+    fn event(&self, kind: EventKind, peer: &InstanceId, detail: String) {
+        self.owner.report(kind, peer, detail);
     }
 }
 
