@@ -1,7 +1,7 @@
 //! The kaapana-node daemon and CLI: everything that does I/O for one Kaapana instance.
 //!
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
-//! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the administrative commands
+//! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the site's PACS over DICOMweb ([`pacs`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
 //! local HTTP API ([`api`]: routes, and [`api::views`], the JSON bodies the CLI shares;
 //! [`client`]) and metrics ([`metrics`]), the command line ([`cli`]: each subcommand of
@@ -28,5 +28,6 @@ pub mod events;
 pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;
+pub mod pacs;
 pub mod store;
 pub mod workflow_file;

@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod netns;
+pub mod orthanc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
