@@ -102,8 +102,8 @@ impl Orthanc {
         if status == 200 { Ok(body) } else { Err(status) }
     }
 
-    /// Uploads one DICOM file (`POST /instances`); its Orthanc answer.
-    pub fn upload(&self, file: &Path) -> serde_json::Value {
+    /// `POST /instances` of one file: Orthanc's status and answer.
+    fn post_instance(&self, file: &Path) -> (u16, String) {
         let bytes = std::fs::read(file).unwrap();
         let mut r = Self::agent()
             .post(format!("{}/instances", self.url))
@@ -112,28 +112,19 @@ impl Orthanc {
             .send(&bytes[..])
             .unwrap();
         let status = r.status().as_u16();
-        let body = r.body_mut().read_to_string().unwrap();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// Uploads one DICOM file; its Orthanc answer.
+    pub fn upload(&self, file: &Path) -> serde_json::Value {
+        let (status, body) = self.post_instance(file);
         assert_eq!(status, 200, "uploading {}: {body}", file.display());
         serde_json::from_str(&body).unwrap()
     }
 
     /// Uploads every file Orthanc takes as DICOM; how many it took.
     pub fn upload_all(&self, files: &[PathBuf]) -> usize {
-        let mut taken = 0;
-        for f in files {
-            let bytes = std::fs::read(f).unwrap();
-            let mut r = Self::agent()
-                .post(format!("{}/instances", self.url))
-                .header("Authorization", Self::basic())
-                .header("Content-Type", "application/dicom")
-                .send(&bytes[..])
-                .unwrap();
-            let _ = r.body_mut().read_to_string();
-            if r.status().as_u16() == 200 {
-                taken += 1;
-            }
-        }
-        taken
+        files.iter().filter(|f| self.post_instance(f).0 == 200).count()
     }
 }
 
