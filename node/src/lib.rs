@@ -28,6 +28,7 @@ pub mod events;
 pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;
+pub mod orthanc;
 pub mod pacs;
 pub mod store;
 pub mod workflow_file;

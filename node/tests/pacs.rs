@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::orthanc::{Orthanc, PASSWORD, USER, pydicom_files};
+use common::orthanc::{self, Orthanc, PASSWORD, USER, pydicom_files};
 use kaapana_node::pacs::{DicomWeb, PacsAuth, PacsError, SeriesQuery};
 
 fn auth() -> PacsAuth {
@@ -39,9 +39,9 @@ fn orthanc_series(o: &Orthanc) -> BTreeMap<String, (String, String, usize)> {
 #[test]
 fn pydicom_files_load_into_orthanc_and_qido_finds_them_by_series_study_and_modality() {
     let tmp = common::test_dir();
-    let orthanc = Orthanc::start(&tmp.path().join("pacs"));
+    let orthanc = orthanc::start(&tmp.path().join("pacs"));
     let files = pydicom_files();
-    let taken = orthanc.upload_all(&files);
+    let taken = orthanc::upload_all(&orthanc, &files);
     assert!(taken >= 50, "Orthanc took only {taken} of {} pydicom files", files.len());
     let truth = orthanc_series(&orthanc);
     assert!(truth.len() >= 5, "{} series", truth.len());
@@ -92,7 +92,7 @@ fn pydicom_files_load_into_orthanc_and_qido_finds_them_by_series_study_and_modal
 #[test]
 fn wrong_credentials_and_a_pacs_that_is_down_fail_with_what_to_check() {
     let tmp = common::test_dir();
-    let orthanc = Orthanc::start(&tmp.path().join("pacs"));
+    let orthanc = orthanc::start(&tmp.path().join("pacs"));
     let all = SeriesQuery::parse_match("Modality=CT").unwrap();
 
     let wrong = PacsAuth::Basic { user: USER.into(), password: "not-the-password".into() };

@@ -3,136 +3,35 @@
 //! real DICOM files that ship in the `pydicom` wheel (downloaded once with pip, unpacked with
 //! Python's zipfile; no package is installed).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
 
-/// The plugin Debian's `orthanc-dicomweb` installs.
-const DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
+pub use kaapana_node::orthanc::Orthanc;
+use kaapana_node::orthanc::{OrthancConfig, collect_dcm};
+
 /// The test user.
 pub const USER: &str = "kaapana";
 /// Its password.
 pub const PASSWORD: &str = "kaapana-test-secret";
 
-/// A running Orthanc; killed when dropped.
-pub struct Orthanc {
-    child: Child,
-    /// `http://127.0.0.1:PORT`.
-    pub url: String,
-    /// Its folder (config, storage, log).
-    pub dir: PathBuf,
+/// Starts an Orthanc in `dir` on free ports with the test user.
+pub fn start(dir: &std::path::Path) -> Orthanc {
+    let config = OrthancConfig {
+        name: "kaapana-test-pacs".into(),
+        http_port: super::free_port(),
+        dicom_port: super::free_port(),
+        user: USER.into(),
+        password: PASSWORD.into(),
+    };
+    Orthanc::start(dir, config).unwrap_or_else(|e| panic!("{e}"))
 }
 
-impl Orthanc {
-    /// Starts Orthanc in `dir` and waits until its REST API answers.
-    pub fn start(dir: &Path) -> Self {
-        assert!(
-            Path::new("/usr/sbin/Orthanc").exists() && Path::new(DICOMWEB_PLUGIN).exists(),
-            "Orthanc is missing: apt-get install -y orthanc orthanc-dicomweb (scripts/test does)"
-        );
-        std::fs::create_dir_all(dir.join("storage")).unwrap();
-        let (http, dicom) = (super::free_port(), super::free_port());
-        let config = serde_json::json!({
-            "Name": "kaapana-test-pacs",
-            "StorageDirectory": dir.join("storage"),
-            "IndexDirectory": dir.join("storage"),
-            "HttpPort": http,
-            "DicomPort": dicom,
-            "RemoteAccessAllowed": false,
-            "AuthenticationEnabled": true,
-            "RegisteredUsers": { USER: PASSWORD },
-            "Plugins": [DICOMWEB_PLUGIN],
-            "DicomWeb": { "Enable": true, "Root": "/dicom-web/" },
-        });
-        let config_file = dir.join("orthanc.json");
-        std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let log = std::fs::File::create(dir.join("orthanc.log")).unwrap();
-        let child = Command::new("/usr/sbin/Orthanc")
-            .arg(&config_file)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("cannot start Orthanc");
-        let me = Self { child, url: format!("http://127.0.0.1:{http}"), dir: dir.to_owned() };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if me.get("/system").is_ok() {
-                return me;
-            }
-            assert!(Instant::now() < deadline, "Orthanc did not answer: {}", me.log());
-            // Polls a process that is starting; there is no event to wait for.
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Its DICOMweb root.
-    pub fn dicomweb(&self) -> String {
-        format!("{}/dicom-web", self.url)
-    }
-
-    /// Its log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("orthanc.log")).unwrap_or_default()
-    }
-
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .new_agent()
-    }
-
-    fn basic() -> String {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-        format!("Basic {b64}")
-    }
-
-    /// `GET path` with the test user; the body, or the status.
-    pub fn get(&self, path: &str) -> Result<String, u16> {
-        let mut r = Self::agent()
-            .get(format!("{}{path}", self.url))
-            .header("Authorization", Self::basic())
-            .call()
-            .map_err(|_| 0u16)?;
-        let status = r.status().as_u16();
-        let body = r.body_mut().read_to_string().unwrap_or_default();
-        if status == 200 { Ok(body) } else { Err(status) }
-    }
-
-    /// `POST /instances` of one file: Orthanc's status and answer.
-    fn post_instance(&self, file: &Path) -> (u16, String) {
-        let bytes = std::fs::read(file).unwrap();
-        let mut r = Self::agent()
-            .post(format!("{}/instances", self.url))
-            .header("Authorization", Self::basic())
-            .header("Content-Type", "application/dicom")
-            .send(&bytes[..])
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.body_mut().read_to_string().unwrap_or_default())
-    }
-
-    /// Uploads one DICOM file; its Orthanc answer.
-    pub fn upload(&self, file: &Path) -> serde_json::Value {
-        let (status, body) = self.post_instance(file);
-        assert_eq!(status, 200, "uploading {}: {body}", file.display());
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Uploads every file Orthanc takes as DICOM; how many it took.
-    pub fn upload_all(&self, files: &[PathBuf]) -> usize {
-        files.iter().filter(|f| self.post_instance(f).0 == 200).count()
-    }
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Uploads every file Orthanc takes as DICOM; how many it took.
+pub fn upload_all(orthanc: &Orthanc, files: &[PathBuf]) -> usize {
+    files
+        .iter()
+        .filter(|f| orthanc.post_instance(&std::fs::read(f).unwrap()).unwrap().0 == 200)
+        .count()
 }
 
 /// The DICOM files of the `pydicom` wheel's test data (`pydicom/data/test_files/**.dcm`),
@@ -174,16 +73,4 @@ pub fn pydicom_files() -> Vec<PathBuf> {
     files.sort();
     assert!(!files.is_empty(), "no .dcm files in the pydicom wheel");
     files
-}
-
-fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.filter_map(Result::ok) {
-        let p = e.path();
-        if p.is_dir() {
-            collect_dcm(&p, out);
-        } else if p.extension().is_some_and(|x| x.eq_ignore_ascii_case("dcm")) {
-            out.push(p);
-        }
-    }
 }
