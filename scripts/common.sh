@@ -26,6 +26,8 @@ kn_require_packages() {
     command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
     [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    # The DICOM tests check the synthetic CT files with dcmtk's dcmdump, dcmftest and dcm2pnm.
+    command -v dcmdump >/dev/null 2>&1 || missing+=(dcmtk)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
@@ -44,4 +46,17 @@ kn_require_packages() {
             exit 1
         fi
     fi
+}
+
+# The job programs (`kaapana-stats`) run in the busybox job image, which has no glibc: build
+# them statically linked (crt-static) into their own target folder and print the path of
+# `kaapana-stats`. RUSTFLAGS apply only to the `--target` build, so build scripts and
+# proc-macros stay dynamic; the separate folder keeps the normal builds' cache valid.
+kn_build_job_programs() {
+    local triple=x86_64-unknown-linux-gnu
+    local dir="${CARGO_TARGET_DIR:-target}/job-programs"
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$dir" \
+        cargo build --locked -q --profile job-program -p kaapana-dicom --bin kaapana-stats \
+        --target "$triple" || return
+    echo "$dir/$triple/job-program/kaapana-stats"
 }

@@ -5,7 +5,10 @@
 //! with one layer: `/bin/busybox` (Debian's `busybox-static`), a symlink per applet in
 //! [`APPLETS`], `/etc/passwd` with root, an empty `/tmp` and `/etc/image-tag`. Every file has
 //! mtime 0 and owner root, so the same busybox and tag give the same digest.
+//! [`build_image_with`] adds host files (e.g. a static job program as `bin/kaapana-stats`)
+//! after those, in the order given, so the same files give the same digest too.
 
+use std::collections::BTreeSet;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
@@ -74,8 +77,57 @@ fn add_symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) -> io::R
     b.append_link(&mut h, path, target)
 }
 
+/// Appends `extra` (and their missing parent folders) to the layer after the base entries.
+fn add_extra_files(b: &mut tar::Builder<Vec<u8>>, extra: &[ExtraFile]) -> io::Result<()> {
+    let invalid = |path: &str, why: &str| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("image path {path:?}: {why}"))
+    };
+    let mut dirs: BTreeSet<String> = ["bin", "etc", "tmp"].map(String::from).into();
+    let mut files: BTreeSet<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
+    files.extend(["bin/busybox", "etc/passwd", "etc/image-tag"].map(String::from));
+    for file in extra {
+        let path = file.path_in_image.as_str();
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+            return Err(invalid(path, "give a relative path without empty, . or .. components"));
+        }
+        for i in 1..parts.len() {
+            let parent = parts[..i].join("/");
+            if files.contains(&parent) {
+                return Err(invalid(path, &format!("its parent {parent:?} is a file")));
+            }
+            if dirs.insert(parent.clone()) {
+                add_dir(b, &parent, 0o755)?;
+            }
+        }
+        if dirs.contains(path) || !files.insert(path.to_owned()) {
+            return Err(invalid(path, "the image already has it"));
+        }
+        let data = std::fs::read(&file.host).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot read {} for the job image: {e}", file.host.display()),
+            )
+        })?;
+        add_file(b, path, file.mode, &data)?;
+    }
+    Ok(())
+}
+
 fn json_bytes(value: &serde_json::Value) -> io::Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(io::Error::other)
+}
+
+/// A host file copied into the job image by [`build_image_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraFile {
+    /// Where it goes, relative to the image's root, e.g. `bin/kaapana-stats`; missing parent
+    /// folders are created (mode 0755).
+    pub path_in_image: String,
+    /// The file on the host (read when the image is built).
+    pub host: PathBuf,
+    /// Its mode in the image, e.g. `0o755`.
+    pub mode: u32,
 }
 
 /// Builds an OCI image layout tarball `dir/<tag>[-gz].oci.tar` from the host's static busybox
@@ -86,6 +138,22 @@ fn json_bytes(value: &serde_json::Value) -> io::Result<Vec<u8>> {
 /// Fails with [`io::ErrorKind::NotFound`] and a hint to install `busybox-static` when
 /// `/bin/busybox` is missing, or with the error of writing the file.
 pub fn build_image(dir: &Path, tag: &str, gzip: bool) -> io::Result<(PathBuf, ImageDigest)> {
+    build_image_with(dir, tag, gzip, &[])
+}
+
+/// [`build_image`] with `extra` host files added to the layer (the image of no extra files is
+/// the one [`build_image`] builds). The host programs must run with busybox alone: statically
+/// linked, no glibc.
+///
+/// Fails with [`io::ErrorKind::InvalidInput`] for a `path_in_image` that is absolute, empty,
+/// contains `.` or `..`, or names a path the image already has, and with the error of reading
+/// a host file (naming it).
+pub fn build_image_with(
+    dir: &Path,
+    tag: &str,
+    gzip: bool,
+    extra: &[ExtraFile],
+) -> io::Result<(PathBuf, ImageDigest)> {
     let busybox = std::fs::read(BUSYBOX).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -106,6 +174,7 @@ pub fn build_image(dir: &Path, tag: &str, gzip: bool) -> io::Result<(PathBuf, Im
     }
     add_file(&mut layer, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
     add_file(&mut layer, "etc/image-tag", 0o644, tag.as_bytes())?;
+    add_extra_files(&mut layer, extra)?;
     let layer = layer.into_inner()?;
     let diff_id = digest_of(&layer);
     let (layer_blob, layer_type) = if gzip {
@@ -192,5 +261,73 @@ mod tests {
                 d1.to_string().trim_start_matches("sha256:")
             ))
         );
+    }
+
+    /// The entries (path, mode, contents) of the image's only layer.
+    fn layer_entries(tar: &Path) -> Vec<(String, u32, Vec<u8>)> {
+        use std::io::Read as _;
+        let mut blobs = std::collections::BTreeMap::new();
+        for e in tar::Archive::new(std::fs::File::open(tar).unwrap()).entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            blobs.insert(name, data);
+        }
+        let blob = |digest: &serde_json::Value| {
+            let hex = digest.as_str().unwrap().trim_start_matches("sha256:");
+            blobs[&format!("blobs/sha256/{hex}")].clone()
+        };
+        let index: serde_json::Value = serde_json::from_slice(&blobs["index.json"]).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&blob(&index["manifests"][0]["digest"])).unwrap();
+        let layer = blob(&manifest["layers"][0]["digest"]);
+        let mut out = Vec::new();
+        for e in tar::Archive::new(&layer[..]).entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mode = e.header().mode().unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.push((name, mode, data));
+        }
+        out
+    }
+
+    #[test]
+    fn extra_files_go_into_the_layer_deterministically() {
+        let host = tempfile::tempdir().unwrap();
+        let prog = host.path().join("prog");
+        std::fs::write(&prog, b"#!/bin/sh\necho hi\n").unwrap();
+        let extra = [
+            ExtraFile { path_in_image: "bin/prog".into(), host: prog.clone(), mode: 0o755 },
+            ExtraFile { path_in_image: "opt/kn/data.txt".into(), host: prog.clone(), mode: 0o644 },
+        ];
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (plain_tar, plain) = build_image(a.path(), "x", false).unwrap();
+        let (_, same_as_plain) = build_image_with(b.path(), "x", false, &[]).unwrap();
+        assert_eq!(plain, same_as_plain);
+        let (tar, d1) = build_image_with(a.path(), "x", false, &extra).unwrap();
+        assert_eq!(tar, plain_tar);
+        let (_, d2) = build_image_with(b.path(), "x", false, &extra).unwrap();
+        assert_eq!(d1, d2);
+        assert_ne!(d1, plain);
+        let entries = layer_entries(&tar);
+        let find = |p: &str| entries.iter().find(|(n, ..)| n.trim_end_matches('/') == p);
+        let (_, mode, data) = find("bin/prog").expect("bin/prog in the layer");
+        assert_eq!((*mode, data.as_slice()), (0o755, &b"#!/bin/sh\necho hi\n"[..]));
+        assert_eq!(find("opt/kn/data.txt").unwrap().1, 0o644);
+        assert!(find("opt").is_some() && find("opt/kn").is_some());
+        assert!(find("bin/busybox").is_some());
+
+        for bad in ["/bin/prog", "bin/../x", "bin/sh", "bin/busybox/x", "", "bin//x", "tmp"] {
+            let e = [ExtraFile { path_in_image: bad.into(), host: prog.clone(), mode: 0o755 }];
+            let err = build_image_with(a.path(), "x", false, &e).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad}: {err}");
+        }
+        let missing = host.path().join("missing");
+        let e = [ExtraFile { path_in_image: "bin/m".into(), host: missing.clone(), mode: 0o755 }];
+        let err = build_image_with(a.path(), "x", false, &e).unwrap_err();
+        assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
     }
 }
