@@ -221,6 +221,7 @@ mod tests {
                         items: *items,
                         bytes: 0,
                         tokens: (0..*items).map(|i| ItemToken([i as u8; 32])).collect(),
+                        modalities: Vec::new(),
                     })
                     .collect(),
                 resources: Resources {

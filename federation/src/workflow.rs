@@ -1301,6 +1301,7 @@ mod tests {
                     items: items as u64,
                     bytes: 1 << 20,
                     tokens: (0..items).map(|k| token(n, k)).collect(),
+                    modalities: Vec::new(),
                 }],
                 resources: Resources {
                     cpu_millis: cpu,

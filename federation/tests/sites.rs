@@ -441,6 +441,7 @@ impl World {
                         items: s.items as u64,
                         bytes: 1 << 20,
                         tokens: (0..s.items).map(|i| token(k, i)).collect(),
+                        modalities: Vec::new(),
                     }],
                     resources: Resources {
                         cpu_millis: cpu,

@@ -51,6 +51,31 @@ pub struct Config {
     /// Workflows this instance owns.
     #[serde(default)]
     pub workflows: WorkflowSection,
+    /// The site's datasets.
+    #[serde(default)]
+    pub datasets: DatasetSection,
+}
+
+/// `[datasets]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    /// The most bytes the cache of series fetched from the PACS (`DATA_DIR/pacs-cache`) keeps
+    /// for DICOMweb datasets; least recently used series are evicted beyond it. Default 50 GiB
+    /// ([`crate::pacs_cache::DEFAULT_CACHE_BYTES`]). Series a running job reads stay on disk
+    /// (hard-linked into its input folder) until the job ends, beyond the bound.
+    #[serde(default = "default_pacs_cache_bytes")]
+    pub pacs_cache_bytes: u64,
+}
+
+const fn default_pacs_cache_bytes() -> u64 {
+    crate::pacs_cache::DEFAULT_CACHE_BYTES
+}
+
+impl Default for DatasetSection {
+    fn default() -> Self {
+        Self { pacs_cache_bytes: default_pacs_cache_bytes() }
+    }
 }
 
 /// `[workflows]`
@@ -204,6 +229,7 @@ impl Config {
             trust: TrustConfig::default(),
             executor: ExecutorSection::default(),
             workflows: WorkflowSection::default(),
+            datasets: DatasetSection::default(),
         }
     }
 
@@ -270,7 +296,14 @@ runner_lost_after_secs = {lost}
 # Seconds a runner may be out of reach before its jobs that cannot move fail (their workflow
 # then ends with that reason); a cancel waits for the runner in case it comes back.
 runner_give_up_after_secs = {give_up}
+
+[datasets]
+# The most bytes kept in the cache of series fetched from the PACS for DICOMweb datasets
+# (DATA_DIR/pacs-cache); least recently used series are evicted beyond it. Series that running
+# jobs read stay on disk until those jobs end. Default 53687091200 (50 GiB).
+pacs_cache_bytes = {pacs_cache}
 "#,
+            pacs_cache = self.datasets.pacs_cache_bytes,
             give_up = self.workflows.runner_give_up_after_secs,
             lost = self.workflows.runner_lost_after_secs,
             name = self.instance.name,

@@ -59,6 +59,9 @@ pub enum EventKind {
     JobGivenUp,
     /// `image_pulled`.
     ImagePulled,
+    /// `staging_failed`: a job's data could not be staged (with the series and the PACS; this
+    /// site's event log only, never sent to a peer).
+    StagingFailed,
     /// `result_sent`.
     ResultSent,
     /// `result_retry`.
@@ -102,6 +105,7 @@ impl EventKind {
             Self::JobUpdateIgnored => "job_update_ignored",
             Self::JobGivenUp => "job_given_up",
             Self::ImagePulled => "image_pulled",
+            Self::StagingFailed => "staging_failed",
             Self::ResultSent => "result_sent",
             Self::ResultRetry => "result_retry",
             Self::ResultFailed => "result_failed",

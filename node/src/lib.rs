@@ -30,5 +30,6 @@ pub mod metrics;
 pub mod net;
 pub mod orthanc;
 pub mod pacs;
+pub mod pacs_cache;
 pub mod store;
 pub mod workflow_file;

@@ -67,8 +67,14 @@ const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq
 /// Results received as a workflow's owner: `JobId` bytes → the runner's signed
 /// `ResultManifest` envelope (its bundle is in the blob store, see [`crate::blobs`]).
 const RESULTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("results");
-/// Datasets registered at this site: name → postcard of [`DatasetRecord`].
-const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+/// Datasets registered at this site: name → [`DATASET_SCHEMA_V2`] + postcard of
+/// [`DatasetRecord`]. Replaces `datasets` (name → postcard of the record without its DICOMweb
+/// definition), whose entries are moved here when the store is opened.
+const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets.v2");
+/// The table `datasets.v2` replaces.
+const DATASETS_V1: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+/// The schema version byte in front of each value of the datasets table.
+const DATASET_SCHEMA_V2: u8 = 2;
 /// Workflows this node owns, with the owner's record of every job (one record per job):
 /// `WorkflowId` bytes → postcard of [`WorkflowRecord`].
 const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v2");
@@ -199,17 +205,109 @@ pub enum WriteOp {
 /// federation core persists it.
 pub type WorkflowRecord = kaapana_federation::Workflow;
 
-/// A dataset registered at this site: where its provider finds it.
+/// A dataset registered at this site: where its provider finds it. For a DICOMweb dataset the
+/// record is its whole definition (the series it resolved to when it was registered), so the
+/// daemon needs no PACS to start or to advertise it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetRecord {
     /// Its name, as advertised to peers.
     pub name: String,
-    /// Its provider (`directory`).
+    /// Its provider (`directory` or `dicomweb`).
     pub provider: String,
-    /// Where the provider finds it (for `directory`: the folder with one sub-folder per item).
+    /// Where the provider finds it (for `directory`: the folder with one sub-folder per item;
+    /// for `dicomweb`: the PACS's DICOMweb URL).
     pub location: String,
     /// When it was registered.
     pub added_at: Timestamp,
+    /// The series of a `dicomweb` dataset.
+    pub dicomweb: Option<DicomWebDefinition>,
+}
+
+/// What a DICOMweb dataset is: the series its selection resolved to at registration, and how
+/// to reach the PACS.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DicomWebDefinition {
+    /// The credentials (paths of the files holding the secret).
+    pub credentials: crate::pacs::PacsCredentials,
+    /// The selection as given (`series 1.2.3 1.2.4`, `study 1.2.3`, `query Modality=CT`).
+    pub selection: String,
+    /// The series, in the order the PACS listed them.
+    pub series: Vec<PacsSeries>,
+}
+
+/// One series of a DICOMweb dataset as QIDO-RS described it at registration.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PacsSeries {
+    /// SeriesInstanceUID.
+    pub series_uid: String,
+    /// StudyInstanceUID.
+    pub study_uid: String,
+    /// Modality (empty if the PACS gave none).
+    pub modality: String,
+    /// Number of instances.
+    pub instances: u64,
+    /// Its estimated pixel-data size in bytes (see [`crate::pacs::SeriesSize`]).
+    pub bytes: u64,
+}
+
+/// A record of the `datasets` table that `datasets.v2` replaces.
+#[derive(serde::Deserialize)]
+struct DatasetRecordV1 {
+    name: String,
+    provider: String,
+    location: String,
+    added_at: Timestamp,
+}
+
+fn encode_dataset(d: &DatasetRecord) -> Result<Vec<u8>, StoreError> {
+    let mut value = vec![DATASET_SCHEMA_V2];
+    value.extend(postcard::to_allocvec(d).map_err(backend)?);
+    Ok(value)
+}
+
+fn decode_dataset(bytes: &[u8]) -> Result<DatasetRecord, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { table: "datasets.v2", detail };
+    match bytes.split_first() {
+        Some((&DATASET_SCHEMA_V2, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((v, _)) => Err(corrupt(format!("unknown schema version {v}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+/// Moves the entries of the `datasets` table of an older store into `datasets.v2`.
+fn migrate_datasets(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use redb::TableHandle;
+    let old_exists = txn.list_tables().map_err(backend)?.any(|t| t.name() == DATASETS_V1.name());
+    if !old_exists {
+        return Ok(());
+    }
+    let mut records = Vec::new();
+    {
+        let old = txn.open_table(DATASETS_V1).map_err(backend)?;
+        for entry in old.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            let r: DatasetRecordV1 = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Corrupt { table: "datasets", detail: e.to_string() })?;
+            records.push(DatasetRecord {
+                name: r.name,
+                provider: r.provider,
+                location: r.location,
+                added_at: r.added_at,
+                dicomweb: None,
+            });
+        }
+    }
+    let mut new = txn.open_table(DATASETS).map_err(backend)?;
+    for r in &records {
+        if new.get(r.name.as_str()).map_err(backend)?.is_none() {
+            new.insert(r.name.as_str(), encode_dataset(r)?.as_slice()).map_err(backend)?;
+        }
+    }
+    drop(new);
+    txn.delete_table(DATASETS_V1).map_err(backend)?;
+    Ok(())
 }
 
 /// A job this node runs, with the verified manifest it came in, as the federation core
@@ -343,6 +441,7 @@ impl Store {
         // Create the tables, so that read transactions find them all.
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         Tables::open(&txn).map_err(|e| open_err(e.into()))?;
+        migrate_datasets(&txn).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
 
         let db = Arc::new(db);
@@ -642,12 +741,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in t.iter().map_err(backend)? {
             let (_, v) = entry.map_err(backend)?;
-            out.push(
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                    table: "datasets",
-                    detail: e.to_string(),
-                })?,
-            );
+            out.push(decode_dataset(v.value())?);
         }
         Ok(out)
     }
@@ -893,7 +987,7 @@ impl<'txn> Tables<'txn> {
                 Ok(WriteOutcome::Done)
             }
             WriteOp::PutDataset(d) => {
-                let value = postcard::to_allocvec(d).map_err(backend)?;
+                let value = encode_dataset(d)?;
                 self.datasets.insert(d.name.as_str(), value.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
@@ -1168,5 +1262,67 @@ mod tests {
         store.write(vec![WriteOp::ForgetPeer(a)]).unwrap();
         assert_eq!(store.outbox_depth(&a).unwrap(), 0);
         assert_eq!(store.outbox_depth(&b).unwrap(), 1);
+    }
+
+    #[test]
+    fn datasets_of_an_older_store_move_to_the_versioned_table() {
+        #[derive(serde::Serialize)]
+        struct V1 {
+            name: String,
+            provider: String,
+            location: String,
+            added_at: Timestamp,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(DATASETS_V1).unwrap();
+                let v1 = V1 {
+                    name: "lung-ct".into(),
+                    provider: "directory".into(),
+                    location: "/data/lung-ct".into(),
+                    added_at: Timestamp::from_millis(5),
+                };
+                t.insert("lung-ct", postcard::to_allocvec(&v1).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let expected = DatasetRecord {
+            name: "lung-ct".into(),
+            provider: "directory".into(),
+            location: "/data/lung-ct".into(),
+            added_at: Timestamp::from_millis(5),
+            dicomweb: None,
+        };
+        assert_eq!(store.datasets().unwrap(), vec![expected.clone()]);
+        // A DICOMweb dataset's definition round-trips, and the old table is gone.
+        let pacs = DatasetRecord {
+            name: "chest".into(),
+            provider: "dicomweb".into(),
+            location: "http://pacs/dicom-web".into(),
+            added_at: Timestamp::from_millis(6),
+            dicomweb: Some(DicomWebDefinition {
+                credentials: crate::pacs::PacsCredentials::Bearer { token_file: "/t".into() },
+                selection: "query Modality=CT".into(),
+                series: vec![PacsSeries {
+                    series_uid: "1.2.3".into(),
+                    study_uid: "1.2".into(),
+                    modality: "CT".into(),
+                    instances: 2,
+                    bytes: 1 << 20,
+                }],
+            }),
+        };
+        store.write(vec![WriteOp::PutDataset(pacs.clone())]).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.datasets().unwrap(), vec![pacs, expected]);
+        let txn = store.inner.db.begin_read().unwrap();
+        use redb::TableHandle;
+        assert!(!txn.list_tables().unwrap().any(|t| t.name() == "datasets"));
     }
 }

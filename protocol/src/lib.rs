@@ -31,9 +31,10 @@ pub use libp2p_identity::PeerId;
 pub use manifest::{
     BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
     ExecutorKind, ExitStatus, Gpu, Header, InputBundle, InstanceBundleInfo, ItemToken, JobManifest,
-    JobSpec, JobState, JobTimings, JobUpdate, MAX_ITEM_TOKENS, MAX_NAME_LEN, MAX_RETRIES,
-    MAX_TEXT_LEN, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
-    RunnerSelector, WorkflowManifest, fit_text, validate_name, validate_text,
+    JobSpec, JobState, JobTimings, JobUpdate, MAX_ITEM_TOKENS, MAX_MODALITIES, MAX_NAME_LEN,
+    MAX_RETRIES, MAX_TEXT_LEN, ModalityCount, NameScope, Pick, Processing, ResourceLimits,
+    Resources, ResultManifest, RunnerSelector, WorkflowManifest, fit_text, validate_modality,
+    validate_name, validate_text,
 };
 pub use replay::ReplayWindow;
 pub use results::{MAX_OFFER, MAX_REPLY, Offer, RESULTS_PROTOCOL, RejectCode, Reply, ResultPart};

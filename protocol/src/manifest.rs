@@ -111,6 +111,38 @@ pub struct DatasetSummary {
     /// single items (single-file processing) without learning their identifiers. Empty when the
     /// receiver may not use this dataset.
     pub tokens: Vec<ItemToken>,
+    /// How many items have each DICOM modality (`CT`, `MR`, ...), by modality; empty when the
+    /// site does not know (a folder dataset). Counts, never identifiers.
+    pub modalities: Vec<ModalityCount>,
+}
+
+/// How many items of a dataset have one DICOM modality.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModalityCount {
+    /// The modality as DICOM's Modality (0008,0060) names it: `CT`, `MR`, `CR`, ...
+    pub modality: String,
+    /// How many items (series) have it.
+    pub items: u64,
+}
+
+/// The most modalities one advertised dataset lists.
+pub const MAX_MODALITIES: usize = 64;
+
+/// Checks a modality: 1-16 characters of DICOM's code string repertoire (uppercase letters,
+/// digits, space and `_`), as Modality (0008,0060) is.
+pub fn validate_modality(m: &str) -> Result<(), ValidationError> {
+    let ok = !m.is_empty()
+        && m.len() <= 16
+        && m.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::OutOfRange {
+            field: "dataset modality",
+            expected: "1-16 of A-Z, 0-9, space and _ (a DICOM code string)",
+        })
+    }
 }
 
 /// A GPU a site offers.
@@ -202,6 +234,24 @@ impl Manifest for CapabilityAd {
                 return Err(ValidationError::OutOfRange {
                     field: "dataset tokens",
                     expected: "at most one token per item",
+                });
+            }
+            validate_count("dataset modalities", &d.modalities, MAX_MODALITIES)?;
+            let mut counted = 0u64;
+            for (i, m) in d.modalities.iter().enumerate() {
+                validate_modality(&m.modality)?;
+                if d.modalities[..i].iter().any(|o| o.modality == m.modality) {
+                    return Err(ValidationError::OutOfRange {
+                        field: "dataset modalities",
+                        expected: "each modality once",
+                    });
+                }
+                counted = counted.saturating_add(m.items);
+            }
+            if counted > d.items {
+                return Err(ValidationError::OutOfRange {
+                    field: "dataset modalities",
+                    expected: "at most as many items per modality as the dataset has",
                 });
             }
         }
@@ -743,5 +793,41 @@ mod tests {
         assert!(fit.len() <= MAX_TEXT_LEN && fit.len() > MAX_TEXT_LEN - 2);
         assert!(validate_text("reason", &fit, MAX_TEXT_LEN).is_ok());
         assert!(validate_text("reason", &long, MAX_TEXT_LEN).is_err());
+    }
+
+    #[test]
+    fn advertised_modalities_are_dicom_code_strings_counted_within_the_items() {
+        let ad = |modalities: Vec<(&str, u64)>| CapabilityAd {
+            header: Header::new(Timestamp::from_millis(1), Duration::from_secs(60)),
+            sequence: 1,
+            instance_name: "site-b".into(),
+            node_version: "0.1.0".into(),
+            executors: vec![],
+            allowed_images: vec![],
+            allowed_workflows: NameScope::Any,
+            datasets: vec![DatasetSummary {
+                name: "lung-ct".into(),
+                items: 3,
+                bytes: 0,
+                tokens: vec![],
+                modalities: modalities
+                    .into_iter()
+                    .map(|(m, items)| ModalityCount { modality: m.into(), items })
+                    .collect(),
+            }],
+            resources: Resources::default(),
+        };
+        assert!(ad(vec![]).validate().is_ok());
+        assert!(ad(vec![("CT", 2), ("MR", 1)]).validate().is_ok());
+        for bad in [
+            vec![("ct", 1)],
+            vec![("", 1)],
+            vec![("CT/MR", 1)],
+            vec![("ABCDEFGHIJKLMNOPQ", 1)],
+            vec![("CT", 1), ("CT", 1)],
+            vec![("CT", 3), ("MR", 1)],
+        ] {
+            assert!(ad(bad.clone()).validate().is_err(), "{bad:?}");
+        }
     }
 }

@@ -91,7 +91,13 @@ fn huge_declared_lengths_fail_fast_without_allocating() {
         executors: vec![ExecutorKind::Containerd, ExecutorKind::Kubernetes],
         allowed_images: vec![],
         allowed_workflows: NameScope::Only(vec![]),
-        datasets: vec![DatasetSummary { name: "a".into(), items: 0, bytes: 0, tokens: vec![] }],
+        datasets: vec![DatasetSummary {
+            name: "a".into(),
+            items: 0,
+            bytes: 0,
+            tokens: vec![],
+            modalities: vec![],
+        }],
         resources: Resources::default(),
     };
     let honest_ad = postcard::to_allocvec(&honest_ad).unwrap();

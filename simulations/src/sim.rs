@@ -1673,6 +1673,7 @@ impl Sim {
                 items: a.items,
                 bytes: a.items * 200 * 1024 * 1024,
                 tokens,
+                modalities: Vec::new(),
             });
         }
         if sc.site.cohorts > 0 {
@@ -1681,6 +1682,7 @@ impl Sim {
                 items: a.items,
                 bytes: a.items * 200 * 1024 * 1024,
                 tokens: Vec::new(),
+                modalities: Vec::new(),
             });
         }
         CapabilityAd {

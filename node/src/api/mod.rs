@@ -24,7 +24,7 @@
 //! | `GET /v1/workflows/{id}` | one workflow: its steps and jobs with state, runner and result |
 //! | `POST /v1/workflows/{id}/cancel` | cancel a workflow: its jobs stop at every runner |
 //! | `GET /v1/datasets` | the site's datasets: name, provider, location, items, size |
-//! | `POST /v1/datasets` | register a dataset folder ([`AddDatasetRequest`]) |
+//! | `POST /v1/datasets` | register a dataset: a folder or series of the site's PACS over DICOMweb ([`AddDatasetRequest`]) |
 //! | `DELETE /v1/datasets/{name}` | forget a dataset (its files stay) |
 //! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
 
@@ -304,7 +304,13 @@ fn dataset_error(e: crate::datasets::DatasetError) -> ApiError {
     let status = match &e {
         E::NotFound(_) => StatusCode::NOT_FOUND,
         E::Exists { .. } => StatusCode::CONFLICT,
-        E::BadName(_) | E::BadFolder { .. } | E::Io { .. } => StatusCode::BAD_REQUEST,
+        E::BadName(_)
+        | E::BadFolder { .. }
+        | E::Io { .. }
+        | E::BadRequest(_)
+        | E::EmptySelection { .. }
+        | E::Pacs(_)
+        | E::BadSeries { .. } => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::new(status, e.to_string())
@@ -319,7 +325,15 @@ async fn add_dataset(
     State(state): State<Arc<NodeState>>,
     Json(req): Json<AddDatasetRequest>,
 ) -> ApiResult<(StatusCode, Json<DatasetView>)> {
-    state.add_dataset(&req.name, &req.folder).await.map_err(dataset_error)?;
+    match (req.folder, req.dicomweb) {
+        (Some(folder), None) => state.add_dataset(&req.name, &folder).await,
+        (None, Some(selection)) => state.add_dicomweb_dataset(&req.name, selection).await,
+        _ => Err(crate::datasets::DatasetError::BadRequest(
+            "a dataset is a folder (`folder`) or series in the PACS (`dicomweb`), one of them"
+                .into(),
+        )),
+    }
+    .map_err(dataset_error)?;
     let d = state.datasets();
     let e = d.entries().get(&req.name).ok_or_else(|| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the dataset vanished while added")

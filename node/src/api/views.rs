@@ -5,6 +5,8 @@
 //! jobs, datasets). No HTTP server, no daemon state: the client side uses these without the
 //! routes.
 
+use std::collections::BTreeMap;
+
 use kaapana_federation::{Policy, RegisteredInstance};
 use kaapana_protocol::{CapabilityAd, NameScope};
 use serde::{Deserialize, Serialize};
@@ -73,6 +75,9 @@ pub struct CapabilitiesView {
     pub allowed_images: Vec<String>,
     /// Datasets: name, items, bytes.
     pub datasets: Vec<(String, u64, u64)>,
+    /// Items per modality of each dataset that has them: dataset name → (modality, items).
+    #[serde(default)]
+    pub modalities: BTreeMap<String, Vec<(String, u64)>>,
     /// CPU in millicores.
     pub cpu_millis: u32,
     /// Memory in bytes.
@@ -95,6 +100,15 @@ impl From<&CapabilityAd> for CapabilitiesView {
             },
             allowed_images: ad.allowed_images.iter().map(ToString::to_string).collect(),
             datasets: ad.datasets.iter().map(|d| (d.name.clone(), d.items, d.bytes)).collect(),
+            modalities: ad
+                .datasets
+                .iter()
+                .filter(|d| !d.modalities.is_empty())
+                .map(|d| {
+                    let m = d.modalities.iter().map(|m| (m.modality.clone(), m.items)).collect();
+                    (d.name.clone(), m)
+                })
+                .collect(),
             cpu_millis: ad.resources.cpu_millis,
             memory_bytes: ad.resources.memory_bytes,
             gpus: ad.resources.gpus.len(),
@@ -271,14 +285,20 @@ impl WorkflowView {
 pub struct DatasetView {
     /// Its name.
     pub name: String,
-    /// Its provider (`directory`).
+    /// Its provider (`directory`, `dicomweb`).
     pub provider: String,
-    /// Where it is.
+    /// Where it is (a folder, a DICOMweb URL).
     pub location: String,
     /// How many items (DICOM series) it holds; `None` if it cannot be read.
     pub items: Option<u64>,
-    /// Their total size in bytes.
+    /// Their total size in bytes (for `dicomweb`: the estimated pixel data).
     pub bytes: Option<u64>,
+    /// Items per modality (`dicomweb` datasets).
+    #[serde(default)]
+    pub modalities: Vec<(String, u64)>,
+    /// What a `dicomweb` dataset was registered from (`query Modality=CT`, ...).
+    #[serde(default)]
+    pub selection: Option<String>,
     /// Why it cannot be read.
     pub error: Option<String>,
 }
@@ -292,18 +312,26 @@ impl DatasetView {
             location: e.provider.location(),
             items: e.scan.as_ref().map(|s| s.items.len() as u64),
             bytes: e.scan.as_ref().map(|s| s.bytes),
+            modalities: e.scan.as_ref().map_or_else(Vec::new, |s| {
+                s.modalities.iter().map(|m| (m.modality.clone(), m.items)).collect()
+            }),
+            selection: e.provider.selection(),
             error: e.error.clone(),
         }
     }
 }
 
-/// `POST /v1/datasets`.
+/// `POST /v1/datasets`: a folder (`folder`), or series in the site's PACS (`dicomweb`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddDatasetRequest {
     /// Its name, as peers will see it.
     pub name: String,
     /// The folder, with one sub-folder per item; an absolute path on the daemon's host.
-    pub folder: std::path::PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<std::path::PathBuf>,
+    /// Series of the site's PACS, resolved by QIDO-RS when the dataset is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicomweb: Option<crate::datasets::DicomWebSelection>,
 }
 
 /// A job this instance runs for another one.

@@ -217,7 +217,12 @@ fn print_instance(v: &InstanceView) {
             } else {
                 c.datasets
                     .iter()
-                    .map(|(n, items, _)| format!("{n} ({items} items)"))
+                    .map(|(n, items, _)| match c.modalities.get(n) {
+                        Some(m) if !m.is_empty() => {
+                            format!("{n} ({items} items: {})", super::dataset::modalities(m))
+                        }
+                        _ => format!("{n} ({items} items)"),
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             };

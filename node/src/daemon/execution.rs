@@ -2,8 +2,11 @@
 //! machine: image check → started → exited (or executor failure).
 //!
 //! Each job gets `DATA_DIR/jobs/<job id>/` with `output/` (mounted writable at `/output`) and
-//! `job.log` (its stdout and stderr). Its dataset (see [`crate::datasets`]) is mounted read-only
-//! at `/input`; a single-file job sees only its item, at `/input/<item>/`.
+//! `job.log` (its stdout and stderr, after the node's own lines about staging its data). Its
+//! dataset (see [`crate::datasets`]) is mounted read-only at `/input`; a single-file job sees
+//! only its item, at `/input/<item>/`. A DICOMweb dataset's series are staged first (fetched
+//! from the PACS through the cache, hard-linked into `input/` of the job's folder, which is
+//! removed when the container is gone).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,11 +66,29 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     if let Err(why) = ensure_image(state, executor.as_ref(), &manifest.image).await {
         return fail(state, job_id, why).await;
     }
-    // The dataset's folder at /input (batch), or the one item at /input/<item>/ (single-file).
+    let dir = job_dir(state, &job_id);
+    // The dataset at /input: a folder dataset as it is (batch), or its one item at
+    // /input/<item>/ (single-file); a DICOMweb dataset's series fetched into the job's folder.
     let (input, upstream) = match &manifest.dataset {
         Some(d) => {
             let resolved = state.datasets().resolve(&manifest.owner, &d.name, d.item.as_ref());
-            match resolved {
+            let staged = match resolved {
+                Ok(r) => stage(state, &dir, r).await,
+                Err(e) => Err(e),
+            };
+            let staged = staged.map_err(|e| {
+                // The details (series UIDs, the PACS's URL, files) stay at this site.
+                if let crate::datasets::DatasetError::Staging { detail, .. } = &e {
+                    tracing::warn!(job = %job_id, dataset = %d.name, %detail, "staging failed");
+                    state.event(
+                        EventKind::StagingFailed,
+                        Some(&manifest.owner),
+                        format!("job {job_id}, dataset {}: {detail}", d.name),
+                    );
+                }
+                e.to_string()
+            });
+            match staged {
                 Ok(JobData::Dataset(dir)) => (Some(dir), Vec::new()),
                 Ok(JobData::Item { item, folder }) => (None, vec![(item, folder)]),
                 Err(e) => {
@@ -78,7 +99,6 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         }
         None => (None, Vec::new()),
     };
-    let dir = job_dir(state, &job_id);
     let output = dir.join("output");
     if let Err(e) = std::fs::create_dir_all(&output) {
         return fail(state, job_id, format!("cannot create {}: {e}", output.display())).await;
@@ -114,9 +134,60 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             timeout: Duration::from_secs(u64::from(manifest.timeout_secs)),
         })
         .await;
+    drop_staged_input(&dir).await;
     match outcome {
         Ok(o) => exited(state, job_id, o).await,
         Err(e) => fail(state, job_id, e.to_string()).await,
+    }
+}
+
+/// Stages a job's dataset off the async runtime (fetching series from the PACS can take
+/// minutes), with progress lines appended to the job's log (`job.log`, which the executor
+/// appends to as well).
+async fn stage(
+    state: &Arc<NodeState>,
+    dir: &std::path::Path,
+    resolved: crate::datasets::Resolved,
+) -> Result<JobData, crate::datasets::DatasetError> {
+    let (input, log) = (dir.join("input"), dir.join("job.log"));
+    let cache = Arc::clone(&state.pacs_cache);
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| crate::datasets::DatasetError::Io { path: dir.clone(), source: e })?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| crate::datasets::DatasetError::Io { path: log.clone(), source: e })?;
+        let ctx = crate::datasets::StageContext { input: &input, cache: &cache };
+        let staged = resolved.stage(&ctx, &mut |line| {
+            use std::io::Write;
+            let _ = writeln!(log, "[kaapana-node] {line}");
+        });
+        staged.map_err(|e| {
+            // What was staged before the failure goes: the job does not run.
+            if input.exists() {
+                let _ = std::fs::remove_dir_all(&input);
+            }
+            use std::io::Write;
+            let _ = writeln!(log, "[kaapana-node] staging failed: {e}");
+            e
+        })
+    })
+    .await
+    .map_err(|e| crate::datasets::DatasetError::Io {
+        path: PathBuf::from("staging"),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// Removes the links to staged series in a job's folder once its container is gone, so that
+/// the PACS cache's evictions free their space.
+async fn drop_staged_input(dir: &std::path::Path) {
+    let input = dir.join("input");
+    if tokio::fs::try_exists(&input).await.unwrap_or(false) {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(input)).await;
     }
 }
 
@@ -378,6 +449,10 @@ pub(crate) async fn recover(state: &Arc<NodeState>) {
     for record in jobs {
         let id = record.job.job_id;
         resend_results(state, &record.job);
+        if record.job.state.is_terminal() && !held.contains(&id) {
+            // A job that ended while the node stopped before its staged input was removed.
+            drop_staged_input(&job_dir(state, &id)).await;
+        }
         if record.job.state.is_terminal() && held.contains(&id) {
             // It ended (aborted, say) but the kill was lost with the node: kill it now.
             kill(state, id);
@@ -421,7 +496,11 @@ async fn reattach(state: &Arc<NodeState>, job: JobId) -> Result<(), JobError> {
     let s = Arc::clone(state);
     tokio::spawn(async move {
         let log = job_dir(&s, &job).join("job.log");
-        let result = match executor.reattach(&job, &log).await {
+        let reattached = executor.reattach(&job, &log).await;
+        if !matches!(reattached, Err(crate::executor::ExecError::JobNotFound { .. })) {
+            drop_staged_input(&job_dir(&s, &job)).await;
+        }
+        let result = match reattached {
             Ok(outcome) => {
                 // A job scheduled but not yet reported started still goes through `running`.
                 let _ = s.executor_event(job, Outcome::Started).await;

@@ -70,6 +70,15 @@ pub enum DaemonError {
         "{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)"
     )]
     Executor(#[from] crate::executor::ExecError),
+    /// The PACS cache folder cannot be used.
+    #[error("cannot open the PACS cache {}: {source}", path.display())]
+    PacsCache {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The API could not bind.
     #[error("cannot start the local API on {addr}: {source}")]
     Api {
@@ -146,6 +155,8 @@ pub struct NodeState {
     executor: Option<Arc<dyn crate::executor::Executor>>,
     /// The site's datasets.
     datasets: std::sync::RwLock<crate::datasets::Datasets>,
+    /// Series fetched from the PACS for DICOMweb datasets.
+    pub(crate) pacs_cache: Arc<crate::pacs_cache::PacsCache>,
     cancel: CancellationToken,
     tasks: Mutex<Option<mpsc::UnboundedSender<InstanceId>>>,
 }
@@ -193,6 +204,39 @@ impl NodeState {
     ) -> Result<(), crate::datasets::DatasetError> {
         let existing = self.store.datasets()?;
         let (record, provider, _) = crate::datasets::check_new(name, folder, &existing, now())?;
+        self.register_dataset(name, record, provider).await
+    }
+
+    /// Registers a DICOMweb dataset: resolves its selection by QIDO-RS (off the runtime),
+    /// stores its definition, and shows it to the peers whose policy allows it.
+    pub async fn add_dicomweb_dataset(
+        self: &Arc<Self>,
+        name: &str,
+        selection: crate::datasets::DicomWebSelection,
+    ) -> Result<(), crate::datasets::DatasetError> {
+        let existing = self.store.datasets()?;
+        let name_owned = name.to_owned();
+        let (record, provider, _) = tokio::task::spawn_blocking(move || {
+            crate::datasets::check_new_dicomweb(&name_owned, &selection, &existing, now())
+        })
+        .await
+        .map_err(|e| crate::datasets::DatasetError::BadRequest(e.to_string()))??;
+        // Registered meanwhile by another request?
+        if let Some(d) = self.store.datasets()?.into_iter().find(|d| d.name == name) {
+            return Err(crate::datasets::DatasetError::Exists {
+                name: name.into(),
+                location: d.location,
+            });
+        }
+        self.register_dataset(name, record, provider).await
+    }
+
+    async fn register_dataset(
+        self: &Arc<Self>,
+        name: &str,
+        record: crate::store::DatasetRecord,
+        provider: Arc<dyn crate::datasets::DatasetProvider>,
+    ) -> Result<(), crate::datasets::DatasetError> {
         self.store.write_async(vec![WriteOp::PutDataset(record)]).await?;
         self.datasets_mut().insert(provider);
         self.event(EventKind::DatasetAdded, None, format!("dataset {name}"));
@@ -668,6 +712,16 @@ impl Daemon {
         metrics.outbox_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
 
         let datasets = crate::datasets::Datasets::load(&store).await?;
+        let cache_dir = files.dir.root().join("pacs-cache");
+        let cache_bytes = files.config.datasets.pacs_cache_bytes;
+        let pacs_cache = tokio::task::spawn_blocking({
+            let dir = cache_dir.clone();
+            move || crate::pacs_cache::PacsCache::open(&dir, cache_bytes)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| DaemonError::PacsCache { path: cache_dir, source })?;
         let (containerd, executor) = start_executor(&files).await?;
         let wf = &files.config.workflows;
         let config = SiteConfig {
@@ -712,6 +766,7 @@ impl Daemon {
             timers: Mutex::new(Some(timers_tx)),
             executor,
             datasets: std::sync::RwLock::new(datasets),
+            pacs_cache: Arc::new(pacs_cache),
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
             files,

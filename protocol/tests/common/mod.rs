@@ -11,9 +11,10 @@ use std::time::Duration;
 use kaapana_protocol::{
     BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
     ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InputBundle, InstanceBundleInfo,
-    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate, NameScope,
-    PROTOCOL_VERSION, Pick, Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector,
-    Sha256Digest, SigningKey, Timestamp, VerifyOptions, WorkflowId, WorkflowManifest,
+    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate,
+    ModalityCount, NameScope, PROTOCOL_VERSION, Pick, Processing, ResourceLimits, Resources,
+    ResultManifest, RunnerSelector, Sha256Digest, SigningKey, Timestamp, VerifyOptions, WorkflowId,
+    WorkflowManifest,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -277,14 +278,29 @@ pub fn executor_kind() -> impl Strategy<Value = ExecutorKind> {
 }
 
 pub fn dataset_summary() -> impl Strategy<Value = DatasetSummary> {
-    (name(), any::<u64>(), any::<u64>(), vec(any::<[u8; 32]>(), 0..3)).prop_map(
-        |(name, items, bytes, tokens)| DatasetSummary {
-            name,
-            items: items.max(tokens.len() as u64),
-            bytes,
-            tokens: tokens.into_iter().map(ItemToken).collect(),
-        },
+    (
+        name(),
+        any::<u64>(),
+        any::<u64>(),
+        vec(any::<[u8; 32]>(), 0..3),
+        proptest::sample::subsequence(vec!["CT", "MR", "CR", "SEG", "OT"], 0..3),
+        vec(0u64..1000, 3),
     )
+        .prop_map(|(name, items, bytes, tokens, modalities, counts)| {
+            let modalities: Vec<ModalityCount> = modalities
+                .into_iter()
+                .zip(counts)
+                .map(|(m, items)| ModalityCount { modality: m.to_owned(), items })
+                .collect();
+            let counted: u64 = modalities.iter().map(|m| m.items).sum();
+            DatasetSummary {
+                name,
+                items: items.max(tokens.len() as u64).max(counted),
+                bytes,
+                tokens: tokens.into_iter().map(ItemToken).collect(),
+                modalities,
+            }
+        })
 }
 
 pub fn gpu() -> impl Strategy<Value = Gpu> {
