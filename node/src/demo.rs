@@ -2,12 +2,16 @@
 //! statistics workflow, from certificate exchange to verified, merged results.
 //!
 //! Everything happens as it would between real sites, only on loopback: each site has its
-//! own data directory, identity, containerd (started and supervised by its daemon) and
-//! synthetic dataset; the sites register each other by exchanging bundles and checking
-//! fingerprints; their daemons are separate processes of this binary. site-a submits a
-//! workflow whose `site-stats` step runs at every site that has the dataset (site-a included)
-//! and whose `aggregate` step merges the per-site statistics at site-a. The demo then checks
-//! the merged statistics against the synthetic data.
+//! own data directory, identity, containerd (started and supervised by its daemon) and PACS
+//! (a real Orthanc with its DICOMweb plugin, started by the demo), loaded with synthetic CT
+//! series written as real DICOM ([`kaapana_dicom::synthetic`]); each site registers its
+//! dataset as the series its PACS holds; the sites register each other by exchanging bundles
+//! and checking fingerprints; their daemons are separate processes of this binary. site-a
+//! submits a workflow whose `site-stats` step runs at every site that has the dataset (site-a
+//! included): the runner stages the series from its PACS by WADO-RS and the job program
+//! `kaapana-stats` reads their headers and pixel data; the `aggregate` step merges the
+//! per-site statistics at site-a. The demo then checks every site's and the merged
+//! statistics against what it wrote.
 //!
 //! The work directory holds:
 //!
@@ -15,10 +19,12 @@
 //! site-a/  site-b/  site-c/        the sites' data directories (each with its containerd)
 //! site-a.bundle ...                the exchange bundles
 //! site-a.out, site-a.log ...       each daemon's stdout and log (stderr)
-//! data/site-a/synthetic-ct/<series UID>/{slices.txt,image.dcm}   the datasets
-//! image/kaapana-demo.oci.tar       the busybox job image
+//! data/site-a/synthetic-ct/<series UID>/<n>.dcm   the DICOM files each PACS was loaded with
+//! pacs/site-a/                     each site's Orthanc (config, storage, log)
+//! site-a.pacs-password             the password each daemon reads to reach its PACS
+//! image/kaapana-demo.oci.tar       the job image: busybox and the static kaapana-stats
 //! federated-statistics.toml        the workflow file
-//! results/<job>/...                the unpacked result bundles (results/aggregate/merged.txt)
+//! results/<job>/...                the unpacked result bundles (results/aggregate/merged.json)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,7 +38,9 @@ use crate::api::views::{SubmitWorkflowRequest, WorkflowView};
 use crate::client::ApiClient;
 use crate::data_dir::DataDir;
 use crate::executor::{Containerd, ContainerdExecutor, ExecutorConfig, busybox, lifecycle};
+use crate::orthanc::{Orthanc, OrthancConfig};
 use crate::store::WriteOp;
+use kaapana_dicom::{SiteSpec, SiteStats, SiteTruth};
 use kaapana_federation::{AllowList, Execution, Policy};
 use kaapana_protocol::ImageDigest;
 
@@ -47,43 +55,22 @@ const WORKFLOW: &str = "federated-statistics";
 const DATASET: &str = "synthetic-ct";
 /// The seed of the synthetic data.
 const SEED: u64 = 0x6b61_6170_616e_6121;
-/// Items per site for the first three sites (more sites: from the seed).
+/// CT series per site for the first three sites (more sites: from the seed).
 const ITEMS: [usize; 3] = [40, 25, 33];
-/// Slice counts are drawn from this range.
-const SLICES: std::ops::RangeInclusive<u64> = 20..=300;
-/// Histogram bins of 50 slices: 000-049 ... 300-349.
-const BINS: u64 = 7;
-const BIN_WIDTH: u64 = 50;
+/// Slices per series.
+const SLICES: std::ops::RangeInclusive<u32> = 5..=40;
+/// Rows and columns of every slice.
+const IMAGE_SIZE: u16 = 64;
+/// The PACS user every site's daemon reaches its own Orthanc as.
+const PACS_USER: &str = "kaapana-node";
 /// How long the daemons get to start, connect and exchange capability ads.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the workflow may take.
 const WORKFLOW_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a daemon gets after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The site-stats step: statistics of the site's slice counts, from every item's slices.txt.
-const SITE_STATS: &str = r#"awk '
-  { n++; s += $1; if (n == 1 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1; b[int($1 / 50)]++ }
-  END {
-    printf "items %d\nslices_sum %d\nslices_min %d\nslices_max %d\n", n, s, lo, hi
-    for (i = 0; i < 7; i++) printf "bin_%03d_%03d %d\n", i * 50, i * 50 + 49, b[i]
-  }' /input/*/slices.txt > /output/stats.txt
-cat /output/stats.txt"#;
-
-/// The aggregate step: merges the sites' stats.txt (at /input/<job name>/stats.txt).
-const AGGREGATE: &str = r#"awk '
-  FNR == 1 { sites++ }
-  $1 == "items" { n += $2 }
-  $1 == "slices_sum" { s += $2 }
-  $1 == "slices_min" { if (!has_lo || $2 < lo) lo = $2; has_lo = 1 }
-  $1 == "slices_max" { if (!has_hi || $2 > hi) hi = $2; has_hi = 1 }
-  $1 ~ /^bin_/ { b[$1] += $2 }
-  END {
-    printf "sites %d\nitems %d\nslices_sum %d\nslices_min %d\nslices_max %d\n", sites, n, s, lo, hi
-    printf "slices_mean %.2f\n", n ? s / n : 0
-    for (i = 0; i < 7; i++) { k = sprintf("bin_%03d_%03d", i * 50, i * 50 + 49); printf "%s %d\n", k, b[k] }
-  }' /input/*/stats.txt > /output/merged.txt
-cat /output/merged.txt"#;
+/// Where the job program is put in the job image.
+const STATS_IN_IMAGE: &str = "bin/kaapana-stats";
 
 /// A step of the demo, in bold.
 fn step(text: &str) {
@@ -124,14 +111,37 @@ fn failing_site(e: &CliError) -> Option<&str> {
 /// Runs the demo with `sites` sites; in `keep` (kept) or a temporary directory (removed).
 ///
 /// The sites' daemons are child processes of this program (`kaapana-node run`, through
-/// [`std::env::current_exe`]), so only the `kaapana-node` binary can run it.
-pub fn run(sites: usize, keep: Option<PathBuf>) -> Result<(), CliError> {
+/// [`std::env::current_exe`]), so only the `kaapana-node` binary can run it. `stats_program`
+/// is the statically linked `kaapana-stats` for the job image (default: where
+/// `scripts/demo` builds it, see [`default_stats_program`]).
+pub fn run(
+    sites: usize,
+    keep: Option<PathBuf>,
+    stats_program: Option<PathBuf>,
+) -> Result<(), CliError> {
     let started = Instant::now();
+    let stats_program = match stats_program {
+        Some(p) => p,
+        None => default_stats_program()?,
+    };
+    if !stats_program.is_file() {
+        bail!(
+            "the job program {} is missing: ./scripts/demo builds it (kn_build_job_programs in \
+             scripts/common.sh), or pass --stats-program PATH",
+            stats_program.display()
+        );
+    }
+    if !Orthanc::installed() {
+        bail!("{}", crate::orthanc::OrthancError::Missing);
+    }
     let work = WorkDir::new(keep)?;
     let mut demo = Demo {
         root: work.path.clone(),
         sites: (0..sites).map(|i| Site::new(&work.path, i)).collect(),
         daemons: Daemons::default(),
+        pacs: Vec::new(),
+        stats_program,
+        next_port: 20_000 + (std::process::id() % 600) as u16 * 20,
         daemons_started: None,
     };
     let result = demo.run();
@@ -142,8 +152,10 @@ pub fn run(sites: usize, keep: Option<PathBuf>) -> Result<(), CliError> {
             site.print_log_tail(30);
         }
     }
-    // Daemons first (they use the work directory), then the directory.
+    // Daemons first (they use the work directory and the PACS), then the PACS, then the
+    // directory.
     let stopped = demo.daemons.stop_all();
+    demo.pacs.clear();
     drop(demo);
     drop(work);
     let total = started.elapsed().as_secs_f64();
@@ -160,6 +172,14 @@ pub fn run(sites: usize, keep: Option<PathBuf>) -> Result<(), CliError> {
             Err(e.context(format!("the demo failed after {total:.1} s")))
         }
     }
+}
+
+/// Where `scripts/demo` builds the static `kaapana-stats`: beside this program's target
+/// folder, `<target>/job-programs/x86_64-unknown-linux-gnu/job-program/kaapana-stats`.
+pub fn default_stats_program() -> Result<PathBuf, CliError> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let target = exe.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    Ok(target.join("job-programs/x86_64-unknown-linux-gnu/job-program/kaapana-stats"))
 }
 
 /// The work directory: a new temporary one (removed on drop), or the one given with `--keep`.
@@ -221,8 +241,12 @@ struct Site {
     /// 1, 2, ... (in its items' series UIDs).
     number: usize,
     dir: DataDir,
-    /// Its dataset folder.
+    /// The folder of the DICOM files its PACS was loaded with.
     dataset: PathBuf,
+    /// Its PACS's folder.
+    pacs_dir: PathBuf,
+    /// The file with its daemon's PACS password.
+    password_file: PathBuf,
     /// The daemon's stdout and stderr.
     out: PathBuf,
     log: PathBuf,
@@ -235,6 +259,8 @@ impl Site {
             number: i + 1,
             dir: DataDir::new(root.join(&name)),
             dataset: root.join("data").join(&name).join(DATASET),
+            pacs_dir: root.join("pacs").join(&name),
+            password_file: root.join(format!("{name}.pacs-password")),
             out: root.join(format!("{name}.out")),
             log: root.join(format!("{name}.log")),
             name,
@@ -303,86 +329,32 @@ struct Demo {
     root: PathBuf,
     sites: Vec<Site>,
     daemons: Daemons,
+    /// Each site's PACS, stopped when the demo ends.
+    pacs: Vec<Orthanc>,
+    /// The static job program that goes into the job image.
+    stats_program: PathBuf,
+    /// The next loopback port to try.
+    next_port: u16,
     /// When the daemons were started.
     daemons_started: Option<Instant>,
 }
 
-/// Statistics of slice counts: what the site-stats step computes, and the aggregate merges.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Stats {
-    items: u64,
-    sum: u64,
-    min: u64,
-    max: u64,
-    bins: [u64; BINS as usize],
+/// The statistics as JSON, for messages.
+fn json(s: &SiteStats) -> String {
+    s.to_json().unwrap_or_else(|e| format!("({e})"))
 }
 
-impl Stats {
-    fn of(slices: &[u64]) -> Self {
-        let mut s = Self {
-            items: slices.len() as u64,
-            sum: slices.iter().sum(),
-            min: slices.iter().copied().min().unwrap_or(0),
-            max: slices.iter().copied().max().unwrap_or(0),
-            bins: [0; BINS as usize],
-        };
-        for &x in slices {
-            if let Some(b) = s.bins.get_mut((x / BIN_WIDTH) as usize) {
-                *b += 1;
-            }
-        }
-        s
-    }
-
-    /// The lines a stats.txt or merged.txt has for these statistics, by key.
-    fn lines(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        m.insert("items".to_owned(), self.items.to_string());
-        m.insert("slices_sum".to_owned(), self.sum.to_string());
-        m.insert("slices_min".to_owned(), self.min.to_string());
-        m.insert("slices_max".to_owned(), self.max.to_string());
-        for (i, n) in self.bins.iter().enumerate() {
-            let lo = i as u64 * BIN_WIDTH;
-            m.insert(format!("bin_{lo:03}_{:03}", lo + BIN_WIDTH - 1), n.to_string());
-        }
-        m
-    }
-}
-
-/// A small deterministic generator (xorshift64*), so that every run has the same data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn range(&mut self, r: &std::ops::RangeInclusive<u64>) -> u64 {
-        r.start() + self.next() % (r.end() - r.start() + 1)
-    }
-}
-
-/// Parses `key value` lines.
-fn parse_lines(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
-/// Compares `got` with `want` (only `want`'s keys); the differences, one per line.
-fn diff(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) -> Vec<String> {
+/// The differences of two statistics, by top-level JSON field.
+fn diff(want: &SiteStats, got: &SiteStats) -> Vec<String> {
+    let as_map = |s: &SiteStats| -> BTreeMap<String, serde_json::Value> {
+        serde_json::from_str(&json(s)).unwrap_or_default()
+    };
+    let (want, got) = (as_map(want), as_map(got));
     want.iter()
         .filter(|(k, v)| got.get(*k) != Some(v))
-        .map(|(k, v)| {
-            format!("{k}: expected {v}, got {}", got.get(k).map_or("nothing", String::as_str))
+        .map(|(k, v)| match got.get(k) {
+            Some(g) => format!("{k}: expected {v}, got {g}"),
+            None => format!("{k}: expected {v}, got nothing"),
         })
         .collect()
 }
@@ -409,7 +381,7 @@ impl Demo {
         let names: Vec<&str> = self.sites.iter().map(|s| s.name.as_str()).collect();
         println!(
             "kaapana-node demo: {} sites ({}) on this machine, each with its own identity, \
-             containerd and dataset; work directory {}",
+             containerd and PACS; work directory {}",
             names.len(),
             names.join(", "),
             self.root.display()
@@ -417,6 +389,7 @@ impl Demo {
 
         self.register()?;
         let expected = self.make_datasets()?;
+        let expected: Vec<SiteStats> = expected.iter().map(SiteTruth::stats).collect();
         let tar = self.build_image()?;
         self.start_daemons()?;
         let digest = self.import_image(&tar)?;
@@ -434,10 +407,9 @@ impl Demo {
     /// Creates the sites and registers every pair both ways by certificate exchange.
     fn register(&mut self) -> Result<(), CliError> {
         step("each site creates its identity (Ed25519 key, X.509 instance certificate)");
-        let mut next_port = 20_000 + (std::process::id() % 600) as u16 * 20;
         let mut fingerprints = Vec::new();
         for s in &self.sites {
-            let port = free_port(&mut next_port)?;
+            let port = free_port(&mut self.next_port)?;
             let opts = InitOptions {
                 name: s.name.clone(),
                 listen: Some(vec![format!("/ip4/127.0.0.1/tcp/{port}")]),
@@ -553,58 +525,91 @@ impl Demo {
         }
     }
 
-    /// Writes each site's synthetic dataset and registers it; returns each site's statistics.
-    fn make_datasets(&mut self) -> Result<Vec<Stats>, CliError> {
+    /// Starts each site's PACS, loads it with the site's synthetic CT series and registers
+    /// them as the site's dataset; returns what each site holds.
+    fn make_datasets(&mut self) -> Result<Vec<SiteTruth>, CliError> {
         step(&format!(
-            "each site registers its own synthetic dataset `{DATASET}` (one folder per CT series; it never leaves the site)"
+            "each site's PACS (Orthanc + DICOMweb) is loaded with synthetic CT series written as DICOM; \
+             the site registers them as its dataset `{DATASET}` (they never leave the site)"
         ));
         let mut all = Vec::new();
         for s in &self.sites {
-            let mut rng = Rng::new(SEED ^ (s.number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let items =
-                ITEMS.get(s.number - 1).copied().unwrap_or_else(|| 20 + (rng.next() % 30) as usize);
-            let mut slices = Vec::with_capacity(items);
-            for k in 1..=items {
-                let uid = format!("1.2.826.0.1.3680043.10.{}.{k}", s.number);
-                let item = s.dataset.join(&uid);
-                fs::create_dir_all(&item)
-                    .with_context(|| format!("cannot create {}", item.display()))?;
-                let n = rng.range(&SLICES);
-                fs::write(item.join("slices.txt"), format!("{n}\n"))?;
-                // A DICOM file's shape: 128-byte preamble, "DICM", then filler.
-                let mut dcm = vec![0u8; 128];
-                dcm.extend_from_slice(b"DICM");
-                dcm.extend((0..256 + n).map(|_| (rng.next() >> 56) as u8));
-                fs::write(item.join("image.dcm"), dcm)?;
-                slices.push(n);
-            }
-            let stats = Stats::of(&slices);
-            let store = admin::NodeFiles::open(&s.dir)?.store()?;
-            let existing = store.datasets()?;
-            let (record, _, scan) =
-                crate::datasets::check_new(DATASET, &s.dataset, &existing, now())
-                    .at_site(s.name.clone())?;
-            store.write(vec![WriteOp::PutDataset(record)]).at_site(s.name.clone())?;
+            let mixed = (s.number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let series = ITEMS.get(s.number - 1).copied().unwrap_or(20 + (mixed % 30) as usize);
+            let spec = SiteSpec {
+                seed: SEED ^ mixed,
+                series,
+                slices: SLICES,
+                rows: IMAGE_SIZE,
+                columns: IMAGE_SIZE,
+            };
+            let truth = kaapana_dicom::write_site(&spec, &s.dataset)
+                .map_err(|e| CliError::Message(e.to_string()))
+                .at_site(s.name.clone())?;
+            let password = random_password()?;
+            write_secret(&s.password_file, &password)?;
+            let config = OrthancConfig {
+                name: format!("{}-pacs", s.name),
+                http_port: free_port(&mut self.next_port)?,
+                dicom_port: free_port(&mut self.next_port)?,
+                user: PACS_USER.into(),
+                password,
+            };
+            let pacs = Orthanc::start(&s.pacs_dir, config)
+                .map_err(|e| CliError::Message(e.to_string()))
+                .at_site(s.name.clone())?;
+            let loaded = pacs
+                .upload_folder(&s.dataset)
+                .map_err(|e| CliError::Message(e.to_string()))
+                .at_site(s.name.clone())?;
+            let slices = truth.stats().slices.sum;
             println!(
-                "$ kaapana-node dataset add {DATASET} data/{}/{DATASET}   # {}: {} items, {} bytes, {} slices in all",
+                "{}: Orthanc on {} holds {} CT series, {slices} slices in {loaded} DICOM files ({} bytes)",
                 s.name,
-                s.name,
-                scan.items.len(),
-                scan.bytes,
-                stats.sum
+                pacs.url,
+                truth.series.len(),
+                truth.bytes
             );
-            all.push(stats);
+            let url = pacs.dicomweb();
+            let (items, modalities) =
+                register_pacs_dataset(&s.dir, &url, &s.password_file).at_site(s.name.clone())?;
+            println!(
+                "$ kaapana-node dataset add {DATASET} --dicomweb {url} --query Modality=CT \
+                 --pacs-user {PACS_USER} --pacs-password-file {}   # {}: {items} series ({modalities})",
+                file_name(&s.password_file),
+                s.name,
+            );
+            if items != truth.series.len() as u64 {
+                bail!(
+                    "{}: the dataset resolved to {items} series, the PACS was loaded with {}",
+                    s.name,
+                    truth.series.len()
+                );
+            }
+            self.pacs.push(pacs);
+            all.push(truth);
         }
         Ok(all)
     }
 
-    /// Builds the job image once.
+    /// Builds the job image once: busybox and the static `kaapana-stats`.
     fn build_image(&self) -> Result<PathBuf, CliError> {
-        step("the job image: a one-layer OCI image built from the static busybox");
+        step(
+            "the job image: a one-layer OCI image of the static busybox and the static kaapana-stats",
+        );
         let dir = self.root.join("image");
         fs::create_dir_all(&dir)?;
-        let (tar, digest) = busybox::build_image(&dir, "kaapana-demo", false)?;
-        println!("{} ({digest})", tar.strip_prefix(&self.root).unwrap_or(&tar).display());
+        let extra = [busybox::ExtraFile {
+            path_in_image: STATS_IN_IMAGE.into(),
+            host: self.stats_program.clone(),
+            mode: 0o755,
+        }];
+        let (tar, digest) = busybox::build_image_with(&dir, "kaapana-demo", false, &extra)?;
+        println!(
+            "{} ({digest}), with /{STATS_IN_IMAGE} from {}",
+            tar.strip_prefix(&self.root).unwrap_or(&tar).display(),
+            self.stats_program.display()
+        );
         Ok(tar)
     }
 
@@ -696,7 +701,7 @@ impl Demo {
 
     /// Waits until site-a is connected to every peer and has its capability ad with the
     /// dataset (the workflow's query is answered from these ads).
-    fn wait_for_peers(&self, expected: &[Stats]) -> Result<(), CliError> {
+    fn wait_for_peers(&self, expected: &[SiteStats]) -> Result<(), CliError> {
         step("site-a waits for every peer's signed capability ad");
         let owner = &self.sites[0];
         let api = ApiClient::connect(&owner.dir)
@@ -713,7 +718,9 @@ impl Demo {
                         return Some(format!("{}: not registered", s.name));
                     };
                     let has_dataset = v.capabilities.as_ref().is_some_and(|c| {
-                        c.datasets.iter().any(|(n, items, _)| n == DATASET && *items == stats.items)
+                        c.datasets
+                            .iter()
+                            .any(|(n, items, _)| n == DATASET && *items == stats.series)
                     });
                     match (v.connected, has_dataset) {
                         (Some(true), true) => None,
@@ -728,7 +735,19 @@ impl Demo {
                     let datasets: Vec<String> = c
                         .datasets
                         .iter()
-                        .map(|(n, items, bytes)| format!("{n} ({items} items, {bytes} bytes)"))
+                        .map(|(n, items, bytes)| {
+                            let modalities: Vec<String> = c
+                                .modalities
+                                .get(n)
+                                .into_iter()
+                                .flatten()
+                                .map(|(m, k)| format!("{m} {k}"))
+                                .collect();
+                            format!(
+                                "{n} ({items} series: {}; {bytes} bytes of pixel data)",
+                                modalities.join(", ")
+                            )
+                        })
                         .collect();
                     println!(
                         "{:<8} connected; allows site-a workflows {}; datasets {}; {:.1} CPUs, {:.1} GiB",
@@ -840,7 +859,7 @@ impl Demo {
         &self,
         api: &ApiClient,
         w: &WorkflowView,
-        expected: &[Stats],
+        expected: &[SiteStats],
     ) -> Result<(), CliError> {
         step("site-a unpacks the verified result bundles");
         let out = self.root.join("results");
@@ -860,10 +879,14 @@ impl Demo {
                 continue;
             };
             runners.insert(j.runner.clone());
-            let file = out.join(&j.name).join("stats.txt");
-            let got = parse_lines(&fs::read_to_string(&file).unwrap_or_default());
-            for d in diff(&expected[i].lines(), &got) {
-                problems.push(format!("{} ({}): {d}", j.name, j.runner));
+            let file = out.join(&j.name).join("stats.json");
+            match SiteStats::read_json(&file) {
+                Ok(got) => {
+                    for d in diff(&expected[i], &got) {
+                        problems.push(format!("{} ({}): {d}", j.name, j.runner));
+                    }
+                }
+                Err(e) => problems.push(format!("{} ({}): {e}", j.name, j.runner)),
             }
         }
         for s in &self.sites {
@@ -872,47 +895,82 @@ impl Demo {
             }
         }
 
-        let merged_path = out.join("aggregate").join("merged.txt");
-        let merged_text = fs::read_to_string(&merged_path)
-            .with_context(|| format!("the aggregate step left no {}", merged_path.display()))?;
-        step("merged statistics (results/aggregate/merged.txt)");
-        for l in merged_text.lines() {
+        let merged_path = out.join("aggregate").join("merged.json");
+        let merged = SiteStats::read_json(&merged_path)
+            .map_err(|e| CliError::Message(format!("the aggregate step's result: {e}")))?;
+        step("merged statistics (results/aggregate/merged.json)");
+        for l in merged.summary().lines() {
             println!("    {l}");
         }
-
-        let mut all = Stats::default();
-        for (k, s) in expected.iter().enumerate() {
-            all.items += s.items;
-            all.sum += s.sum;
-            all.min = if k == 0 { s.min } else { all.min.min(s.min) };
-            all.max = all.max.max(s.max);
-            for (a, b) in all.bins.iter_mut().zip(s.bins) {
-                *a += b;
-            }
-        }
-        let mut want = all.lines();
-        want.insert("sites".into(), self.sites.len().to_string());
-        let got = parse_lines(&merged_text);
-        problems.extend(diff(&want, &got).into_iter().map(|d| format!("merged.txt: {d}")));
-        let mean = all.sum as f64 / all.items.max(1) as f64;
-        match got.get("slices_mean").and_then(|m| m.parse::<f64>().ok()) {
-            Some(m) if (m - mean).abs() <= 0.0051 => {}
-            other => {
-                problems.push(format!("merged.txt: slices_mean: expected {mean:.2}, got {other:?}"))
-            }
-        }
+        let want = SiteStats::merge(expected);
+        problems.extend(diff(&want, &merged).into_iter().map(|d| format!("merged.json: {d}")));
         if !problems.is_empty() {
             bail!("the results do not match the synthetic data:\n  {}", problems.join("\n  "));
         }
         println!(
-            "\nmerged statistics match the synthetic data ({} sites, {} series, {} slices, mean {mean:.2}); \
-             each site's statistics match its own data",
+            "\nmerged statistics match the synthetic data ({} sites, {} patients, {} series, {} slices, \
+             {} voxels, mean {:.1} HU); each site's statistics match its own data",
             self.sites.len(),
-            all.items,
-            all.sum
+            want.patients,
+            want.series,
+            want.slices.sum,
+            want.voxels,
+            want.mean_hu().unwrap_or_default()
         );
         Ok(())
     }
+}
+
+/// 24 random letters and digits.
+fn random_password() -> Result<String, CliError> {
+    use ring::rand::SecureRandom as _;
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut bytes = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CliError::Message("the system's random generator failed".into()))?;
+    Ok(bytes.iter().map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()])).collect())
+}
+
+/// Writes a secret to a new file only its owner can read.
+fn write_secret(path: &Path, secret: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(secret.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Registers the site's PACS dataset (`dataset add --dicomweb URL --query Modality=CT` with
+/// the PACS password in `password_file`) on its data directory; its series count and
+/// modalities.
+fn register_pacs_dataset(
+    dir: &DataDir,
+    url: &str,
+    password_file: &Path,
+) -> Result<(u64, String), CliError> {
+    let selection = crate::datasets::DicomWebSelection {
+        url: url.to_owned(),
+        series: Vec::new(),
+        studies: Vec::new(),
+        query: Some("Modality=CT".into()),
+        user: Some(PACS_USER.into()),
+        password_file: Some(password_file.to_owned()),
+        token_file: None,
+    };
+    let store = admin::NodeFiles::open(dir)?.store()?;
+    let existing = store.datasets()?;
+    let (record, _, scan) =
+        crate::datasets::check_new_dicomweb(DATASET, &selection, &existing, now())?;
+    store.write(vec![WriteOp::PutDataset(record)])?;
+    let modalities: Vec<String> =
+        scan.modalities.iter().map(|m| format!("{} {}", m.modality, m.items)).collect();
+    Ok((scan.items.len() as u64, modalities.join(", ")))
 }
 
 fn file_name(p: &Path) -> String {
@@ -922,30 +980,29 @@ fn file_name(p: &Path) -> String {
 /// The workflow file.
 fn workflow_file(digest: &ImageDigest) -> String {
     format!(
-        r#"# Federated statistics: slice counts of the CT series at every site, merged at the owner.
+        r#"# Federated statistics of the CT series at every site (slices per series, patients by sex
+# and age, a Hounsfield-unit histogram of every voxel), merged at the owner.
 name = "{WORKFLOW}"
 
 [[job]]
 name = "site-stats"
-# every instance whose capability ad has the dataset, this one included: one job each
+# every instance whose capability ad has the dataset, this one included: one job each, over
+# all of its series (staged from its PACS to /input/<SeriesInstanceUID>/*.dcm)
 query = {{ dataset = "{DATASET}", pick = "all" }}
 processing = "batch"
 image = "{digest}"
-command = ["sh", "-c", '''
-{SITE_STATS}
-''']
+# reads every DICOM file's header and pixel data; writes /output/stats.json
+command = ["/{STATS_IN_IMAGE}", "site", "--input", "/input", "--output", "/output"]
 timeout = "2m"
-memory = "64MiB"
+memory = "128MiB"
 
 [[job]]
 name = "aggregate"
 runner = "owner"
-# reads each site-stats job's result at /input/<job name>/stats.txt
+# reads each site-stats job's result at /input/<job name>/stats.json
 inputs = ["site-stats"]
 image = "{digest}"
-command = ["sh", "-c", '''
-{AGGREGATE}
-''']
+command = ["/{STATS_IN_IMAGE}", "merge", "--input", "/input", "--output", "/output"]
 timeout = "2m"
 memory = "64MiB"
 "#
@@ -964,29 +1021,11 @@ mod tests {
     }
 
     #[test]
-    fn stats_bins_and_lines() {
-        let s = Stats::of(&[20, 49, 50, 300, 120]);
-        assert_eq!(s.items, 5);
-        assert_eq!(s.sum, 539);
-        assert_eq!((s.min, s.max), (20, 300));
-        assert_eq!(s.bins, [2, 1, 1, 0, 0, 0, 1]);
-        let l = s.lines();
-        assert_eq!(l["bin_000_049"], "2");
-        assert_eq!(l["bin_300_349"], "1");
-        assert_eq!(l.len(), 11);
-        let got = parse_lines("items 5\nslices_sum 538\n");
-        let d = diff(&l, &got);
-        assert!(d.iter().any(|x| x.contains("slices_sum: expected 539, got 538")), "{d:?}");
-        assert!(d.iter().any(|x| x.contains("bin_000_049: expected 2, got nothing")), "{d:?}");
-    }
-
-    #[test]
-    fn the_data_is_deterministic() {
-        let mut a = Rng::new(SEED);
-        let mut b = Rng::new(SEED);
-        let xs: Vec<u64> = (0..100).map(|_| a.range(&SLICES)).collect();
-        assert_eq!(xs, (0..100).map(|_| b.range(&SLICES)).collect::<Vec<_>>());
-        assert!(xs.iter().all(|x| SLICES.contains(x)));
-        assert!(xs.iter().collect::<BTreeSet<_>>().len() > 50);
+    fn differences_are_named_by_field() {
+        let a = SiteStats { series: 3, ..SiteStats::empty() };
+        let b = SiteStats { series: 4, ..SiteStats::empty() };
+        assert!(diff(&a, &a).is_empty());
+        let d = diff(&a, &b);
+        assert_eq!(d, vec!["series: expected 3, got 4".to_owned()]);
     }
 }

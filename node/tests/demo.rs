@@ -1,96 +1,147 @@
-//! `kaapana-node demo` end to end: three sites, each with its own daemon and containerd, run
-//! the federated statistics workflow. The test keeps the demo's work directory and checks the
-//! results against the synthetic datasets itself, reading every item's `slices.txt`.
+//! `kaapana-node demo` end to end: three sites, each with its own daemon, containerd and PACS
+//! (a real Orthanc), run the federated statistics workflow over real DICOM. The test keeps the
+//! demo's work directory and checks the results against the DICOM files the demo generated,
+//! which it reads itself with dcmtk's `dcmdump` (every file must parse).
 //!
-//! Needs root, containerd, runc and busybox-static (`scripts/test` installs them).
+//! Needs root, containerd, runc, busybox-static, orthanc, orthanc-dicomweb and dcmtk
+//! (`scripts/test` installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
-/// Statistics of slice counts, as the workflow reports them.
+/// What the test reads from a site's DICOM files with dcmdump: per series its slice count,
+/// per patient the sex.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Stats {
-    items: u64,
-    sum: u64,
-    min: u64,
-    max: u64,
-    /// Bins of 50 slices: 0-49, 50-99, ..., 300-349.
-    bins: [u64; 7],
+struct Dumped {
+    files: u64,
+    slices: BTreeMap<String, u64>,
+    sex: BTreeMap<String, String>,
 }
 
-impl Stats {
-    fn add(&mut self, slices: u64) {
-        self.min = if self.items == 0 { slices } else { self.min.min(slices) };
-        self.max = self.max.max(slices);
-        self.items += 1;
-        self.sum += slices;
-        self.bins[usize::try_from(slices / 50).unwrap()] += 1;
+impl Dumped {
+    /// The counts `stats.json` and `merged.json` carry: (series, slice sum, min, max,
+    /// patients, F, M, files).
+    fn figures(&self) -> [u64; 8] {
+        let s = self.slices.values();
+        let count = |x: &str| self.sex.values().filter(|v| *v == x).count() as u64;
+        [
+            self.slices.len() as u64,
+            s.clone().sum(),
+            s.clone().copied().min().unwrap_or(0),
+            s.copied().max().unwrap_or(0),
+            self.sex.len() as u64,
+            count("F"),
+            count("M"),
+            self.files,
+        ]
     }
 
-    fn merge(&mut self, other: &Self) {
-        self.min = if self.items == 0 { other.min } else { self.min.min(other.min) };
-        self.max = self.max.max(other.max);
-        self.items += other.items;
-        self.sum += other.sum;
-        for (a, b) in self.bins.iter_mut().zip(other.bins) {
-            *a += b;
+    fn merge(all: &[Dumped]) -> [u64; 8] {
+        let f: Vec<[u64; 8]> = all.iter().map(Self::figures).collect();
+        let sum = |k: usize| f.iter().map(|x| x[k]).sum::<u64>();
+        [
+            sum(0),
+            sum(1),
+            f.iter().map(|x| x[2]).min().unwrap_or(0),
+            f.iter().map(|x| x[3]).max().unwrap_or(0),
+            sum(4),
+            sum(5),
+            sum(6),
+            sum(7),
+        ]
+    }
+}
+
+/// The same figures from a stats.json or merged.json.
+fn figures_of(json: &serde_json::Value) -> [u64; 8] {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    [
+        n(&json["series"]),
+        n(&json["slices"]["sum"]),
+        n(&json["slices"]["min"]),
+        n(&json["slices"]["max"]),
+        n(&json["patients"]),
+        n(&json["patients_by_sex"]["F"]),
+        n(&json["patients_by_sex"]["M"]),
+        n(&json["files"]),
+    ]
+}
+
+fn dcm_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            dcm_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "dcm") {
+            out.push(p);
         }
     }
+}
 
-    /// Reads the `key value` lines of a stats.txt or merged.txt; panics on a missing key.
-    fn parse(text: &str) -> (Self, BTreeMap<String, String>) {
-        let map: BTreeMap<String, String> = text
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-            .collect();
-        let num = |k: &str| -> u64 {
-            map.get(k)
-                .unwrap_or_else(|| panic!("no `{k}` line in:\n{text}"))
+/// Reads every DICOM file of a site's generated dataset with dcmdump (in batches), checking
+/// that each parses without an error and has 64×64 16-bit pixel data of the right length.
+fn dump_site(dataset: &Path) -> Dumped {
+    let mut files = Vec::new();
+    dcm_files(dataset, &mut files);
+    files.sort();
+    assert!(!files.is_empty(), "no DICOM files in {}", dataset.display());
+    let mut d = Dumped::default();
+    for batch in files.chunks(400) {
+        let out = Command::new("dcmdump")
+            .args(["-q", "+F"])
+            .args(["+P", "0020,000e", "+P", "0010,0020", "+P", "0010,0040", "+P", "0008,0060"])
+            .args(["+P", "0028,0010", "+P", "0028,0011", "+P", "7fe0,0010"])
+            .args(batch)
+            .output()
+            .expect("dcmdump (dcmtk) is missing: apt-get install -y dcmtk");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "dcmdump failed: {err}");
+        assert!(!err.contains("E:") && !text.contains("E:"), "dcmdump errors: {err}{text}");
+        let records: Vec<&str> = text.split("# dcmdump (").skip(1).collect();
+        assert_eq!(records.len(), batch.len(), "dcmdump did not read every file:\n{text}");
+        for r in records {
+            let value = |tag: &str| -> String {
+                let line = r
+                    .lines()
+                    .find(|l| l.starts_with(tag))
+                    .unwrap_or_else(|| panic!("no {tag} in:\n{r}"));
+                let (a, b) = (line.find('[').unwrap() + 1, line.find(']').unwrap());
+                line[a..b].to_owned()
+            };
+            let us = |tag: &str| -> u64 {
+                let line = r.lines().find(|l| l.starts_with(tag)).unwrap();
+                line.split_whitespace().nth(2).unwrap().parse().unwrap()
+            };
+            assert_eq!(value("(0008,0060)"), "CT", "{r}");
+            assert_eq!((us("(0028,0010)"), us("(0028,0011)")), (64, 64), "{r}");
+            let pixels = r.lines().find(|l| l.starts_with("(7fe0,0010) OW")).expect(r);
+            let len: u64 = pixels
+                .split('#')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
                 .parse()
-                .unwrap_or_else(|e| panic!("`{k}` is not a number ({e}) in:\n{text}"))
-        };
-        let mut bins = [0; 7];
-        for (i, b) in bins.iter_mut().enumerate() {
-            *b = num(&format!("bin_{:03}_{:03}", i * 50, i * 50 + 49));
+                .unwrap();
+            assert_eq!(len, 64 * 64 * 2, "{pixels}");
+            *d.slices.entry(value("(0020,000e)")).or_default() += 1;
+            let previous = d.sex.insert(value("(0010,0020)"), value("(0010,0040)"));
+            if let Some(p) = previous {
+                assert_eq!(p, d.sex[&value("(0010,0020)")], "a patient changed sex:\n{r}");
+            }
+            d.files += 1;
         }
-        let stats = Self {
-            items: num("items"),
-            sum: num("slices_sum"),
-            min: num("slices_min"),
-            max: num("slices_max"),
-            bins,
-        };
-        (stats, map)
     }
-}
-
-/// A site's dataset as the test reads it: every item folder's slice count.
-fn dataset_stats(dataset: &Path, site_number: usize) -> Stats {
-    let mut stats = Stats::default();
-    let mut names = BTreeSet::new();
-    for entry in std::fs::read_dir(dataset).unwrap() {
-        let item = entry.unwrap().path();
-        let name = item.file_name().unwrap().to_string_lossy().into_owned();
-        let prefix = format!("1.2.826.0.1.3680043.10.{site_number}.");
-        assert!(
-            name.starts_with(&prefix),
-            "item {name} is not named like a series UID {prefix}<k>"
-        );
-        let slices: u64 =
-            std::fs::read_to_string(item.join("slices.txt")).unwrap().trim().parse().unwrap();
-        assert!((20..=300).contains(&slices), "{name}: {slices} slices");
-        let dcm = std::fs::read(item.join("image.dcm")).unwrap();
-        assert_eq!(&dcm[128..132], b"DICM", "{name}/image.dcm has no DICOM preamble");
-        stats.add(slices);
-        names.insert(name);
-    }
-    assert_eq!(names.len() as u64, stats.items);
-    stats
+    d
 }
 
 /// `[  1.2s] <job> at <runner> <state>` lines of the demo's progress: (job, runner, state).
@@ -116,7 +167,15 @@ fn demo_runs_federated_statistics_at_three_sites_and_the_numbers_are_right() {
     let dir = common::test_dir();
     let work = dir.path().join("demo");
     let started = Instant::now();
-    let out = common::kaapana_node().arg("demo").arg("--keep").arg(&work).output().unwrap();
+    let stats_program = common::stats_program();
+    let out = common::kaapana_node()
+        .arg("demo")
+        .arg("--keep")
+        .arg(&work)
+        .arg("--stats-program")
+        .arg(&stats_program)
+        .output()
+        .unwrap();
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -159,37 +218,64 @@ fn demo_runs_federated_statistics_at_three_sites_and_the_numbers_are_right() {
     }
     assert!(stdout.contains("Workflow federated-statistics finished after"), "{stdout}");
     assert!(stdout.contains("merged statistics match the synthetic data"), "{stdout}");
+    // Every site-stats job staged all of its site's series from the site's PACS (its log at
+    // the runner says so, series by series).
+    for site in ["site-a", "site-b", "site-c"] {
+        let jobs = work.join(site).join("jobs");
+        let logs: Vec<String> = std::fs::read_dir(&jobs)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path().join("job.log")).unwrap_or_default())
+            .filter(|l| l.contains("staged 1/"))
+            .collect();
+        assert_eq!(logs.len(), 1, "{site}: one job staged from the PACS: {logs:#?}");
+        let n =
+            std::fs::read_dir(work.join("data").join(site).join("synthetic-ct")).unwrap().count();
+        assert!(
+            logs[0].contains(&format!("staged {n}/{n} series")) && logs[0].contains("from PACS"),
+            "{site}: {}",
+            logs[0]
+        );
+    }
 
-    // The synthetic data, read back by the test: three sites with different item counts.
+    // The synthetic DICOM, read back by the test with dcmdump: three sites with different
+    // series counts.
     let mut per_site = BTreeMap::new();
-    let mut all = Stats::default();
-    for (n, site) in ["site-a", "site-b", "site-c"].into_iter().enumerate() {
-        let stats = dataset_stats(&work.join("data").join(site).join("synthetic-ct"), n + 1);
-        all.merge(&stats);
-        per_site.insert(site, stats);
+    for site in ["site-a", "site-b", "site-c"] {
+        per_site.insert(site, dump_site(&work.join("data").join(site).join("synthetic-ct")));
     }
-    let counts: BTreeSet<u64> = per_site.values().map(|s| s.items).collect();
-    assert_eq!(counts.len(), 3, "the sites should have different item counts: {per_site:?}");
+    let counts: BTreeSet<usize> = per_site.values().map(|s| s.slices.len()).collect();
+    assert_eq!(counts.len(), 3, "the sites should have different series counts: {per_site:?}");
 
-    // Each site's statistics (its job's verified result) match that site's data.
+    // Each site's statistics (its job's verified result, computed from the series staged from
+    // its PACS) match that site's files.
     for (job, runner) in runner_of.iter().filter(|(j, _)| j.starts_with("site-stats-")) {
-        let text = std::fs::read_to_string(work.join("results").join(job).join("stats.txt"))
-            .unwrap_or_else(|e| panic!("no stats.txt of {job}: {e}"));
-        let (got, _) = Stats::parse(&text);
-        assert_eq!(got, per_site[runner.as_str()], "{job} at {runner}:\n{text}");
+        let text = std::fs::read_to_string(work.join("results").join(job).join("stats.json"))
+            .unwrap_or_else(|e| panic!("no stats.json of {job}: {e}"));
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            figures_of(&json),
+            per_site[runner.as_str()].figures(),
+            "{job} at {runner}:\n{text}"
+        );
+        let voxels = json["voxels"].as_u64().unwrap();
+        assert_eq!(voxels, per_site[runner.as_str()].files * 64 * 64, "{job}: {text}");
     }
 
-    // The merged statistics match the data of all sites.
-    let merged = std::fs::read_to_string(work.join("results/aggregate/merged.txt")).unwrap();
-    let (got, lines) = Stats::parse(&merged);
-    assert_eq!(got, all, "merged.txt:\n{merged}");
-    assert_eq!(lines["sites"], "3", "merged.txt:\n{merged}");
-    let mean: f64 = lines["slices_mean"].parse().unwrap();
-    let want = all.sum as f64 / all.items as f64;
-    assert!((mean - want).abs() < 0.0051, "slices_mean {mean}, expected {want:.2}");
-    // And the demo printed them.
-    for l in merged.lines() {
-        assert!(stdout.contains(l), "the demo did not print `{l}`:\n{stdout}");
+    // The merged statistics match the files of all sites.
+    let merged = std::fs::read_to_string(work.join("results/aggregate/merged.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&merged).unwrap();
+    let all: Vec<Dumped> = per_site.values().cloned().collect();
+    assert_eq!(figures_of(&json), Dumped::merge(&all), "merged.json:\n{merged}");
+    assert_eq!(json["sites"], 3, "merged.json:\n{merged}");
+    let histogram: u64 =
+        json["hu_histogram"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(histogram, json["voxels"].as_u64().unwrap(), "merged.json:\n{merged}");
+
+    // The PACS at each site was the demo's own Orthanc, and it stopped with the demo.
+    for site in ["site-a", "site-b", "site-c"] {
+        let log =
+            std::fs::read_to_string(work.join("pacs").join(site).join("orthanc.log")).unwrap();
+        assert!(log.contains("DICOMweb") || log.contains("dicom-web"), "{site}: {log}");
     }
 
     // Everything stopped: no daemon's API address is left, no process runs on the work

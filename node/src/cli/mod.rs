@@ -200,7 +200,8 @@ pub enum Command {
     /// their runner-instances, cancel it, collect its results. Needs a running daemon.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
-    /// Datasets at this site: named folders with one sub-folder per item (DICOM series).
+    /// Datasets at this site: folders with one sub-folder per item (DICOM series), or series
+    /// of the site's PACS over DICOMweb.
     /// Peers see names, item counts and sizes, never contents or item identifiers.
     #[command(subcommand)]
     Dataset(DatasetCommand),
@@ -215,6 +216,11 @@ pub enum Command {
         /// datasets, workflow file, results); default: a temporary directory, removed.
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
+        /// The statically linked `kaapana-stats` job program for the job image (scripts/demo
+        /// builds it); default: `<target>/job-programs/x86_64-unknown-linux-gnu/job-program/`
+        /// beside this program's target folder.
+        #[arg(long, value_name = "PATH", env = "KAAPANA_STATS_PROGRAM")]
+        stats_program: Option<PathBuf>,
     },
 }
 
@@ -303,7 +309,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Instance(cmd) => instance_command(&dir, cmd)?,
         Command::Dataset(cmd) => dataset_command(&dir, cmd)?,
         Command::Workflow(cmd) => workflow_command(&dir, cmd)?,
-        Command::Demo { sites, keep } => crate::demo::run(usize::from(sites), keep)?,
+        Command::Demo { sites, keep, stats_program } => {
+            crate::demo::run(usize::from(sites), keep, stats_program)?
+        }
         Command::Job(cmd) => job_command(&dir, cmd)?,
         Command::Image(cmd) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -763,3 +763,28 @@ impl Daemon {
         self.api().get(&format!("/v1/workflows/{id}")).unwrap()
     }
 }
+
+/// The statically linked `kaapana-stats` job program (for job images), built once per test
+/// process by `kn_build_job_programs` (scripts/common.sh) into its own target folder.
+pub fn stats_program() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let out = Command::new("bash")
+                .args(["-c", ". scripts/common.sh && kn_build_job_programs"])
+                .current_dir(root)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "kn_build_job_programs failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let printed = String::from_utf8(out.stdout).unwrap();
+            let path = root.join(printed.lines().last().unwrap_or_default().trim());
+            assert!(path.is_file(), "kn_build_job_programs printed {}", path.display());
+            path
+        })
+        .clone()
+}
