@@ -29,6 +29,7 @@ kn_require_packages() {
     # The DICOM tests check the synthetic CT files with dcmtk's dcmdump, dcmftest and dcm2pnm.
     command -v dcmdump >/dev/null 2>&1 || missing+=(dcmtk)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     if ((${#missing[@]})); then
         if [ "$(id -u)" != 0 ]; then
             echo "missing packages: ${missing[*]}; run as root or install them first" >&2
@@ -59,4 +60,16 @@ kn_build_job_programs() {
         cargo build --locked -q --profile job-program -p kaapana-dicom --bin kaapana-stats \
         --target "$triple" || return
     echo "$dir/$triple/job-program/kaapana-stats"
+}
+
+# Python tools the tests use, in a virtual environment of their own (created once, reused):
+# kubernetes-validate (the official Kubernetes schemas) and helm-python-sdk (the Helm engine).
+# Prints the environment's python. Needs python3-venv (kn_require_packages installs it).
+kn_python_tools() {
+    local venv="${KN_PYTHON_TOOLS:-/var/tmp/kaapana-node-py}"
+    if ! "$venv/bin/python" -c 'import kubernetes_validate, helm_python' >/dev/null 2>&1; then
+        python3 -m venv "$venv" >&2 || return
+        "$venv/bin/pip" install -q kubernetes-validate helm-python-sdk >&2 || return
+    fi
+    echo "$venv/bin/python"
 }
