@@ -40,6 +40,8 @@ mod api;
 pub mod busybox;
 pub mod containerd;
 pub mod image;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod pull;
 mod spec;
