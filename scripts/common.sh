@@ -43,7 +43,7 @@ kn_require_packages() {
         if [ -x "$HOME/.cargo/bin/cargo" ]; then
             export PATH="$HOME/.cargo/bin:$PATH"
         else
-            echo "cargo is missing: install a Rust toolchain >= 1.88 (https://rustup.rs) first" >&2
+            echo "cargo is missing: install a Rust toolchain >= 1.89 (https://rustup.rs) first" >&2
             exit 1
         fi
     fi

@@ -113,10 +113,16 @@ impl Default for WorkflowSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorSection {
-    /// `containerd` (default) or `none` (this instance runs no jobs; jobs sent to it fail with
-    /// that reason).
+    /// `containerd` (default), `kubernetes` (jobs become `batch/v1` Jobs, see
+    /// `[executor.kubernetes]`) or `none` (this instance runs no jobs; jobs sent to it fail
+    /// with that reason).
     #[serde(default)]
     pub kind: ExecutorKindSetting,
+    /// The Kubernetes executor (with `kind = "kubernetes"`): namespace, image repository, the
+    /// volumes through which job pods see the node's data directory, security settings. The
+    /// cluster is reached with `KUBECONFIG` or the pod's service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::executor::kubernetes::KubernetesConfig>,
     /// containerd's socket. Unset: the node starts and supervises its own containerd, with
     /// its state under the data directory.
     #[serde(default)]
@@ -134,6 +140,7 @@ impl Default for ExecutorSection {
     fn default() -> Self {
         Self {
             kind: ExecutorKindSetting::Containerd,
+            kubernetes: None,
             containerd_address: None,
             pull_from: Vec::new(),
             insecure_registry: false,
@@ -148,6 +155,8 @@ pub enum ExecutorKindSetting {
     /// containerd's gRPC API.
     #[default]
     Containerd,
+    /// A Kubernetes cluster's API (`[executor.kubernetes]`).
+    Kubernetes,
     /// No executor.
     None,
 }
@@ -279,8 +288,9 @@ listen = {api:?}
 {ca}
 
 [executor]
-# Where jobs from other instances run: "containerd", or "none" for an instance that only
-# submits jobs (jobs sent to it fail with that reason).
+# Where jobs from other instances run: "containerd", "kubernetes" (batch/v1 Jobs, configured
+# in [executor.kubernetes]), or "none" for an instance that only submits jobs (jobs sent to it
+# fail with that reason).
 kind = {kind:?}
 # containerd's socket; unset: the node starts its own containerd (state under the data dir).
 {containerd}
@@ -288,6 +298,7 @@ kind = {kind:?}
 # ["registry.site.local:5000/kaapana/jobs"]; plain HTTP only with insecure_registry = true.
 pull_from = [{pull_from}]
 insecure_registry = {insecure}
+{kubernetes}
 
 [workflows]
 # Seconds a runner may be out of reach before its jobs that were placed by a capability query
@@ -312,7 +323,22 @@ pacs_cache_bytes = {pacs_cache}
             api = self.api.listen,
             kind = match self.executor.kind {
                 ExecutorKindSetting::Containerd => "containerd",
+                ExecutorKindSetting::Kubernetes => "kubernetes",
                 ExecutorKindSetting::None => "none",
+            },
+            kubernetes = match &self.executor.kubernetes {
+                // Under its full path, so that its own sub-tables get `[executor.kubernetes.*]`.
+                Some(k) => {
+                    let mut executor = toml::Table::new();
+                    let mut outer = toml::Table::new();
+                    let written = toml::Value::try_from(k).and_then(|v| {
+                        executor.insert("kubernetes".into(), v);
+                        outer.insert("executor".into(), toml::Value::Table(executor));
+                        toml::to_string(&outer)
+                    });
+                    written.unwrap_or_else(|e| format!("# [executor.kubernetes]: {e}\n"))
+                }
+                None => String::new(),
             },
             pull_from = list(&self.executor.pull_from),
             insecure = self.executor.insecure_registry,
@@ -335,6 +361,17 @@ mod tests {
         c.trust.federation_ca = Some(PathBuf::from("/etc/ca.crt"));
         let text = c.to_commented_toml();
         assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c);
+        c.executor.kind = ExecutorKindSetting::Kubernetes;
+        c.executor.kubernetes = Some(
+            toml::from_str(
+                "namespace = \"jobs\"\nimage_repository = \"registry.site/kaapana\"\n\
+                 [[volumes]]\nlocal_path = \"/data\"\n\
+                 type = \"persistent_volume_claim\"\nclaim_name = \"kn\"\nsub_path = \"data\"\n",
+            )
+            .unwrap(),
+        );
+        let text = c.to_commented_toml();
+        assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c, "{text}");
         let plain = Config::new("b");
         assert_eq!(Config::parse(&plain.to_commented_toml(), Path::new("x")).unwrap(), plain);
     }

@@ -619,6 +619,15 @@ class InitContainerTest(unittest.TestCase):
         self.assertNotIn("kaapana-node init", out)
         self.assertEqual(self.node(env, "info"), info, "same identity after a restart")
 
+    def test_the_default_kubernetes_executor_config_loads_in_the_node(self) -> None:
+        # The defaults configure the Kubernetes executor: the node's own parser must take the
+        # rendered [executor] section with its [executor.kubernetes] table.
+        script, env, data_dir = self.prepare({"nodeName": "site-k"})
+        self.sh(script, env)
+        text = (data_dir / "config.toml").read_text()
+        self.assertIn('kind = "kubernetes"', text)
+        self.assertIn("site-k", self.node(env, "info"))
+
     def test_key_from_a_secret_is_installed_0600(self) -> None:
         # The Secret's files, as a kubelet with fsGroup leaves them: group-readable.
         elsewhere = self.tmp / "elsewhere"

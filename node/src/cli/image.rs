@@ -27,8 +27,15 @@ pub async fn image_command(dir: &DataDir, cmd: ImageCommand) -> Result<(), CliEr
     use crate::config::ExecutorKindSetting;
     use crate::executor::{Containerd, ContainerdExecutor, ExecutorConfig, lifecycle};
     let node = admin::NodeFiles::open(dir)?;
-    if node.config.executor.kind == ExecutorKindSetting::None {
-        bail!("this instance runs no executor (`[executor] kind = \"none\"` in config.toml)");
+    match node.config.executor.kind {
+        ExecutorKindSetting::None => {
+            bail!("this instance runs no executor (`[executor] kind = \"none\"` in config.toml)")
+        }
+        ExecutorKindSetting::Kubernetes => bail!(
+            "this instance runs jobs on Kubernetes, whose nodes pull images by digest from \
+             `[executor.kubernetes] image_repository`: push the image there instead"
+        ),
+        ExecutorKindSetting::Containerd => {}
     }
     // The configured containerd, or the node's own one: running if the daemon runs, else
     // started for this command and stopped afterwards.

@@ -70,6 +70,9 @@ pub enum DaemonError {
         "{0} (or set `[executor] kind = \"none\"` in config.toml for an instance that runs no jobs)"
     )]
     Executor(#[from] crate::executor::ExecError),
+    /// The Kubernetes executor is misconfigured or cannot reach its cluster.
+    #[error("{0}")]
+    Kubernetes(String),
     /// The PACS cache folder cannot be used.
     #[error("cannot open the PACS cache {}: {source}", path.display())]
     PacsCache {
@@ -649,8 +652,23 @@ async fn start_executor(
 > {
     use crate::config::ExecutorKindSetting;
     use crate::executor::{Containerd, ContainerdExecutor, ExecutorConfig};
-    if files.config.executor.kind == ExecutorKindSetting::None {
-        return Ok((None, None));
+    match files.config.executor.kind {
+        ExecutorKindSetting::None => return Ok((None, None)),
+        ExecutorKindSetting::Kubernetes => {
+            use crate::executor::kubernetes::KubernetesExecutor;
+            let Some(config) = files.config.executor.kubernetes.clone() else {
+                return Err(DaemonError::Kubernetes(
+                    "`[executor] kind = \"kubernetes\"` needs an `[executor.kubernetes]` table \
+                     (namespace, image_repository, volumes)"
+                        .into(),
+                ));
+            };
+            let executor = KubernetesExecutor::from_environment(config)
+                .await
+                .map_err(|e| DaemonError::Kubernetes(format!("the Kubernetes executor: {e}")))?;
+            return Ok((None, Some(Arc::new(executor))));
+        }
+        ExecutorKindSetting::Containerd => {}
     }
     let containerd = match &files.config.executor.containerd_address {
         Some(socket) => Containerd::connect(socket).await?,
