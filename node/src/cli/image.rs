@@ -30,6 +30,12 @@ pub async fn image_command(dir: &DataDir, cmd: ImageCommand) -> Result<(), CliEr
     if node.config.executor.kind == ExecutorKindSetting::None {
         bail!("this instance runs no executor (`[executor] kind = \"none\"` in config.toml)");
     }
+    if node.config.executor.kind == ExecutorKindSetting::Airflow {
+        bail!(
+            "this instance runs Airflow DAGs (`[executor] kind = \"airflow\"`), not container \
+             images: its jobs name DAG ids"
+        );
+    }
     // The configured containerd, or the node's own one: running if the daemon runs, else
     // started for this command and stopped afterwards.
     let containerd = match &node.config.executor.containerd_address {
