@@ -414,7 +414,8 @@ impl Client {
     }
 
     fn version(&self) -> Result<ApiVersion, ExecError> {
-        if let Some(v) = *lock(&self.version) {
+        let known = *lock(&self.version);
+        if let Some(v) = known {
             return Ok(v);
         }
         let v = match self.config.api_version {
@@ -478,7 +479,9 @@ impl Client {
             return self.check_auth(&url, out);
         }
         for fresh in [false, true] {
-            let token = match lock(&self.token).clone() {
+            // Not a match on the guard itself: its temporary would live through the arms.
+            let cached = lock(&self.token).clone();
+            let token = match cached {
                 Some(t) if !fresh => t,
                 _ => {
                     let t = self.fetch_token()?;
