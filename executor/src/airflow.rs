@@ -751,6 +751,7 @@ impl AirflowExecutor {
         let mut started_at = None;
         let mut last: Option<RunState> = None;
         let mut timed_out = false;
+        let mut aborted = false;
         let mut failures = 0u32;
         let state = loop {
             let (d, r) = (dag.clone(), run.clone());
@@ -783,6 +784,12 @@ impl AirflowExecutor {
             }
             if state.is_final() {
                 break state;
+            }
+            if !aborted && lock(&self.killed).contains(job) {
+                aborted = true;
+                append_log(log, &[format!("[airflow] aborted: marking DAG run {run} failed")]);
+                let (d, r) = (dag.clone(), run.clone());
+                self.blocking(move |c| c.mark_failed(&d, &r)).await?;
             }
             if !timed_out && now() >= deadline {
                 timed_out = true;
@@ -862,10 +869,12 @@ impl Executor for AirflowExecutor {
 
     fn kill<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, Result<(), ExecError>> {
         Box::pin(async move {
+            // Remembered first: a run triggered after this (a cancel that came while the job
+            // was staging its data) is marked failed by `follow` as soon as it is seen.
+            lock(&self.killed).insert(*job);
             let Some(record) = self.find_run(job, None).await? else {
                 return Err(ExecError::JobNotFound { job: *job });
             };
-            lock(&self.killed).insert(*job);
             self.blocking(move |c| c.mark_failed(&record.dag_id, &record.run_id)).await
         })
     }
