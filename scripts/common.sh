@@ -21,6 +21,8 @@ kn_require_packages() {
     # util-linux's `nsenter`) and cut links or drop packets with nftables.
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    # The Airflow tests stop `airflow standalone`'s process group with pgrep.
+    command -v pgrep >/dev/null 2>&1 || missing+=(procps)
     # The PACS tests run Debian's Orthanc with its DICOMweb plugin; they read the DICOM files
     # of the pydicom wheel, which they fetch with pip (nothing is installed from it).
     command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
@@ -72,4 +74,20 @@ kn_python_tools() {
         "$venv/bin/pip" install -q kubernetes-validate helm-python-sdk >&2 || return
     fi
     echo "$venv/bin/python"
+}
+
+# Apache Airflow for the Airflow executor's tests (`airflow standalone` on SQLite), in a virtual
+# environment of its own (created once, reused): apache-airflow pinned to a 3.x release, which
+# pip resolves here without a constraints file (about 30 s from PyPI). Prints the path of the
+# `airflow` binary. Needs python3-venv (kn_require_packages installs it).
+KN_AIRFLOW_VERSION="${KN_AIRFLOW_VERSION:-3.1.8}"
+kn_airflow() {
+    local venv="${KN_AIRFLOW_VENV:-/var/tmp/kaapana-node-airflow}"
+    if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; \
+sys.exit(m.version('apache-airflow') != '$KN_AIRFLOW_VERSION')" >/dev/null 2>&1; then
+        echo "installing apache-airflow $KN_AIRFLOW_VERSION into $venv ..." >&2
+        python3 -m venv "$venv" >&2 || return
+        "$venv/bin/pip" install -q "apache-airflow==$KN_AIRFLOW_VERSION" >&2 || return
+    fi
+    echo "$venv/bin/airflow"
 }

@@ -47,7 +47,7 @@ use tokio::sync::{oneshot, watch};
 use super::api::{Api, err, not_found_ok, quote};
 use super::image::{self, ImageInfo, ResolvedImage};
 use super::spec;
-use super::{ExecError, Executor, JobOutcome, JobRun};
+use super::{ExecError, Executor, JobOutcome, JobRun, JobWork};
 
 /// Label holding the job id (hex) on a job's container.
 pub const LABEL_JOB: &str = "kaapana-node/job";
@@ -286,6 +286,13 @@ impl ContainerdExecutor {
     }
 
     async fn run_job(&self, job: JobRun) -> Result<JobOutcome, ExecError> {
+        let JobWork::Container { image: digest, command, env } = &job.work else {
+            return Err(ExecError::BadJob {
+                detail: "this instance runs containers (executor containerd), not Airflow DAG \
+                         runs; a site with Airflow sets `[executor] kind = \"airflow\"`"
+                    .into(),
+            });
+        };
         let cid = container_id(&job.job_id);
         // The log first: the shim appends to an existing file.
         if let Some(dir) = job.log.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -298,9 +305,9 @@ impl ContainerdExecutor {
             .map_err(|e| ExecError::io(&job.log, e))?;
         let log = std::path::absolute(&job.log).map_err(|e| ExecError::io(&job.log, e))?;
 
-        let image = self.resolve_cached(&job.image).await?;
-        let args = spec::args(&job.command, &image.config)?;
-        let env = spec::env(&image.config, &job.env)?;
+        let image = self.resolve_cached(digest).await?;
+        let args = spec::args(command, &image.config)?;
+        let env = spec::env(&image.config, env)?;
         let user = spec::user(&image.config)?;
         let stub = self.scratch(&cid).join("input");
         if stub.exists() {
@@ -382,7 +389,7 @@ impl ContainerdExecutor {
                 return Err(err("Containers.Create")(s));
             }
         }
-        match self.start(&job, &cid, &image, &log).await {
+        match self.start(&job, &cid, (digest, &image), &log).await {
             Ok(started_at) => {
                 let outcome = self.finish(&job.job_id, &cid, deadline, started_at, &job.log).await;
                 if let Ok(o) = &outcome {
@@ -404,7 +411,7 @@ impl ContainerdExecutor {
         &self,
         job: &JobRun,
         cid: &str,
-        image: &ResolvedImage,
+        (digest, image): (&ImageDigest, &ResolvedImage),
         log: &Path,
     ) -> Result<Timestamp, ExecError> {
         let prepared = self
@@ -421,8 +428,8 @@ impl ContainerdExecutor {
             Ok(r) => r.into_inner().mounts,
             Err(s) if s.code() == Code::NotFound => {
                 // The image (or its layers) went away since it was resolved.
-                guard(&self.shared.images).remove(&job.image);
-                return Err(ExecError::ImageNotFound { digest: job.image });
+                guard(&self.shared.images).remove(digest);
+                return Err(ExecError::ImageNotFound { digest: *digest });
             }
             Err(s) => return Err(err("Snapshots.Prepare")(s)),
         };
@@ -480,6 +487,7 @@ impl ContainerdExecutor {
                     exit: classify(code, ended_by, oom),
                     started_at,
                     finished_at: exited_at.unwrap_or_else(now).max(started_at),
+                    detail: None,
                 };
                 // Durable before the container goes: a node stopped in between still knows.
                 super::write_exit_record(log, &outcome)

@@ -35,6 +35,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, JobId, ResourceLimits, Timestamp};
 
+pub mod airflow;
 mod api;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod busybox;
@@ -46,6 +47,7 @@ pub mod lifecycle;
 pub mod pull;
 mod spec;
 
+pub use airflow::{AirflowConfig, AirflowExecutor};
 pub use containerd::{ContainerdExecutor, ExecutorConfig};
 pub use image::{ImageInfo, import_oci_tar, list_images};
 pub use lifecycle::Containerd;
@@ -54,19 +56,15 @@ pub use pull::pull_image;
 /// One job for an executor: what to run, on which files, within which limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobRun {
-    /// The job (names its container).
+    /// The job (names its container, or its DAG run).
     pub job_id: JobId,
-    /// The image, by manifest (or index) digest; it must already be in the executor.
-    pub image: ImageDigest,
-    /// The command line; empty means the image's `Entrypoint` + `Cmd`.
-    pub command: Vec<String>,
-    /// Environment variables, added after (and overriding) the image's `Env`.
-    pub env: Vec<(String, String)>,
-    /// The dataset folder, bind-mounted read-only at `/input`.
+    /// What it runs: a container (the containerd executor) or a DAG run (the Airflow one).
+    pub work: JobWork,
+    /// The dataset folder, bind-mounted read-only at `/input` (a DAG run gets its path).
     pub input: Option<PathBuf>,
     /// Upstream results `(name, folder)`, each read-only at `/input/<name>`.
     pub upstream: Vec<(String, PathBuf)>,
-    /// The folder bind-mounted writable at `/output` (must exist).
+    /// The folder bind-mounted writable at `/output` (must exist); a DAG writes into it.
     pub output: PathBuf,
     /// The file that receives the job's stdout and stderr (created if missing, appended to).
     pub log: PathBuf,
@@ -76,8 +74,24 @@ pub struct JobRun {
     pub timeout: Duration,
 }
 
+/// What a job runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobWork {
+    /// A container of an image in the executor's image store.
+    Container {
+        /// The image, by manifest (or index) digest; it must already be in the executor.
+        image: ImageDigest,
+        /// The command line; empty means the image's `Entrypoint` + `Cmd`.
+        command: Vec<String>,
+        /// Environment variables, added after (and overriding) the image's `Env`.
+        env: Vec<(String, String)>,
+    },
+    /// One run of a DAG of the site's Airflow ([`airflow`]).
+    AirflowDag(airflow::DagRunJob),
+}
+
 /// How and when a job ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobOutcome {
     /// How it ended: `Exited(code)`, `TimedOut`, `OutOfMemory` or `Killed(signal)` (by
     /// [`Executor::kill`]).
@@ -86,6 +100,10 @@ pub struct JobOutcome {
     pub started_at: Timestamp,
     /// When it ended.
     pub finished_at: Timestamp,
+    /// What the executor knows beyond the exit status, for a failure's reason (e.g. which
+    /// Airflow task failed and in which state); `None` for containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The file next to a job's log where its executor records how it ended, durably, before it
@@ -187,6 +205,15 @@ pub enum ExecError {
         expected: String,
         /// The digest of what came.
         actual: String,
+    },
+    /// Airflow's REST API could not be reached, refused the node's credentials, or answered
+    /// with an error.
+    #[error("Airflow at {url}: {detail}")]
+    Airflow {
+        /// The URL asked.
+        url: String,
+        /// What went wrong, and what to do about it.
+        detail: String,
     },
     /// A registry could not be reached, or answered with an error or something malformed.
     #[error("registry {registry}: {detail}")]

@@ -91,9 +91,11 @@ async fn live_jobs_run_in_the_cluster_when_kubeconfig_is_set() {
         std::fs::create_dir_all(dir.join("output")).unwrap();
         let job = JobRun {
             job_id: id,
-            image: digest,
-            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            env: Vec::new(),
+            work: kaapana_executor::JobWork::Container {
+                image: digest,
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                env: Vec::new(),
+            },
             input: None,
             upstream: Vec::new(),
             output: dir.join("output"),

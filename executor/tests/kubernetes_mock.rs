@@ -564,9 +564,11 @@ fn site(ending: Ending, setup: impl FnOnce(&mut Fake)) -> Site {
     }
     let job = JobRun {
         job_id: id,
-        image: digest(),
-        command: vec!["/bin/kaapana-stats".into()],
-        env: vec![("SITE".into(), "a".into())],
+        work: kaapana_executor::JobWork::Container {
+            image: digest(),
+            command: vec!["/bin/kaapana-stats".into()],
+            env: vec![("SITE".into(), "a".into())],
+        },
         input: Some(dir.join("input")),
         upstream: Vec::new(),
         output: dir.join("output"),

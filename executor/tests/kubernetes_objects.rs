@@ -133,9 +133,11 @@ fn job_dir() -> PathBuf {
 fn base_job() -> JobRun {
     JobRun {
         job_id: job_id(),
-        image: digest(),
-        command: vec!["/bin/kaapana-stats".into(), "/input".into(), "/output".into()],
-        env: vec![("SITE".into(), "a".into()), ("LEVEL".into(), "2".into())],
+        work: kaapana_executor::JobWork::Container {
+            image: digest(),
+            command: vec!["/bin/kaapana-stats".into(), "/input".into(), "/output".into()],
+            env: vec![("SITE".into(), "a".into()), ("LEVEL".into(), "2".into())],
+        },
         input: Some(job_dir().join("input")),
         upstream: Vec::new(),
         output: job_dir().join("output"),
@@ -175,8 +177,11 @@ fn cases() -> Vec<(&'static str, Value)> {
 
     // No data at all, the image's own command, one GPU.
     let bare = JobRun {
-        command: Vec::new(),
-        env: Vec::new(),
+        work: kaapana_executor::JobWork::Container {
+            image: digest(),
+            command: Vec::new(),
+            env: Vec::new(),
+        },
         input: None,
         limits: ResourceLimits { cpu_millis: 0, memory_bytes: 0, gpus: 1 },
         ..base_job()

@@ -31,10 +31,13 @@ pub enum RunnerEvent {
     },
     /// The executor started its container.
     Started,
-    /// Its container ended.
+    /// Its container (or DAG run) ended.
     Exited {
         /// How.
         exit: ExitStatus,
+        /// What the executor knows beyond the exit status (e.g. which Airflow task failed and
+        /// why), added to the failure's reason.
+        detail: Option<String>,
     },
     /// The owner or the local admin aborted it.
     Aborted {
@@ -155,7 +158,13 @@ impl RunnerJob {
             exit: None,
             timeout_secs: job.timeout_secs,
         };
-        let denial = policy.check_workflow(owner_name, &job.workflow_name).err().or_else(|| {
+        // A DAG job runs what the runner's Airflow defines under that DAG id: the id is what its
+        // policy allows (Kaapana's allowed_dags), whatever the owner called its workflow.
+        let allowed = match job.work.dag_run() {
+            Some(run) => policy.check_dag(owner_name, &run.dag_id),
+            None => policy.check_workflow(owner_name, &job.workflow_name),
+        };
+        let denial = allowed.err().or_else(|| {
             job.dataset.as_ref().and_then(|d| policy.check_dataset(owner_name, &d.name).err())
         });
         let mut out = vec![RunnerCommand::Persist];
@@ -200,8 +209,11 @@ impl RunnerJob {
                 self.started_at = Some(now);
                 vec![RunnerCommand::Persist, self.next_update()]
             }
-            (Scheduled | Running, RunnerEvent::Exited { exit }) => {
-                let reason = self.describe(exit);
+            (Scheduled | Running, RunnerEvent::Exited { exit, detail }) => {
+                let reason = self.describe(exit).map(|r| match detail {
+                    Some(d) => kaapana_protocol::fit_text(&format!("{r}: {d}")),
+                    None => r,
+                });
                 self.finish(now, Some(exit), reason);
                 vec![RunnerCommand::Persist, self.next_update(), RunnerCommand::SendResult { exit }]
             }
@@ -331,7 +343,9 @@ impl fmt::Display for RunnerJob {
 mod tests {
     use std::time::Duration;
 
-    use kaapana_protocol::{DatasetRef, Header, ImageDigest, ResourceLimits, Sha256Digest};
+    use kaapana_protocol::{
+        ContainerWork, DatasetRef, Header, ImageDigest, ResourceLimits, Sha256Digest, Work,
+    };
 
     use super::*;
     use crate::policy::AllowList;
@@ -359,9 +373,11 @@ mod tests {
             job_name: "stats".into(),
             attempt: 0,
             dataset: dataset.map(|d| DatasetRef { name: d.into(), item: None }),
-            image: ImageDigest(Sha256Digest::of(b"img")),
-            command: vec![],
-            env: vec![],
+            work: Work::Container(ContainerWork {
+                image: ImageDigest(Sha256Digest::of(b"img")),
+                command: vec![],
+                env: vec![],
+            }),
             limits: ResourceLimits::default(),
             timeout_secs: 60,
             inputs: vec![],
@@ -392,6 +408,38 @@ mod tests {
     }
 
     #[test]
+    fn a_dag_job_is_allowed_by_its_dag_id_and_a_failure_detail_joins_the_reason() {
+        let dag = |dag_id: &str| {
+            let mut m = manifest(None);
+            m.work = Work::AirflowDag(kaapana_protocol::DagRun {
+                dag_id: dag_id.into(),
+                conf: "{}".into(),
+            });
+            m.workflow_name = "owner-chose-this".into();
+            m
+        };
+        let mut p = policy(Execution::Automatic);
+        let (job, _) = RunnerJob::receive(&dag("nnunet-predict"), "site-a", &p, t(1));
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("Airflow DAG nnunet-predict is not allowed for instance site-a")
+        );
+        p.allowed_workflows = AllowList::only(["nnunet-predict"]);
+        let (mut job, cmds) = RunnerJob::receive(&dag("nnunet-predict"), "site-a", &p, t(1));
+        assert_eq!(job.state, JobState::Scheduled);
+        assert!(cmds.contains(&RunnerCommand::Execute));
+        job.handle(RunnerEvent::Started, t(2)).unwrap();
+        let detail = Some("task process failed: RuntimeError: no series".to_owned());
+        job.handle(RunnerEvent::Exited { exit: ExitStatus::Exited(1), detail }, t(3)).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("the job exited with status 1: task process failed: RuntimeError: no series")
+        );
+    }
+
+    #[test]
     fn automatic_execution_runs_through_kaapanas_states() {
         let (mut job, cmds) = RunnerJob::receive(
             &manifest(Some("lung-ct")),
@@ -407,7 +455,9 @@ mod tests {
         assert_eq!(cmds.last(), Some(&RunnerCommand::Execute));
         let cmds = job.handle(RunnerEvent::Started, t(2)).unwrap();
         assert_eq!(states(&cmds), vec![JobState::Running]);
-        let cmds = job.handle(RunnerEvent::Exited { exit: ExitStatus::Exited(0) }, t(3)).unwrap();
+        let cmds = job
+            .handle(RunnerEvent::Exited { exit: ExitStatus::Exited(0), detail: None }, t(3))
+            .unwrap();
         assert_eq!(states(&cmds), vec![JobState::Finished]);
         assert_eq!(cmds.last(), Some(&RunnerCommand::SendResult { exit: ExitStatus::Exited(0) }));
         assert_eq!(job.sequence, 4);
@@ -467,7 +517,7 @@ mod tests {
             let (mut job, _) =
                 RunnerJob::receive(&manifest(None), "site-a", &policy(Execution::Automatic), t(1));
             job.handle(RunnerEvent::Started, t(2)).unwrap();
-            let cmds = job.handle(RunnerEvent::Exited { exit }, t(3)).unwrap();
+            let cmds = job.handle(RunnerEvent::Exited { exit, detail: None }, t(3)).unwrap();
             assert_eq!(states(&cmds), vec![JobState::Failed]);
             assert_eq!(job.reason.as_deref(), Some(reason));
             assert!(cmds.contains(&RunnerCommand::SendResult { exit }));

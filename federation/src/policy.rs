@@ -143,6 +143,13 @@ impl Policy {
         check(&self.allowed_workflows, "workflow", workflow, instance_name)
     }
 
+    /// Allows the Airflow DAG `dag_id` for the instance called `instance_name` (DAG ids are
+    /// workflows of the runner's own Airflow, allowed by name in `allowed_workflows`), or says
+    /// which rule forbids it.
+    pub fn check_dag(&self, instance_name: &str, dag_id: &str) -> Result<(), Denial> {
+        check(&self.allowed_workflows, "Airflow DAG", dag_id, instance_name)
+    }
+
     /// Allows `dataset` for the instance called `instance_name`, or says which rule forbids it.
     pub fn check_dataset(&self, instance_name: &str, dataset: &str) -> Result<(), Denial> {
         check(&self.allowed_datasets, "dataset", dataset, instance_name)
@@ -183,6 +190,12 @@ mod tests {
             p.check_workflow("site-a", "totalsegmentator").unwrap_err().to_string(),
             "workflow totalsegmentator is not allowed for instance site-a"
         );
+        assert_eq!(
+            p.check_dag("site-a", "nnunet-predict").unwrap_err().to_string(),
+            "Airflow DAG nnunet-predict is not allowed for instance site-a"
+        );
+        let dags = Policy { allowed_workflows: AllowList::only(["nnunet-predict"]), ..p };
+        assert_eq!(dags.check_dag("site-a", "nnunet-predict"), Ok(()));
     }
 
     #[test]

@@ -87,8 +87,13 @@ pub enum Message {
 pub enum Outcome {
     /// The container started.
     Started,
-    /// The container ended.
-    Exited(ExitStatus),
+    /// The container (or DAG run) ended.
+    Exited {
+        /// How.
+        exit: ExitStatus,
+        /// What the executor knows beyond the exit status (the failed Airflow task, say).
+        detail: Option<String>,
+    },
     /// The executor could not run the job (image missing, dataset gone, runtime error).
     Failed(String),
 }
@@ -574,7 +579,7 @@ impl Site {
             Event::Executor { job, outcome } => {
                 let event = match outcome {
                     Outcome::Started => RunnerEvent::Started,
-                    Outcome::Exited(exit) => RunnerEvent::Exited { exit },
+                    Outcome::Exited { exit, detail } => RunnerEvent::Exited { exit, detail },
                     Outcome::Failed(reason) => RunnerEvent::ExecutorFailed { reason },
                 };
                 self.local_runner_event(job, event, now, &mut out);

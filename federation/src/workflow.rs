@@ -939,9 +939,7 @@ impl Workflow {
             job_name: job.name.clone(),
             attempt: job.attempt,
             dataset: step.dataset.as_ref().map(|d| DatasetRef { name: d.clone(), item: job.item }),
-            image: spec.image,
-            command: spec.command.clone(),
-            env: spec.env.clone(),
+            work: spec.work.clone(),
             limits: spec.limits,
             timeout_secs: spec.timeout_secs,
             inputs,
@@ -1249,10 +1247,10 @@ pub fn job_id(workflow: &WorkflowId, name: &str, attempt: u32) -> JobId {
 
 #[cfg(test)]
 mod tests {
-    use kaapana_protocol::MAX_TEXT_LEN;
     use kaapana_protocol::{
         CapabilityAd, DatasetSummary, Gpu, ImageDigest, NameScope, ResourceLimits, Resources,
     };
+    use kaapana_protocol::{ContainerWork, MAX_TEXT_LEN, Work};
     use proptest::prelude::*;
 
     use super::*;
@@ -1346,9 +1344,11 @@ mod tests {
             runner,
             dataset: None,
             processing: Processing::Batch,
-            image: ImageDigest(Sha256Digest::of(name.as_bytes())),
-            command: vec!["run".to_owned(), name.to_owned()],
-            env: vec![],
+            work: Work::Container(ContainerWork {
+                image: ImageDigest(Sha256Digest::of(name.as_bytes())),
+                command: vec!["run".to_owned(), name.to_owned()],
+                env: vec![],
+            }),
             limits: ResourceLimits::default(),
             timeout_secs: 600,
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
@@ -1458,7 +1458,7 @@ mod tests {
         assert_eq!(m.header, Header::new(t(1), LIFE));
         assert_eq!(m.dataset, Some(DatasetRef { name: "lung-ct".to_owned(), item: None }));
         assert_eq!(m.workflow_name, WORKFLOW);
-        assert_eq!(m.command, ["run", "stats"]);
+        assert_eq!(m.work.container().map(|c| c.command.clone()).unwrap(), ["run", "stats"]);
         assert!(m.inputs.is_empty());
         assert!(m.validate().is_ok());
         let agg = wf.job(&id_of(&wf, "aggregate")).unwrap();

@@ -62,10 +62,10 @@ use kaapana_federation::{
     UpdateError, Workflow, WorkflowState,
 };
 use kaapana_protocol::{
-    BlobRef, CapabilityAd, CapabilityQuery, DatasetSummary, ExitStatus, Gpu, Header, ImageDigest,
-    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate, NameScope,
-    Pick, Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector, Sha256Digest,
-    Timestamp, WorkflowId, WorkflowManifest,
+    BlobRef, CapabilityAd, CapabilityQuery, ContainerWork, DatasetSummary, ExitStatus, Gpu, Header,
+    ImageDigest, InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings,
+    JobUpdate, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
+    RunnerSelector, Sha256Digest, Timestamp, Work, WorkflowId, WorkflowManifest,
 };
 use proptest::prelude::*;
 
@@ -812,7 +812,7 @@ impl World {
                         if exit == ExitStatus::Exited(0) {
                             self.exited_ok.insert(job);
                         }
-                        Outcome::Exited(exit)
+                        Outcome::Exited { exit, detail: None }
                     }
                     _ => Outcome::Failed("the container runtime failed".to_owned()),
                 };
@@ -1313,7 +1313,11 @@ fn manifest(w: usize, g: &WfGen, ids: &[InstanceId]) -> WorkflowManifest {
             };
             let name = format!("s{i}");
             JobSpec {
-                image: ImageDigest(Sha256Digest::of(name.as_bytes())),
+                work: Work::Container(ContainerWork {
+                    image: ImageDigest(Sha256Digest::of(name.as_bytes())),
+                    command: vec!["run".to_owned()],
+                    env: vec![],
+                }),
                 name,
                 runner,
                 dataset: Some(DATASET.to_owned()),
@@ -1321,8 +1325,6 @@ fn manifest(w: usize, g: &WfGen, ids: &[InstanceId]) -> WorkflowManifest {
                     Some(p) => Processing::SingleFile { max_parallel: p },
                     None => Processing::Batch,
                 },
-                command: vec!["run".to_owned()],
-                env: vec![],
                 limits: ResourceLimits::default(),
                 timeout_secs: 600,
                 inputs: inputs.into_iter().collect(),
@@ -1470,9 +1472,11 @@ fn the_owner_applies_updates_once_in_order_and_never_leaves_a_final_state() {
         runner: RunnerSelector::Instance(runner),
         dataset: None,
         processing: Processing::Batch,
-        image: ImageDigest(Sha256Digest::of(b"img")),
-        command: vec![],
-        env: vec![],
+        work: Work::Container(ContainerWork {
+            image: ImageDigest(Sha256Digest::of(b"img")),
+            command: vec![],
+            env: vec![],
+        }),
         limits: ResourceLimits::default(),
         timeout_secs: 60,
         inputs: vec![],

@@ -23,8 +23,8 @@ use kaapana_certs::{Identity, InstanceCertificate};
 use kaapana_federation::{Policy, RegisteredInstance};
 use kaapana_node::store::{Store, WriteOp};
 use kaapana_protocol::{
-    DatasetRef, EnvVar, Header, ImageDigest, InstanceId, JobId, JobManifest, JobState, JobUpdate,
-    ResourceLimits, Sha256Digest, Signed, Timestamp, WorkflowId,
+    ContainerWork, DatasetRef, EnvVar, Header, ImageDigest, InstanceId, JobId, JobManifest,
+    JobState, JobUpdate, ResourceLimits, Sha256Digest, Signed, Timestamp, Work, WorkflowId,
 };
 
 fn now() -> Timestamp {
@@ -44,6 +44,7 @@ fn job_manifest(owner: InstanceId, runner: InstanceId, n: u64) -> JobManifest {
         job_name: "nnunet-predict-liver".into(),
         attempt: 0,
         dataset: Some(DatasetRef { name: "lits-ct-abdomen".into(), item: None }),
+        work: Work::Container(ContainerWork {
         image: ImageDigest(Sha256Digest::of(b"registry.kaapana.local/nnunet-predict:0.4.1")),
         command: "python3 -m nnunet.inference.predict --input /input/dicom-to-nifti --output /output/segmentations --task Task003_Liver --model 3d_fullres --folds 0,1,2,3,4 --disable-tta --num-threads-preprocessing 4 --mode normal --save-probabilities --overwrite-existing --step-size 0.5 --chk model_final_checkpoint"
             .split(' ')
@@ -52,6 +53,7 @@ fn job_manifest(owner: InstanceId, runner: InstanceId, n: u64) -> JobManifest {
         env: (0..12)
             .map(|i| EnvVar { name: format!("KAAPANA_SETTING_{i}"), value: format!("/models/nnunet/value-{i}-of-the-setting") })
             .collect(),
+        }),
         limits: ResourceLimits { cpu_millis: 4000, memory_bytes: 16 << 30, gpus: 1 },
         timeout_secs: 3600,
         inputs: Vec::new(),

@@ -114,8 +114,8 @@ impl Default for WorkflowSection {
 #[serde(deny_unknown_fields)]
 pub struct ExecutorSection {
     /// `containerd` (default), `kubernetes` (jobs become `batch/v1` Jobs, see
-    /// `[executor.kubernetes]`) or `none` (this instance runs no jobs; jobs sent to it fail
-    /// with that reason).
+    /// `[executor.kubernetes]`), `airflow` (jobs are DAG runs of the site's Airflow) or `none`
+    /// (this instance runs no jobs; jobs sent to it fail with that reason).
     #[serde(default)]
     pub kind: ExecutorKindSetting,
     /// The Kubernetes executor (with `kind = "kubernetes"`): namespace, image repository, the
@@ -134,6 +134,48 @@ pub struct ExecutorSection {
     /// Pull over plain HTTP (a registry on loopback or a trusted site network only).
     #[serde(default)]
     pub insecure_registry: bool,
+    /// `kind = "airflow"`: the Airflow API server, e.g. `http://127.0.0.1:8080`.
+    #[serde(default)]
+    pub airflow_url: Option<String>,
+    /// `kind = "airflow"`: `auto` (default: ask the server), `2` (Airflow 2, `/api/v1`, basic
+    /// authentication) or `3` (Airflow 3, `/api/v2`, a token from `/auth/token`).
+    #[serde(default)]
+    pub airflow_api_version: AirflowApiSetting,
+    /// `kind = "airflow"`: the Airflow user the node acts as.
+    #[serde(default)]
+    pub airflow_user: Option<String>,
+    /// `kind = "airflow"`: a file (mode 0600) holding that user's password.
+    #[serde(default)]
+    pub airflow_password_file: Option<PathBuf>,
+    /// `kind = "airflow"`: where Airflow's workers see the node's files, as prefixes
+    /// `{ "/node/path" = "/path/in/airflow" }` (the first matching prefix is replaced). Empty:
+    /// the same paths (Airflow on this machine). A DAG run reads its input and writes its
+    /// output under `DATA_DIR/jobs/<job id>/`.
+    #[serde(default)]
+    pub airflow_path_map: std::collections::BTreeMap<PathBuf, PathBuf>,
+    /// `kind = "airflow"`: milliseconds between two reads of a running DAG run's state
+    /// (default 250).
+    #[serde(default = "default_airflow_poll_ms")]
+    pub airflow_poll_ms: u64,
+}
+
+const fn default_airflow_poll_ms() -> u64 {
+    250
+}
+
+/// `[executor] airflow_api_version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AirflowApiSetting {
+    /// Ask the server.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Airflow 2 (`/api/v1`).
+    #[serde(rename = "2")]
+    V2,
+    /// Airflow 3 (`/api/v2`).
+    #[serde(rename = "3")]
+    V3,
 }
 
 impl Default for ExecutorSection {
@@ -144,6 +186,12 @@ impl Default for ExecutorSection {
             containerd_address: None,
             pull_from: Vec::new(),
             insecure_registry: false,
+            airflow_url: None,
+            airflow_api_version: AirflowApiSetting::Auto,
+            airflow_user: None,
+            airflow_password_file: None,
+            airflow_path_map: std::collections::BTreeMap::new(),
+            airflow_poll_ms: default_airflow_poll_ms(),
         }
     }
 }
@@ -157,6 +205,8 @@ pub enum ExecutorKindSetting {
     Containerd,
     /// A Kubernetes cluster's API (`[executor.kubernetes]`).
     Kubernetes,
+    /// DAG runs of the site's Apache Airflow (its REST API).
+    Airflow,
     /// No executor.
     None,
 }
@@ -289,8 +339,8 @@ listen = {api:?}
 
 [executor]
 # Where jobs from other instances run: "containerd", "kubernetes" (batch/v1 Jobs, configured
-# in [executor.kubernetes]), or "none" for an instance that only submits jobs (jobs sent to it
-# fail with that reason).
+# in [executor.kubernetes]), "airflow" (jobs are runs of DAGs of the site's Airflow), or "none"
+# for an instance that only submits jobs (jobs sent to it fail with that reason).
 kind = {kind:?}
 # containerd's socket; unset: the node starts its own containerd (state under the data dir).
 {containerd}
@@ -298,6 +348,18 @@ kind = {kind:?}
 # ["registry.site.local:5000/kaapana/jobs"]; plain HTTP only with insecure_registry = true.
 pull_from = [{pull_from}]
 insecure_registry = {insecure}
+# kind = "airflow": the Airflow API server, its API ("auto", "2" for Airflow 2's /api/v1 with
+# basic auth, "3" for Airflow 3's /api/v2 with a token from /auth/token), the user the node acts
+# as and a file (mode 0600) with its password. Airflow must see each job's folder
+# DATA_DIR/jobs/<job>/ (input/, output/): map path prefixes if it sees them elsewhere, e.g.
+# airflow_path_map = {{ "/var/lib/kaapana-node" = "/kaapana/mounted/kaapana-node" }}.
+{airflow_url}
+airflow_api_version = "{airflow_api}"
+{airflow_user}
+{airflow_password}
+airflow_path_map = {{ {airflow_map} }}
+# Milliseconds between two reads of a running DAG run's state.
+airflow_poll_ms = {airflow_poll}
 {kubernetes}
 
 [workflows]
@@ -324,8 +386,39 @@ pacs_cache_bytes = {pacs_cache}
             kind = match self.executor.kind {
                 ExecutorKindSetting::Containerd => "containerd",
                 ExecutorKindSetting::Kubernetes => "kubernetes",
+                ExecutorKindSetting::Airflow => "airflow",
                 ExecutorKindSetting::None => "none",
             },
+            airflow_url = match &self.executor.airflow_url {
+                Some(u) => format!("airflow_url = {u:?}"),
+                None => "# airflow_url = \"http://127.0.0.1:8080\"".to_owned(),
+            },
+            airflow_api = match self.executor.airflow_api_version {
+                AirflowApiSetting::Auto => "auto",
+                AirflowApiSetting::V2 => "2",
+                AirflowApiSetting::V3 => "3",
+            },
+            airflow_user = match &self.executor.airflow_user {
+                Some(u) => format!("airflow_user = {u:?}"),
+                None => "# airflow_user = \"kaapana-node\"".to_owned(),
+            },
+            airflow_password = match &self.executor.airflow_password_file {
+                Some(p) => format!("airflow_password_file = {:?}", p.display().to_string()),
+                None =>
+                    "# airflow_password_file = \"/etc/kaapana-node/airflow-password\"".to_owned(),
+            },
+            airflow_map = self
+                .executor
+                .airflow_path_map
+                .iter()
+                .map(|(a, b)| format!(
+                    "{:?} = {:?}",
+                    a.display().to_string(),
+                    b.display().to_string()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            airflow_poll = self.executor.airflow_poll_ms,
             kubernetes = match &self.executor.kubernetes {
                 // Under its full path, so that its own sub-tables get `[executor.kubernetes.*]`.
                 Some(k) => {
@@ -372,6 +465,16 @@ mod tests {
         );
         let text = c.to_commented_toml();
         assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c, "{text}");
+        c.executor.kubernetes = None;
+        c.executor.kind = ExecutorKindSetting::Airflow;
+        c.executor.airflow_url = Some("http://127.0.0.1:8080".into());
+        c.executor.airflow_api_version = AirflowApiSetting::V2;
+        c.executor.airflow_user = Some("kaapana".into());
+        c.executor.airflow_password_file = Some(PathBuf::from("/etc/af-pass"));
+        c.executor.airflow_path_map.insert("/var/lib/kn".into(), "/kaapana/mounted/kn".into());
+        c.executor.airflow_poll_ms = 500;
+        let text = c.to_commented_toml();
+        assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c);
         let plain = Config::new("b");
         assert_eq!(Config::parse(&plain.to_commented_toml(), Path::new("x")).unwrap(), plain);
     }

@@ -156,7 +156,7 @@ impl PacsCredentials {
     }
 }
 
-fn read_secret(path: &Path) -> Result<String, PacsError> {
+pub(crate) fn read_secret(path: &Path) -> Result<String, PacsError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |detail: String| PacsError::Secret { path: path.to_owned(), detail };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;

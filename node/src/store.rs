@@ -57,10 +57,12 @@ const PEER_CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer_capa
 /// Messages waiting for delivery: [`outbox_key`] (peer, sequence) → envelope bytes.
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 /// Jobs this node runs (for others and for its own workflows): `JobId` bytes → postcard of
-/// [`RunnerJobRecord`] (the runner's state and the verified manifest). The `.v2` tables
-/// replace `runner_jobs`, `owner_jobs` and `workflows` of stores written before the one
-/// federation core (issue 13), which are left unread.
-const RUNNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("runner_jobs.v2");
+/// [`RunnerJobRecord`] (the runner's state and the verified manifest). The `.v3` tables (and
+/// `workflow_manifests.v2`) hold manifests whose work is a container or a DAG run (protocol
+/// version 2, issue 15); the `.v2` ones of earlier stores, and the `runner_jobs`,
+/// `owner_jobs` and `workflows` of stores written before the one federation core (issue 13),
+/// are left unread.
+const RUNNER_JOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("runner_jobs.v3");
 /// The last outbox sequence number used per peer, so that numbers only grow even when the
 /// outbox empties (delivery workers keep a cursor).
 const OUTBOX_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("outbox_seq");
@@ -77,11 +79,11 @@ const DATASETS_V1: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets
 const DATASET_SCHEMA_V2: u8 = 2;
 /// Workflows this node owns, with the owner's record of every job (one record per job):
 /// `WorkflowId` bytes → postcard of [`WorkflowRecord`].
-const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v2");
+const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v3");
 /// The signed `WorkflowManifest` each owned workflow was planned from: `WorkflowId` bytes →
 /// envelope bytes (written once, at submission).
 const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
-    TableDefinition::new("workflow_manifests");
+    TableDefinition::new("workflow_manifests.v2");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;

@@ -32,6 +32,14 @@
 //! inputs = ["site-stats"]
 //! image = "sha256:..."
 //! command = ["/bin/sh", "-c", "..."]
+//!
+//! [[job]]
+//! # A job of the runner's Airflow (Kaapana's workflows): one run of this DAG.
+//! name = "segment"
+//! runner = "site-b"
+//! dataset = "lung-ct"
+//! dag = "total-segmentator"        # the runner's policy must allow this DAG id
+//! conf = { task = "total", fast = true }   # the DAG run's conf (any TOML table, sent as JSON)
 //! ```
 //!
 //! Top-level keys:
@@ -51,11 +59,16 @@
 //! - `processing`: `"batch"` (default, one job for the whole dataset) or `"single-file"` (one
 //!   job per dataset item; needs a dataset), with `max_parallel` (default 1) jobs at once per
 //!   runner.
-//! - `image` (required): the image's digest, `sha256:` and 64 lowercase hex digits
-//!   (`kaapana-node image list` shows them). Tags are refused: a signed manifest pins exactly
-//!   the code that runs.
-//! - `command`: the command line; empty or left out runs the image's own entrypoint.
-//! - `env`: environment variables, names `[A-Za-z_][A-Za-z0-9_]*`.
+//! - exactly one of `image` and `dag`, what the job runs:
+//!   - `image`: the image's digest, `sha256:` and 64 lowercase hex digits (`kaapana-node image
+//!     list` shows them). Tags are refused: a signed manifest pins exactly the code that runs.
+//!     With it, `command` (the command line; empty or left out runs the image's own
+//!     entrypoint) and `env` (environment variables, names `[A-Za-z_][A-Za-z0-9_]*`).
+//!   - `dag`: the id of a DAG of the runner's Airflow (its executor must be `kind =
+//!     "airflow"`), run once for the job; the runner's policy must allow the DAG id. With it,
+//!     `conf`: a table that becomes the DAG run's `conf` as a JSON object (at most 16 KiB;
+//!     the runner adds the key `kaapana_node` with the job, its input and output folders and
+//!     Kaapana's `data_form`, so the table must not have it). TOML dates become strings.
 //! - `cpu` (cores, above 0) and `memory` (a size, above 0): limits of the job's container;
 //!   left out, the executor's defaults apply.
 //! - `timeout`: wall-clock limit (default `"1h"`), after which the job is killed.
@@ -73,9 +86,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kaapana_protocol::{
-    CapabilityQuery, EnvVar, Header, ImageDigest, InstanceId, JobSpec, MAX_NAME_LEN, MAX_RETRIES,
-    Manifest, Pick, Processing, ResourceLimits, RunnerSelector, ValidationError, WorkflowId,
-    WorkflowManifest, validate_name,
+    CapabilityQuery, ContainerWork, DagRun, EnvVar, Header, ImageDigest, InstanceId, JobSpec,
+    MAX_NAME_LEN, MAX_RETRIES, Manifest, Pick, Processing, ResourceLimits, RunnerSelector,
+    ValidationError, Work, WorkflowId, WorkflowManifest, validate_name,
 };
 use serde::Deserialize;
 
@@ -214,11 +227,11 @@ struct RawJob {
     #[serde(default)]
     processing: RawProcessing,
     max_parallel: Option<i64>,
-    image: String,
-    #[serde(default)]
-    command: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+    image: Option<String>,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    dag: Option<String>,
+    conf: Option<toml::Table>,
     cpu: Option<f64>,
     memory: Option<toml::Value>,
     timeout: Option<toml::Value>,
@@ -460,35 +473,7 @@ fn check_job(raw: RawJob, text: &str) -> Result<FileJob, WorkflowFileError> {
         ));
     }
 
-    let image = ImageDigest::parse(&raw.image).map_err(|e| {
-        let problem = match e {
-            ValidationError::ImageTag { .. } => format!(
-                "`{}` is a tag; images are referenced by digest, e.g. sha256:… (64 lowercase hex \
-                 digits); `kaapana-node image list` shows digests",
-                raw.image
-            ),
-            _ => format!(
-                "`{}` is not a valid digest: expected sha256: followed by 64 lowercase hex \
-                 digits; `kaapana-node image list` shows digests",
-                raw.image
-            ),
-        };
-        err("image", problem)
-    })?;
-
-    let mut env = Vec::with_capacity(raw.env.len());
-    for (var, value) in raw.env {
-        if !is_env_name(&var) {
-            return Err(err(
-                "env",
-                format!(
-                    "`{var}` is not a valid variable name: use 1 to {MAX_NAME_LEN} letters, \
-                     digits and _, not starting with a digit"
-                ),
-            ));
-        }
-        env.push(EnvVar { name: var, value });
-    }
+    let work = check_work(raw.image, raw.command, raw.env, raw.dag, raw.conf, &err)?;
 
     let cpu_millis = match raw.cpu {
         None => 0,
@@ -537,15 +522,117 @@ fn check_job(raw: RawJob, text: &str) -> Result<FileJob, WorkflowFileError> {
             runner: RunnerSelector::Owner,
             dataset,
             processing,
-            image,
-            command: raw.command,
-            env,
+            work,
             limits: ResourceLimits { cpu_millis, memory_bytes, gpus: 0 },
             timeout_secs,
             inputs: raw.inputs,
             max_retries,
         },
     })
+}
+
+/// Checks what a job runs: `image` (with `command` and `env`) or `dag` (with `conf`).
+fn check_work(
+    image: Option<String>,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    dag: Option<String>,
+    conf: Option<toml::Table>,
+    err: &dyn Fn(&'static str, String) -> WorkflowFileError,
+) -> Result<Work, WorkflowFileError> {
+    let image = match (image, dag) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "dag",
+                "the job has both `image` and `dag`; keep one: `image` runs a container, `dag` \
+                 runs a DAG of the runner's Airflow"
+                    .into(),
+            ));
+        }
+        (None, None) => {
+            return Err(err(
+                "image",
+                "the job does not say what it runs: add `image = \"sha256:…\"` (a container) \
+                 or `dag = \"<DAG id>\"` (a DAG run at the runner's Airflow)"
+                    .into(),
+            ));
+        }
+        (None, Some(dag_id)) => {
+            if command.is_some() || env.is_some() {
+                let field = if command.is_some() { "command" } else { "env" };
+                return Err(err(
+                    field,
+                    format!(
+                        "a DAG job runs what the runner's Airflow defines for DAG `{dag_id}`; \
+                         pass parameters in `conf = {{ ... }}` instead of `{field}`"
+                    ),
+                ));
+            }
+            validate_name("DAG id", &dag_id).map_err(|e| err("dag", e.to_string()))?;
+            let conf = match conf {
+                None => "{}".to_owned(),
+                Some(table) => serde_json::to_string(&toml_to_json(toml::Value::Table(table)))
+                    .map_err(|e| err("conf", e.to_string()))?,
+            };
+            let run = DagRun { dag_id, conf };
+            Work::AirflowDag(run.clone()).validate().map_err(|e| err("conf", e.to_string()))?;
+            return Ok(Work::AirflowDag(run));
+        }
+        (Some(image), None) => image,
+    };
+    if conf.is_some() {
+        return Err(err(
+            "conf",
+            "only applies to a DAG job (`dag = \"...\"`); a container gets `command` and `env`"
+                .into(),
+        ));
+    }
+    let digest = ImageDigest::parse(&image).map_err(|e| {
+        let problem = match e {
+            ValidationError::ImageTag { .. } => format!(
+                "`{image}` is a tag; images are referenced by digest, e.g. sha256:… (64 lowercase \
+                 hex digits); `kaapana-node image list` shows digests"
+            ),
+            _ => format!(
+                "`{image}` is not a valid digest: expected sha256: followed by 64 lowercase hex \
+                 digits; `kaapana-node image list` shows digests"
+            ),
+        };
+        err("image", problem)
+    })?;
+    let raw_env = env.unwrap_or_default();
+    let mut env = Vec::with_capacity(raw_env.len());
+    for (var, value) in raw_env {
+        if !is_env_name(&var) {
+            return Err(err(
+                "env",
+                format!(
+                    "`{var}` is not a valid variable name: use 1 to {MAX_NAME_LEN} letters, \
+                     digits and _, not starting with a digit"
+                ),
+            ));
+        }
+        env.push(EnvVar { name: var, value });
+    }
+    Ok(Work::Container(ContainerWork { image: digest, command: command.unwrap_or_default(), env }))
+}
+
+/// A TOML value as JSON: tables become objects, arrays arrays, dates their RFC 3339 text.
+fn toml_to_json(v: toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => serde_json::Value::String(s),
+        toml::Value::Integer(i) => serde_json::Value::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        toml::Value::Boolean(b) => serde_json::Value::Bool(b),
+        toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+        toml::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(toml_to_json).collect())
+        }
+        toml::Value::Table(t) => {
+            serde_json::Value::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect())
+        }
+    }
 }
 
 /// Checks a job's `query`; `err` makes an error about the job's field.
@@ -740,9 +827,10 @@ mod tests {
         let text = documented_example();
         let file = WorkflowFile::parse(&text).unwrap();
         assert_eq!(file.name(), "federated-statistics");
-        let owner = instance();
+        let (owner, site_b) = (instance(), instance());
+        let resolve = |n: &str| (n == "site-b").then_some(site_b);
         let m =
-            file.to_manifest(WorkflowId::from_bytes([9; 16]), owner, header(), &|_| None).unwrap();
+            file.to_manifest(WorkflowId::from_bytes([9; 16]), owner, header(), &resolve).unwrap();
         assert_eq!(m.name, "federated-statistics");
         assert_eq!(m.owner, owner);
         assert_eq!(m.workflow_id, WorkflowId::from_bytes([9; 16]));
@@ -759,9 +847,11 @@ mod tests {
                 }),
                 dataset: Some("synthetic-ct".into()),
                 processing: Processing::Batch,
-                image: ImageDigest::parse(D1).unwrap(),
-                command: vec!["/bin/sh".into(), "-c".into(), "...".into()],
-                env: vec![EnvVar { name: "BINS".into(), value: "10".into() }],
+                work: Work::Container(ContainerWork {
+                    image: ImageDigest::parse(D1).unwrap(),
+                    command: vec!["/bin/sh".into(), "-c".into(), "...".into()],
+                    env: vec![EnvVar { name: "BINS".into(), value: "10".into() }],
+                }),
                 limits: ResourceLimits { cpu_millis: 500, memory_bytes: 256 << 20, gpus: 0 },
                 timeout_secs: 300,
                 inputs: vec![],
@@ -772,12 +862,28 @@ mod tests {
                 runner: RunnerSelector::Owner,
                 dataset: None,
                 processing: Processing::Batch,
-                image: ImageDigest::parse(D2).unwrap(),
-                command: vec!["/bin/sh".into(), "-c".into(), "...".into()],
-                env: vec![],
+                work: Work::Container(ContainerWork {
+                    image: ImageDigest::parse(D2).unwrap(),
+                    command: vec!["/bin/sh".into(), "-c".into(), "...".into()],
+                    env: vec![],
+                }),
                 limits: ResourceLimits::default(),
                 timeout_secs: DEFAULT_TIMEOUT_SECS,
                 inputs: vec!["site-stats".into()],
+                max_retries: 0,
+            },
+            JobSpec {
+                name: "segment".into(),
+                runner: RunnerSelector::Instance(site_b),
+                dataset: Some("lung-ct".into()),
+                processing: Processing::Batch,
+                work: Work::AirflowDag(DagRun {
+                    dag_id: "total-segmentator".into(),
+                    conf: r#"{"fast":true,"task":"total"}"#.into(),
+                }),
+                limits: ResourceLimits::default(),
+                timeout_secs: DEFAULT_TIMEOUT_SECS,
+                inputs: vec![],
                 max_retries: 0,
             },
         ];
@@ -826,11 +932,12 @@ memory = "2 GB"
         );
         assert_eq!(segment.dataset.as_deref(), Some("ct"));
         assert_eq!(segment.processing, Processing::SingleFile { max_parallel: 3 });
-        assert_eq!(segment.image, ImageDigest::parse(D1).unwrap());
+        let container = segment.work.container().unwrap();
+        assert_eq!(container.image, ImageDigest::parse(D1).unwrap());
         assert_eq!(segment.limits.memory_bytes, 1000);
         assert_eq!(segment.timeout_secs, 90);
         // Sorted by name: the manifest is deterministic whatever the file's order.
-        let names: Vec<_> = segment.env.iter().map(|v| v.name.as_str()).collect();
+        let names: Vec<_> = container.env.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["A_FIRST", "Z_LAST"]);
 
         let report = &m.jobs[1];
@@ -839,6 +946,41 @@ memory = "2 GB"
         assert_eq!(report.timeout_secs, 7200);
         assert_eq!(report.limits.cpu_millis, 1000);
         assert_eq!(report.limits.memory_bytes, 2_000_000_000);
+    }
+
+    #[test]
+    fn dag_jobs_carry_their_conf_as_a_json_object_and_refuse_container_keys() {
+        let text = one_job(
+            "runner = \"owner\"\ndag = \"nnunet\"\nconf = { model = \"3d\", folds = [0, 1], \
+             opts = { tta = false, step = 0.5 }, when = 2024-01-02 }",
+        );
+        let m = manifest(&text, &|_| None).unwrap();
+        let run = m.jobs[0].work.dag_run().unwrap();
+        assert_eq!(run.dag_id, "nnunet");
+        let conf: serde_json::Value = serde_json::from_str(&run.conf).unwrap();
+        assert_eq!(
+            conf,
+            serde_json::json!({"model": "3d", "folds": [0, 1], "opts": {"tta": false, "step": 0.5},
+                               "when": "2024-01-02"})
+        );
+        let plain = manifest(&one_job("runner = \"owner\"\ndag = \"d\""), &|_| None).unwrap();
+        assert_eq!(plain.jobs[0].work.dag_run().unwrap().conf, "{}");
+
+        let both =
+            parse_error(&one_job(&format!("runner = \"owner\"\ndag = \"d\"\nimage = \"{D1}\"")));
+        assert_mentions(&both, &["`dag`", "both `image` and `dag`"]);
+        let neither = parse_error(&one_job("runner = \"owner\""));
+        assert_mentions(&neither, &["`image`", "does not say what it runs", "dag = "]);
+        let cmd = parse_error(&one_job("runner = \"owner\"\ndag = \"d\"\ncommand = [\"x\"]"));
+        assert_mentions(&cmd, &["`command`", "conf = {"]);
+        let conf =
+            parse_error(&one_job(&format!("runner = \"owner\"\nimage = \"{D1}\"\nconf = {{}}")));
+        assert_mentions(&conf, &["`conf`", "only applies to a DAG job"]);
+        let reserved =
+            parse_error(&one_job("runner = \"owner\"\ndag = \"d\"\nconf = { kaapana_node = 1 }"));
+        assert_mentions(&reserved, &["`conf`", "kaapana_node"]);
+        let bad_id = parse_error(&one_job("runner = \"owner\"\ndag = \"../x\""));
+        assert_mentions(&bad_id, &["`dag`", "DAG id `../x`"]);
     }
 
     #[test]
@@ -984,8 +1126,8 @@ memory = "2 GB"
             "runner = \"owner\"\nimage = \"{D1}\"\n[job.limits]\ncpu = 1"
         )));
         assert_mentions(&table, &["unknown field `limits`"]);
-        let missing = parse_error(&one_job("runner = \"owner\""));
-        assert_mentions(&missing, &["missing field `image`"]);
+        let missing = parse_error(&one_job("name2 = 1"));
+        assert_mentions(&missing, &["unknown field `name2`"]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::containerd::{TestContainerd, build_busybox_image};
 use kaapana_node::executor::containerd::container_id;
 use kaapana_node::executor::{
-    Containerd, ContainerdExecutor, ExecError, Executor, JobOutcome, JobRun, lifecycle,
+    Containerd, ContainerdExecutor, ExecError, Executor, JobOutcome, JobRun, JobWork, lifecycle,
 };
 use kaapana_protocol::{ExecutorKind, ExitStatus, ImageDigest, Sha256Digest, ValidationError};
 
@@ -186,7 +186,9 @@ async fn timeout_kills_the_job() {
     let image = ctd.busybox(&exec).await;
 
     let mut job = ctd.job("timeout", image, "");
-    job.command = vec!["sleep".into(), "30".into()];
+    if let JobWork::Container { command, .. } = &mut job.work {
+        *command = vec!["sleep".into(), "30".into()];
+    }
     job.timeout = Duration::from_secs(1);
     let t = Instant::now();
     let out = exec.run(job.clone()).await.unwrap();

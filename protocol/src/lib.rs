@@ -29,12 +29,13 @@ pub use ids::{ImageDigest, InstanceId, JobId, ManifestId, Sha256Digest, Workflow
 pub use key::{KeyError, SigningKey, verify_ed25519};
 pub use libp2p_identity::PeerId;
 pub use manifest::{
-    BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
-    ExecutorKind, ExitStatus, Gpu, Header, InputBundle, InstanceBundleInfo, ItemToken, JobManifest,
-    JobSpec, JobState, JobTimings, JobUpdate, MAX_ITEM_TOKENS, MAX_MODALITIES, MAX_NAME_LEN,
-    MAX_RETRIES, MAX_TEXT_LEN, ModalityCount, NameScope, Pick, Processing, ResourceLimits,
-    Resources, ResultManifest, RunnerSelector, WorkflowManifest, fit_text, validate_modality,
-    validate_name, validate_text,
+    BlobRef, Cancel, CapabilityAd, CapabilityQuery, ContainerWork, DAG_CONF_NODE_KEY, DagRun,
+    DatasetRef, DatasetSummary, EnvVar, ExecutorKind, ExitStatus, Gpu, Header, InputBundle,
+    InstanceBundleInfo, ItemToken, JobManifest, JobSpec, JobState, JobTimings, JobUpdate,
+    MAX_DAG_CONF_LEN, MAX_ITEM_TOKENS, MAX_MODALITIES, MAX_NAME_LEN, MAX_RETRIES, MAX_TEXT_LEN,
+    ModalityCount, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
+    RunnerSelector, Work, WorkflowManifest, fit_text, validate_modality, validate_name,
+    validate_text,
 };
 pub use replay::ReplayWindow;
 pub use results::{MAX_OFFER, MAX_REPLY, Offer, RESULTS_PROTOCOL, RejectCode, Reply, ResultPart};

@@ -96,6 +96,8 @@ pub enum ExecutorKind {
     Containerd,
     /// batch/v1 Jobs in the site's Kubernetes cluster.
     Kubernetes,
+    /// DAG runs in the site's Apache Airflow (Kaapana's own workflow engine).
+    Airflow,
 }
 
 /// A dataset as advertised: its name and size, never its contents.
@@ -348,12 +350,8 @@ pub struct JobSpec {
     pub dataset: Option<String>,
     /// Batch or single-file processing.
     pub processing: Processing,
-    /// The image, by digest.
-    pub image: ImageDigest,
-    /// The command line.
-    pub command: Vec<String>,
-    /// Environment variables.
-    pub env: Vec<EnvVar>,
+    /// What it runs: a container or an Airflow DAG run.
+    pub work: Work,
     /// Resource limits.
     pub limits: ResourceLimits,
     /// Wall-clock limit in seconds, after which the job is killed.
@@ -365,14 +363,97 @@ pub struct JobSpec {
     pub max_retries: u32,
 }
 
-fn validate_job_common(
-    image_env: &[EnvVar],
-    command: &[String],
-    timeout_secs: u32,
-) -> Result<(), ValidationError> {
-    validate_count("command", command, 256)?;
-    validate_count("env", image_env, 256)?;
-    for v in image_env {
+/// What a job runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    /// A container: an image pinned by digest, its command line and environment.
+    Container(ContainerWork),
+    /// One run of a DAG of the runner's Apache Airflow, as Kaapana runs its workflows. What
+    /// the DAG does is the runner's: its policy must allow the DAG id.
+    AirflowDag(DagRun),
+}
+
+impl Work {
+    /// The container work, if it is one.
+    pub fn container(&self) -> Option<&ContainerWork> {
+        match self {
+            Self::Container(c) => Some(c),
+            Self::AirflowDag(_) => None,
+        }
+    }
+
+    /// The DAG run, if it is one.
+    pub fn dag_run(&self) -> Option<&DagRun> {
+        match self {
+            Self::AirflowDag(d) => Some(d),
+            Self::Container(_) => None,
+        }
+    }
+
+    /// Checks the work as a manifest's validation does (names, counts, the DAG conf).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Self::Container(c) => validate_container(c),
+            Self::AirflowDag(d) => d.validate(),
+        }
+    }
+}
+
+/// A container a job runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerWork {
+    /// The image, by digest.
+    pub image: ImageDigest,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<EnvVar>,
+}
+
+/// One run of an Airflow DAG.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DagRun {
+    /// The DAG's id at the runner's Airflow (a name: `[A-Za-z0-9._-]`, at most 128).
+    pub dag_id: String,
+    /// The DAG run's `conf`: a JSON object, as text (at most [`MAX_DAG_CONF_LEN`] bytes). The
+    /// runner adds its own key [`DAG_CONF_NODE_KEY`], which this object must not have.
+    pub conf: String,
+}
+
+/// The most bytes of a DAG run's `conf` text.
+pub const MAX_DAG_CONF_LEN: usize = 16 * 1024;
+/// The key of a DAG run's `conf` that the runner fills in (the job, its input and output
+/// folders, Kaapana's `data_form`).
+pub const DAG_CONF_NODE_KEY: &str = "kaapana_node";
+
+impl DagRun {
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_name("DAG id", &self.dag_id)?;
+        if self.conf.len() > MAX_DAG_CONF_LEN {
+            return Err(ValidationError::TooLong {
+                field: "DAG conf",
+                len: self.conf.len(),
+                max: MAX_DAG_CONF_LEN,
+            });
+        }
+        match serde_json::from_str::<serde_json::Value>(&self.conf) {
+            Ok(serde_json::Value::Object(map)) if !map.contains_key(DAG_CONF_NODE_KEY) => Ok(()),
+            Ok(serde_json::Value::Object(_)) => Err(ValidationError::OutOfRange {
+                field: "DAG conf",
+                expected: "an object without the key kaapana_node (the runner sets it)",
+            }),
+            _ => Err(ValidationError::OutOfRange {
+                field: "DAG conf",
+                expected: "a JSON object (e.g. {} or {\"key\": \"value\"})",
+            }),
+        }
+    }
+}
+
+fn validate_container(c: &ContainerWork) -> Result<(), ValidationError> {
+    validate_count("command", &c.command, 256)?;
+    validate_count("env", &c.env, 256)?;
+    for v in &c.env {
         let ok = v.name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && v.name.len() <= MAX_NAME_LEN
             && v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
@@ -384,6 +465,11 @@ fn validate_job_common(
             });
         }
     }
+    Ok(())
+}
+
+fn validate_job_common(work: &Work, timeout_secs: u32) -> Result<(), ValidationError> {
+    work.validate()?;
     if timeout_secs == 0 {
         return Err(ValidationError::OutOfRange {
             field: "timeout_secs",
@@ -415,7 +501,7 @@ impl JobSpec {
                 expected: "at most 10",
             });
         }
-        validate_job_common(&self.env, &self.command, self.timeout_secs)
+        validate_job_common(&self.work, self.timeout_secs)
     }
 }
 
@@ -560,12 +646,8 @@ pub struct JobManifest {
     pub attempt: u32,
     /// The data it reads.
     pub dataset: Option<DatasetRef>,
-    /// The image, by digest.
-    pub image: ImageDigest,
-    /// The command line.
-    pub command: Vec<String>,
-    /// Environment variables.
-    pub env: Vec<EnvVar>,
+    /// What it runs: a container or an Airflow DAG run.
+    pub work: Work,
     /// Resource limits.
     pub limits: ResourceLimits,
     /// Wall-clock limit in seconds.
@@ -592,7 +674,7 @@ impl Manifest for JobManifest {
         for i in &self.inputs {
             validate_name("input job name", &i.job_name)?;
         }
-        validate_job_common(&self.env, &self.command, self.timeout_secs)
+        validate_job_common(&self.work, self.timeout_secs)
     }
 }
 
@@ -793,6 +875,30 @@ mod tests {
         assert!(fit.len() <= MAX_TEXT_LEN && fit.len() > MAX_TEXT_LEN - 2);
         assert!(validate_text("reason", &fit, MAX_TEXT_LEN).is_ok());
         assert!(validate_text("reason", &long, MAX_TEXT_LEN).is_err());
+    }
+
+    #[test]
+    fn dag_runs_name_a_dag_and_carry_a_bounded_json_object_without_the_node_key() {
+        let run = |dag_id: &str, conf: &str| {
+            Work::AirflowDag(DagRun { dag_id: dag_id.into(), conf: conf.into() }).validate()
+        };
+        assert_eq!(run("total-segmentator", "{}"), Ok(()));
+        assert_eq!(run("nnunet.predict_v2", r#"{"task": "Task003", "folds": [0, 1]}"#), Ok(()));
+        for (dag, conf) in [
+            ("", "{}"),
+            ("../etc", "{}"),
+            ("dag", "[]"),
+            ("dag", "\"text\""),
+            ("dag", "{"),
+            ("dag", ""),
+            ("dag", r#"{"kaapana_node": {}}"#),
+        ] {
+            assert!(run(dag, conf).is_err(), "{dag:?} {conf:?}");
+        }
+        let long = format!("{{\"k\": \"{}\"}}", "x".repeat(MAX_DAG_CONF_LEN));
+        assert!(matches!(run("dag", &long), Err(ValidationError::TooLong { .. })));
+        let e = run("dag", r#"{"kaapana_node": 1}"#).unwrap_err().to_string();
+        assert!(e.contains("kaapana_node"), "{e}");
     }
 
     #[test]

@@ -37,8 +37,9 @@ use crate::time::Timestamp;
 
 /// The envelope format this build writes and reads.
 pub const ENVELOPE_FORMAT: u8 = 1;
-/// The protocol version of the payloads this build writes and reads.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version of the payloads this build writes and reads. Version 2: a job's work
+/// is a container or an Airflow DAG run (`Work`), not always an image.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes an envelope adds around its payload at most: format, domain tag, signer, length
 /// prefixes and signature.
 pub const ENVELOPE_OVERHEAD: usize = 1 + 1 + 48 + 1 + 64 + 3 + 64;

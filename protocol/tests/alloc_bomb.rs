@@ -113,6 +113,7 @@ fn huge_declared_lengths_fail_fast_without_allocating() {
 
     let mut j = common::typical_job_manifest();
     j.dataset = None;
+    let container = j.work.container().unwrap().clone();
     let honest_job = postcard::to_allocvec(&j).unwrap();
     let job_name =
         postcard::to_allocvec(&(j.header, j.job_id, j.workflow_id, j.owner, j.runner)).unwrap();
@@ -127,11 +128,12 @@ fn huge_declared_lengths_fail_fast_without_allocating() {
         &j.job_name,
         j.attempt,
         None::<u8>,
-        j.image,
+        0u8, // Work::Container
+        container.image,
     ))
     .unwrap();
     assert!(honest_job.starts_with(&[&job_command[..], &varint(18)].concat()));
-    assert_eq!(j.command.len(), 18);
+    assert_eq!(container.command.len(), 18);
 
     let bomb = |prefix: &[u8], n: u64, tail: &[u8]| [prefix, &varint(n), tail].concat();
     for &n in &huge_lengths {

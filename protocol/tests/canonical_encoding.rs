@@ -45,9 +45,9 @@ fn honest_payloads_are_accepted() {
 fn payload_with_overlong_varint_is_rejected() {
     let c = common::typical_cancel();
     let honest = postcard::to_allocvec(&c).unwrap();
-    // The payload starts with header.protocol_version = 1 (one byte).
-    assert_eq!(honest[0], 1);
-    let padded = [&overlong(1)[..], &honest[1..]].concat();
+    // The payload starts with header.protocol_version (one byte).
+    assert_eq!(u16::from(honest[0]), kaapana_protocol::PROTOCOL_VERSION);
+    let padded = [&overlong(honest[0].into())[..], &honest[1..]].concat();
     assert_eq!(postcard::from_bytes::<Cancel>(&padded).unwrap(), c, "same value");
     assert_ne!(
         Signed::<Cancel>::sign_encoded(key(), &padded).id(),

@@ -214,7 +214,9 @@ fn oversized_envelope_is_rejected_before_decoding() {
 #[test]
 fn signing_an_oversized_payload_fails() {
     let mut m = common::typical_job_manifest();
-    m.command = vec!["x".repeat(40 * 1024), "y".repeat(40 * 1024)];
+    if let kaapana_protocol::Work::Container(c) = &mut m.work {
+        c.command = vec!["x".repeat(40 * 1024), "y".repeat(40 * 1024)];
+    }
     let e = Signed::sign(key(), &m).unwrap_err();
     match &e {
         EncodeError::TooLarge { kind: ManifestKind::JobManifest, len, max } => {
@@ -245,7 +247,7 @@ fn unknown_protocol_version() {
             supported: PROTOCOL_VERSION,
         })
     );
-    assert_mentions(&e, &["JobManifest", "protocol version 99", "speaks version 1", "upgrade"]);
+    assert_mentions(&e, &["JobManifest", "protocol version 99", "speaks version 2", "upgrade"]);
     // A version that needs a two-byte varint is named just as well.
     let mut c = common::typical_cancel();
     c.header.protocol_version = 300;

@@ -44,10 +44,10 @@ use kaapana_federation::{
     RegisteredInstance, Registry, RunnerJob, SiteConfig, SiteError, Timer, Workflow, WorkflowState,
 };
 use kaapana_protocol::{
-    BlobRef, CapabilityAd, CapabilityQuery, DatasetSummary, ENVELOPE_OVERHEAD, ExecutorKind,
-    ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobSpec, JobState,
-    NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest, RunnerSelector,
-    Sha256Digest, Timestamp, WorkflowId, WorkflowManifest,
+    BlobRef, CapabilityAd, CapabilityQuery, ContainerWork, DatasetSummary, ENVELOPE_OVERHEAD,
+    ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobSpec,
+    JobState, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
+    RunnerSelector, Sha256Digest, Timestamp, Work, WorkflowId, WorkflowManifest,
 };
 use serde::Serialize;
 
@@ -1560,9 +1560,11 @@ impl Sim {
             runner,
             dataset: None,
             processing: Processing::Batch,
-            image: ImageDigest(Sha256Digest::of(b"kaapana/federated-statistics:1.0")),
-            command: vec!["/bin/stats".to_owned()],
-            env: Vec::new(),
+            work: Work::Container(ContainerWork {
+                image: ImageDigest(Sha256Digest::of(b"kaapana/federated-statistics:1.0")),
+                command: vec!["/bin/stats".to_owned()],
+                env: Vec::new(),
+            }),
             limits: ResourceLimits::default(),
             timeout_secs: 3600,
             inputs,
@@ -1951,7 +1953,7 @@ impl Sim {
             // A re-attached container that was never reported started.
             self.feed(s, Event::Executor { job, outcome: Outcome::Started });
         }
-        self.feed(s, Event::Executor { job, outcome: Outcome::Exited(exit) });
+        self.feed(s, Event::Executor { job, outcome: Outcome::Exited { exit, detail: None } });
     }
 
     // ---- results -----------------------------------------------------------------------

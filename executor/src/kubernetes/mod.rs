@@ -692,7 +692,7 @@ impl KubernetesExecutor {
                     .and_then(|c| timestamp(c.last_transition_time.as_ref()))
             })
             .unwrap_or_else(now);
-        Ok(JobOutcome { exit, started_at, finished_at: finished_at.max(started_at) })
+        Ok(JobOutcome { exit, started_at, finished_at: finished_at.max(started_at), detail: None })
     }
 
     /// Deletes the Job with foreground propagation (its pods go first). Whether it existed.

@@ -344,6 +344,13 @@ pub fn deadline_seconds(timeout: Duration) -> i64 {
 pub fn job_object(job: &JobRun, config: &KubernetesConfig) -> Result<Job, KubernetesError> {
     config.validate()?;
     let bad = |detail: String| KubernetesError::BadJob { detail };
+    let crate::JobWork::Container { image, command, env } = &job.work else {
+        return Err(bad(
+            "an Airflow DAG job cannot run on the Kubernetes executor; configure `[executor] \
+             kind = \"airflow\"` for DAG jobs"
+                .into(),
+        ));
+    };
     let mut volumes_used: Vec<usize> = Vec::new();
     let mut mounts: Vec<VolumeMount> = Vec::new();
     let mut mount = |what: &str, path: &Path, at: String, read_only: bool| {
@@ -453,12 +460,11 @@ pub fn job_object(job: &JobRun, config: &KubernetesConfig) -> Result<Job, Kubern
     let seccomp = || SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None };
     let container = Container {
         name: CONTAINER.into(),
-        image: Some(config.image_reference(&job.image)),
+        image: Some(config.image_reference(image)),
         image_pull_policy: Some("IfNotPresent".into()),
-        command: (!job.command.is_empty()).then(|| job.command.clone()),
-        env: (!job.env.is_empty()).then(|| {
-            job.env
-                .iter()
+        command: (!command.is_empty()).then(|| command.clone()),
+        env: (!env.is_empty()).then(|| {
+            env.iter()
                 .map(|(name, value)| EnvVar {
                     name: name.clone(),
                     value: Some(value.clone()),

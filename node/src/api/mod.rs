@@ -433,9 +433,13 @@ fn summarize(m: &AnyVerified) -> String {
         }
         AnyVerified::JobManifest(j) => {
             let p = j.payload();
+            let work = match &p.work {
+                kaapana_protocol::Work::Container(c) => format!("image {}", c.image),
+                kaapana_protocol::Work::AirflowDag(d) => format!("Airflow DAG {}", d.dag_id),
+            };
             format!(
-                "job {} ({}) of workflow {}, attempt {}, image {}",
-                p.job_name, p.job_id, p.workflow_id, p.attempt, p.image
+                "job {} ({}) of workflow {}, attempt {}, {work}",
+                p.job_name, p.job_id, p.workflow_id, p.attempt
             )
         }
         AnyVerified::JobUpdate(u) => {
@@ -511,9 +515,11 @@ async fn submit_job(
         job_name: req.job_name,
         attempt: 0,
         dataset: req.dataset.map(|name| kaapana_protocol::DatasetRef { name, item: None }),
-        image,
-        command: req.command,
-        env,
+        work: kaapana_protocol::Work::Container(kaapana_protocol::ContainerWork {
+            image,
+            command: req.command,
+            env,
+        }),
         limits: kaapana_protocol::ResourceLimits {
             cpu_millis: req.cpu_millis,
             memory_bytes: req.memory_bytes,

@@ -35,6 +35,10 @@ pub async fn image_command(dir: &DataDir, cmd: ImageCommand) -> Result<(), CliEr
             "this instance runs jobs on Kubernetes, whose nodes pull images by digest from \
              `[executor.kubernetes] image_repository`: push the image there instead"
         ),
+        ExecutorKindSetting::Airflow => bail!(
+            "this instance runs Airflow DAGs (`[executor] kind = \"airflow\"`), not container \
+             images: its jobs name DAG ids"
+        ),
         ExecutorKindSetting::Containerd => {}
     }
     // The configured containerd, or the node's own one: running if the daemon runs, else

@@ -49,7 +49,9 @@ pub enum InstanceCommand {
 /// What a registered instance may do here. Without flags it may do nothing.
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
-    /// A workflow this instance may run here (repeatable).
+    /// A workflow this instance may run here (repeatable): a workflow's name for container
+    /// jobs, or the DAG id for jobs that run a DAG of this site's Airflow (Kaapana's
+    /// allowed_dags), e.g. `--allow-workflow total-segmentator`.
     #[arg(long, value_name = "WORKFLOW")]
     allow_workflow: Vec<String>,
     /// Allow every workflow.

@@ -19,8 +19,10 @@ use super::driver::JobError;
 use super::{EventKind, NodeState, now};
 use crate::blobs::BlobStore;
 use crate::datasets::JobData;
-use crate::executor::JobRun;
+use crate::executor::airflow::{DagRunJob, RunningHook};
+use crate::executor::{JobRun, JobWork};
 use crate::net::results::{ResultPart, SendOptions, send_result_part};
+use kaapana_protocol::Work;
 
 /// The folder of one job's files.
 pub(crate) fn job_dir(state: &NodeState, job: &JobId) -> PathBuf {
@@ -63,9 +65,12 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         )
         .await;
     };
-    if let Err(why) = ensure_image(state, executor.as_ref(), &manifest.image).await {
+    if let Some(c) = manifest.work.container()
+        && let Err(why) = ensure_image(state, executor.as_ref(), &c.image).await
+    {
         return fail(state, job_id, why).await;
     }
+    let is_dag = manifest.work.dag_run().is_some();
     let dir = job_dir(state, &job_id);
     // The dataset at /input: a folder dataset as it is (batch), or its one item at
     // /input/<item>/ (single-file); a DICOMweb dataset's series fetched into the job's folder.
@@ -90,6 +95,8 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             });
             match staged {
                 Ok(JobData::Dataset(dir)) => (Some(dir), Vec::new()),
+                // A DAG run is told the item's folder as its input.
+                Ok(JobData::Item { folder, .. }) if is_dag => (Some(folder), Vec::new()),
                 Ok(JobData::Item { item, folder }) => (None, vec![(item, folder)]),
                 Err(e) => {
                     let why = format!("dataset {} is not available at {}: {e}", d.name, state.name);
@@ -117,15 +124,46 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             Err(why) => return fail(state, job_id, why).await,
         }
     }
-    if record.job.state != kaapana_protocol::JobState::Running {
+    // A container runs once it is started; a DAG run reports `running` when Airflow says so.
+    if record.job.state != kaapana_protocol::JobState::Running && !is_dag {
         state.executor_event(job_id, Outcome::Started).await?;
     }
+    let work = match &manifest.work {
+        Work::Container(c) => JobWork::Container {
+            image: c.image,
+            command: c.command.clone(),
+            env: c.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+        },
+        Work::AirflowDag(d) => {
+            let s = Arc::clone(state);
+            let on_running = RunningHook(Arc::new(move || {
+                let s = Arc::clone(&s);
+                Box::pin(async move {
+                    // Already running after a restart: nothing to report.
+                    let _ = s.executor_event(job_id, Outcome::Started).await;
+                })
+            }));
+            let identifiers = match &manifest.dataset {
+                Some(d) if d.item.is_some() => input.iter().filter_map(|p| file_name(p)).collect(),
+                Some(_) => input.as_deref().map(item_folders).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            JobWork::AirflowDag(DagRunJob {
+                dag_id: d.dag_id.clone(),
+                conf: d.conf.clone(),
+                attempt: manifest.attempt,
+                workflow_id: manifest.workflow_id.to_string(),
+                owner: manifest.owner.to_string(),
+                dataset_name: manifest.dataset.as_ref().map(|d| d.name.clone()),
+                identifiers,
+                on_running: Some(on_running),
+            })
+        }
+    };
     let outcome = executor
         .run(JobRun {
             job_id,
-            image: manifest.image,
-            command: manifest.command.clone(),
-            env: manifest.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+            work,
             input,
             upstream,
             output,
@@ -139,6 +177,25 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         Ok(o) => exited(state, job_id, o).await,
         Err(e) => fail(state, job_id, e.to_string()).await,
     }
+}
+
+/// The last component of `path` as text.
+fn file_name(path: &std::path::Path) -> Option<String> {
+    path.file_name().and_then(|n| n.to_str()).map(str::to_owned)
+}
+
+/// The names of the item folders of a dataset folder (DICOM series UIDs, for a DICOMweb
+/// dataset), sorted: Kaapana's `data_form` identifiers.
+fn item_folders(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| file_name(&e.path()))
+        .collect();
+    names.sort();
+    names
 }
 
 /// Stages a job's dataset off the async runtime (fetching series from the PACS can take
@@ -198,7 +255,7 @@ async fn exited(
     job_id: JobId,
     o: crate::executor::JobOutcome,
 ) -> Result<(), JobError> {
-    state.executor_event(job_id, Outcome::Exited(o.exit)).await
+    state.executor_event(job_id, Outcome::Exited { exit: o.exit, detail: o.detail }).await
 }
 
 /// Packs, signs and delivers a job's result in the background (the core's `DeliverResult`).

@@ -426,9 +426,7 @@ impl NodeState {
                 runner: kaapana_protocol::RunnerSelector::Instance(job.runner),
                 dataset: job.dataset.map(|d| d.name),
                 processing: kaapana_protocol::Processing::Batch,
-                image: job.image,
-                command: job.command,
-                env: job.env,
+                work: job.work,
                 limits: job.limits,
                 timeout_secs: job.timeout_secs,
                 inputs: Vec::new(),
@@ -643,6 +641,40 @@ pub struct Daemon {
     containerd: Option<crate::executor::Containerd>,
 }
 
+/// `[executor]`'s Airflow keys, checked, with the password read from its file.
+fn airflow_config(files: &NodeFiles) -> Result<crate::executor::AirflowConfig, DaemonError> {
+    use crate::config::AirflowApiSetting;
+    use crate::executor::airflow::ApiVersion;
+    let x = &files.config.executor;
+    let missing = |key: &str| {
+        DaemonError::Executor(crate::executor::ExecError::Airflow {
+            url: x.airflow_url.clone().unwrap_or_default(),
+            detail: format!("`[executor] kind = \"airflow\"` needs `{key}` in config.toml"),
+        })
+    };
+    let url = x.airflow_url.clone().ok_or_else(|| missing("airflow_url"))?;
+    let user = x.airflow_user.clone().ok_or_else(|| missing("airflow_user"))?;
+    let file = x.airflow_password_file.as_ref().ok_or_else(|| missing("airflow_password_file"))?;
+    let password = crate::pacs::read_secret(file).map_err(|e| {
+        DaemonError::Executor(crate::executor::ExecError::Airflow {
+            url: url.clone(),
+            detail: format!("`[executor] airflow_password_file`: {e}"),
+        })
+    })?;
+    Ok(crate::executor::AirflowConfig {
+        url,
+        api_version: match x.airflow_api_version {
+            AirflowApiSetting::Auto => ApiVersion::Auto,
+            AirflowApiSetting::V2 => ApiVersion::V1,
+            AirflowApiSetting::V3 => ApiVersion::V2,
+        },
+        user,
+        password,
+        path_map: x.airflow_path_map.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+        poll_interval: Duration::from_millis(x.airflow_poll_ms.max(10)),
+    })
+}
+
 /// Connects to (or starts) containerd as configured.
 async fn start_executor(
     files: &NodeFiles,
@@ -666,6 +698,12 @@ async fn start_executor(
             let executor = KubernetesExecutor::from_environment(config)
                 .await
                 .map_err(|e| DaemonError::Kubernetes(format!("the Kubernetes executor: {e}")))?;
+            return Ok((None, Some(Arc::new(executor))));
+        }
+        ExecutorKindSetting::Airflow => {
+            let executor = crate::executor::AirflowExecutor::new(airflow_config(files)?)?;
+            let version = executor.api_version().await?;
+            tracing::info!(?version, "jobs run as DAG runs of the site's Airflow");
             return Ok((None, Some(Arc::new(executor))));
         }
         ExecutorKindSetting::Containerd => {}

@@ -20,7 +20,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::Request;
 use containerd_client::tonic::transport::Channel;
-use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, JobRun};
+use kaapana_node::executor::{Containerd, ContainerdExecutor, ExecutorConfig, JobRun, JobWork};
 use kaapana_protocol::{ImageDigest, JobId, ResourceLimits, Sha256Digest};
 use tempfile::TempDir;
 
@@ -205,9 +205,11 @@ impl TestContainerd {
         std::fs::create_dir_all(&output).unwrap();
         JobRun {
             job_id: job_id(),
-            image,
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            env: vec![],
+            work: JobWork::Container {
+                image,
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                env: vec![],
+            },
             input: None,
             upstream: vec![],
             output,

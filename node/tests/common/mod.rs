@@ -2,6 +2,7 @@
 //! data directories.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod airflow;
 pub mod containerd;
 pub mod netns;
 pub mod orthanc;

@@ -9,12 +9,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kaapana_protocol::{
-    BlobRef, Cancel, CapabilityAd, CapabilityQuery, DatasetRef, DatasetSummary, EnvVar,
-    ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InputBundle, InstanceBundleInfo,
-    InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings, JobUpdate,
-    ModalityCount, NameScope, PROTOCOL_VERSION, Pick, Processing, ResourceLimits, Resources,
-    ResultManifest, RunnerSelector, Sha256Digest, SigningKey, Timestamp, VerifyOptions, WorkflowId,
-    WorkflowManifest,
+    BlobRef, Cancel, CapabilityAd, CapabilityQuery, ContainerWork, DagRun, DatasetRef,
+    DatasetSummary, EnvVar, ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InputBundle,
+    InstanceBundleInfo, InstanceId, ItemToken, JobId, JobManifest, JobSpec, JobState, JobTimings,
+    JobUpdate, ModalityCount, NameScope, PROTOCOL_VERSION, Pick, Processing, ResourceLimits,
+    Resources, ResultManifest, RunnerSelector, Sha256Digest, SigningKey, Timestamp, VerifyOptions,
+    Work, WorkflowId, WorkflowManifest,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -117,44 +117,46 @@ pub fn typical_job_manifest() -> JobManifest {
             name: "lits-ct-abdomen-2024".into(),
             item: Some(ItemToken([0x33; 32])),
         }),
-        image: ImageDigest(digest_of("registry.kaapana.local/nnunet-predict:0.4.1")),
-        command: [
-            "python3",
-            "-m",
-            "nnunet.inference.predict",
-            "--input",
-            "/input/dicom-to-nifti",
-            "--output",
-            "/output/segmentations",
-            "--task",
-            "Task003_Liver",
-            "--model",
-            "3d_fullres",
-            "--folds",
-            "0,1,2,3,4",
-            "--disable-tta",
-            "--num-threads-preprocessing",
-            "4",
-            "--mode",
-            "normal",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect(),
-        env: [
-            ("NNUNET_PREPROCESSED", "/models/nnunet/preprocessed"),
-            ("RESULTS_FOLDER", "/models/nnunet/results"),
-            ("OMP_NUM_THREADS", "4"),
-            ("CUDA_VISIBLE_DEVICES", "0"),
-            ("KAAPANA_WORKFLOW_ID", "2222222222222222"),
-            ("KAAPANA_OPERATOR", "nnunet-predict"),
-            ("LOG_LEVEL", "info"),
-            ("NNUNET_INFERENCE_STEP_SIZE", "0.5"),
-            ("KAAPANA_ITEM_FILTER", "modality=CT;body_part=ABDOMEN;slice_thickness<=2.5mm"),
-        ]
-        .iter()
-        .map(|(n, v)| EnvVar { name: (*n).to_owned(), value: (*v).to_owned() })
-        .collect(),
+        work: Work::Container(ContainerWork {
+            image: ImageDigest(digest_of("registry.kaapana.local/nnunet-predict:0.4.1")),
+            command: [
+                "python3",
+                "-m",
+                "nnunet.inference.predict",
+                "--input",
+                "/input/dicom-to-nifti",
+                "--output",
+                "/output/segmentations",
+                "--task",
+                "Task003_Liver",
+                "--model",
+                "3d_fullres",
+                "--folds",
+                "0,1,2,3,4",
+                "--disable-tta",
+                "--num-threads-preprocessing",
+                "4",
+                "--mode",
+                "normal",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            env: [
+                ("NNUNET_PREPROCESSED", "/models/nnunet/preprocessed"),
+                ("RESULTS_FOLDER", "/models/nnunet/results"),
+                ("OMP_NUM_THREADS", "4"),
+                ("CUDA_VISIBLE_DEVICES", "0"),
+                ("KAAPANA_WORKFLOW_ID", "2222222222222222"),
+                ("KAAPANA_OPERATOR", "nnunet-predict"),
+                ("LOG_LEVEL", "info"),
+                ("NNUNET_INFERENCE_STEP_SIZE", "0.5"),
+                ("KAAPANA_ITEM_FILTER", "modality=CT;body_part=ABDOMEN;slice_thickness<=2.5mm"),
+            ]
+            .iter()
+            .map(|(n, v)| EnvVar { name: (*n).to_owned(), value: (*v).to_owned() })
+            .collect(),
+        }),
         limits: ResourceLimits { cpu_millis: 4000, memory_bytes: 16 << 30, gpus: 1 },
         timeout_secs: 4 * 3600,
         inputs: ["dicom-to-nifti", "get-input-data", "organ-segmentation-prep"]
@@ -187,9 +189,11 @@ pub fn typical_workflow() -> WorkflowManifest {
         runner: RunnerSelector::Owner,
         dataset: None,
         processing: Processing::Batch,
-        image: ImageDigest(digest_of(name)),
-        command: vec!["run".into()],
-        env: vec![],
+        work: Work::Container(ContainerWork {
+            image: ImageDigest(digest_of(name)),
+            command: vec!["run".into()],
+            env: vec![],
+        }),
         limits: ResourceLimits::default(),
         timeout_secs: 60,
         inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
@@ -274,7 +278,11 @@ pub fn timestamp() -> impl Strategy<Value = Timestamp> {
 }
 
 pub fn executor_kind() -> impl Strategy<Value = ExecutorKind> {
-    prop_oneof![Just(ExecutorKind::Containerd), Just(ExecutorKind::Kubernetes)]
+    prop_oneof![
+        Just(ExecutorKind::Containerd),
+        Just(ExecutorKind::Kubernetes),
+        Just(ExecutorKind::Airflow)
+    ]
 }
 
 pub fn dataset_summary() -> impl Strategy<Value = DatasetSummary> {
@@ -384,6 +392,29 @@ pub fn env_var() -> impl Strategy<Value = EnvVar> {
     ("[A-Za-z_][A-Za-z0-9_]{0,24}", text()).prop_map(|(name, value)| EnvVar { name, value })
 }
 
+/// A DAG run's conf: a JSON object of a few string and number values.
+pub fn dag_conf() -> impl Strategy<Value = String> {
+    vec(("[a-z_]{1,12}", text(), any::<i32>()), 0..4).prop_map(|entries| {
+        let map: serde_json::Map<String, serde_json::Value> = entries
+            .into_iter()
+            .flat_map(|(k, v, n)| {
+                [(format!("{k}_s"), serde_json::Value::from(v)), (k, serde_json::Value::from(n))]
+            })
+            .collect();
+        serde_json::Value::Object(map).to_string()
+    })
+}
+
+/// A job's work: a container (image, command, environment) or an Airflow DAG run.
+pub fn work() -> impl Strategy<Value = Work> {
+    prop_oneof![
+        (image_digest(), vec(text(), 0..6), vec(env_var(), 0..4)).prop_map(
+            |(image, command, env)| Work::Container(ContainerWork { image, command, env })
+        ),
+        (name(), dag_conf()).prop_map(|(dag_id, conf)| Work::AirflowDag(DagRun { dag_id, conf })),
+    ]
+}
+
 pub fn resource_limits() -> impl Strategy<Value = ResourceLimits> {
     (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(cpu_millis, memory_bytes, gpus)| {
         ResourceLimits { cpu_millis, memory_bytes, gpus }
@@ -397,29 +428,21 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
         runner_selector(),
         option::of(name()),
         processing(),
-        image_digest(),
-        vec(text(), 0..4),
-        vec(env_var(), 0..3),
+        work(),
         resource_limits(),
         1..=u32::MAX,
     )
-        .prop_map(
-            |(name, runner, dataset, processing, image, command, env, limits, timeout_secs)| {
-                JobSpec {
-                    name,
-                    runner,
-                    dataset,
-                    processing,
-                    image,
-                    command,
-                    env,
-                    limits,
-                    timeout_secs,
-                    inputs: vec![],
-                    max_retries: timeout_secs % 4,
-                }
-            },
-        )
+        .prop_map(|(name, runner, dataset, processing, work, limits, timeout_secs)| JobSpec {
+            name,
+            runner,
+            dataset,
+            processing,
+            work,
+            limits,
+            timeout_secs,
+            inputs: vec![],
+            max_retries: timeout_secs % 4,
+        })
 }
 
 /// Workflows whose jobs form a DAG (job `i` reads a subset of jobs `0..i`), listed in a
@@ -476,9 +499,7 @@ pub fn job_manifest() -> impl Strategy<Value = JobManifest> {
         (header(), job_id(), workflow_id(), instance_id(), instance_id(), name(), any::<u32>()),
         (
             option::of(dataset_ref()),
-            image_digest(),
-            vec(text(), 0..6),
-            vec(env_var(), 0..4),
+            work(),
             resource_limits(),
             1..=u32::MAX,
             vec(input_bundle(), 0..4),
@@ -488,7 +509,7 @@ pub fn job_manifest() -> impl Strategy<Value = JobManifest> {
         .prop_map(
             |(
                 (header, job_id, workflow_id, owner, runner, job_name, attempt),
-                (dataset, image, command, env, limits, timeout_secs, inputs, workflow_name),
+                (dataset, work, limits, timeout_secs, inputs, workflow_name),
             )| JobManifest {
                 header,
                 job_id,
@@ -498,9 +519,7 @@ pub fn job_manifest() -> impl Strategy<Value = JobManifest> {
                 job_name,
                 attempt,
                 dataset,
-                image,
-                command,
-                env,
+                work,
                 limits,
                 timeout_secs,
                 inputs,
