@@ -91,3 +91,17 @@ sys.exit(m.version('apache-airflow') != '$KN_AIRFLOW_VERSION')" >/dev/null 2>&1;
     fi
     echo "$venv/bin/airflow"
 }
+
+# Airflow 2 (Kaapana 0.6 ships 2.11): its REST API /api/v1 with basic auth is tested too, with
+# an `airflow standalone` of this version in a venv of its own. Prints its `airflow` binary.
+KN_AIRFLOW2_VERSION=2.11.0
+kn_airflow2() {
+    local venv="${KN_AIRFLOW2_VENV:-/var/tmp/kaapana-node-airflow2}"
+    if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; \
+sys.exit(m.version('apache-airflow') != '$KN_AIRFLOW2_VERSION')" >/dev/null 2>&1; then
+        echo "installing apache-airflow $KN_AIRFLOW2_VERSION into $venv ..." >&2
+        python3 -m venv "$venv" >&2 || return
+        "$venv/bin/pip" install -q "apache-airflow==$KN_AIRFLOW2_VERSION" >&2 || return
+    fi
+    echo "$venv/bin/airflow"
+}

@@ -274,12 +274,37 @@ pub fn log_error(content: &Value) -> Option<String> {
             let value = d.get("exc_value").and_then(Value::as_str).unwrap_or_default();
             Some(format!("{kind}: {value}"))
         }),
-        Value::String(text) => text
-            .lines()
-            .rev()
-            .find(|l| l.contains(" ERROR - ") && !l.contains("Task failed with exception"))
-            .map(|l| l.rsplit(" ERROR - ").next().unwrap_or(l).trim().to_owned()),
+        Value::String(text) => {
+            let text = airflow2_log_text(text);
+            // The exception line that ends the last traceback, else the last ERROR line.
+            let lines: Vec<&str> = text.lines().collect();
+            let traceback =
+                lines.iter().rposition(|l| l.contains("Traceback (most recent call last)"));
+            let exception = traceback.and_then(|i| {
+                lines[i + 1..]
+                    .iter()
+                    .find(|l| !l.is_empty() && !l.starts_with([' ', '\t']))
+                    .map(|l| l.trim().to_owned())
+            });
+            exception.or_else(|| {
+                lines
+                    .iter()
+                    .rev()
+                    .find(|l| l.contains(" ERROR - ") && !l.contains("Task failed with exception"))
+                    .map(|l| l.rsplit(" ERROR - ").next().unwrap_or(l).trim().to_owned())
+            })
+        }
         _ => None,
+    }
+}
+
+/// Airflow 2's log text: its REST API may give the log as the Python repr of a list of
+/// `(host, text)` pairs, with `\n` escaped; that is unescaped here.
+fn airflow2_log_text(text: &str) -> String {
+    if text.starts_with("[('") && text.contains("\\n") {
+        text.replace("\\n", "\n").replace("\\'", "'").replace("\\\\", "\\")
+    } else {
+        text.to_owned()
     }
 }
 
@@ -1048,6 +1073,18 @@ mod tests {
                 .into(),
         );
         assert_eq!(log_error(&v2).as_deref(), Some("RuntimeError: no series"));
+        // As Airflow 2.11 writes it: the exception after its traceback, and as the repr of
+        // (host, text) pairs its REST API may return.
+        let real = "[2026-12-07] {taskinstance.py:3313} ERROR - Task failed with exception\n\
+                    Traceback (most recent call last):\n  File \"/dag.py\", line 3, in process\n\
+                    \x20   raise RuntimeError(conf[\"fail\"])\nRuntimeError: no series\n\
+                    [2026-12-07] {taskinstance.py:1226} INFO - Marking task as FAILED.";
+        assert_eq!(
+            log_error(&Value::String(real.into())).as_deref(),
+            Some("RuntimeError: no series")
+        );
+        let repr = format!("[('host', '{}')]", real.replace('\n', "\\n"));
+        assert_eq!(log_error(&Value::String(repr)).as_deref(), Some("RuntimeError: no series"));
         assert_eq!(log_error(&json!([{"event": "ok"}])), None);
     }
 }

@@ -28,7 +28,11 @@ struct TwoSites {
 /// site-a (no executor) and site-b (Airflow), registered with each other; site-b allows
 /// site-a the DAG `kaapana-test` and the dataset `lung-ct` and runs its jobs at once.
 fn two_sites() -> TwoSites {
-    let airflow = Airflow::shared();
+    two_sites_with(Airflow::shared())
+}
+
+/// [`two_sites`] with site-b's jobs on `airflow`.
+fn two_sites_with(airflow: &'static Airflow) -> TwoSites {
     let tmp = common::test_dir();
     let root = tmp.path();
     let a = Site::init_networked(root, "site-a");
@@ -237,4 +241,36 @@ fn a_dag_the_runners_policy_does_not_allow_is_refused_with_the_rule() {
     );
     // Nothing was triggered (the workflow's name equal to an allowed DAG id does not help).
     assert!(s.airflow.runs(&prefix(&w.jobs[0].job_id)).is_empty());
+}
+
+#[test]
+fn a_dag_job_runs_at_an_airflow_2_runner_through_api_v1_with_basic_auth() {
+    // Kaapana 0.6 ships Airflow 2.11: the executor detects it (`airflow_api_version = "auto"`)
+    // and speaks /api/v1 with basic auth.
+    let s = two_sites_with(Airflow::shared2());
+    assert_eq!(s.airflow.major, 2);
+    let (da, _db) = s.start();
+    let w = da.submit_workflow(&dag_workflow("airflow2-e2e", DAG, r#"{ greeting = "hi, 2.11" }"#));
+    let w = wait_workflow(&da, &w.workflow_id, "finished");
+    let job = &w.jobs[0];
+    let out = s.tmp.path().join("results");
+    s.a.ok(&["workflow", "result", &w.workflow_id, "--out", out.to_str().unwrap()]);
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("segment/result.json")).unwrap())
+            .unwrap();
+    assert_eq!(result["job_id"], job.job_id.as_str());
+    assert_eq!(result["greeting"], "hi, 2.11");
+    assert_eq!(result["identifiers"], serde_json::json!(SERIES));
+    let runs = s.airflow.runs(&prefix(&job.job_id));
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0]["state"], "success");
+    assert_eq!(runs[0]["conf"]["kaapana_node"]["data_form"]["dataset_name"], "lung-ct");
+
+    // A failing task: its reason comes from Airflow 2's task log.
+    let w = da.submit_workflow(&dag_workflow("airflow2-fails", DAG, r#"{ fail = "no series" }"#));
+    let w = wait_workflow(&da, &w.workflow_id, "failed");
+    let reason = w.jobs[0].reason.clone().unwrap_or_default();
+    for part in ["the job exited with status 1", "RuntimeError: no series"] {
+        assert!(reason.contains(part), "expected {part:?} in the reason: {reason}");
+    }
 }

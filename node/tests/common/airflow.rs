@@ -28,6 +28,10 @@ pub const USER: &str = "kaapana";
 pub struct Airflow {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Airflow's major version: 3 (REST `/api/v2`, tokens) or 2 (`/api/v1`, basic auth).
+    pub major: u8,
+    /// The user the nodes act as.
+    pub user: String,
     /// The user's password.
     pub password: String,
     /// Its `AIRFLOW_HOME`.
@@ -56,6 +60,25 @@ pub fn airflow_binary() -> PathBuf {
     path
 }
 
+/// Airflow 2's `airflow` binary (Kaapana 0.6 ships 2.11): `$KAAPANA_AIRFLOW2`, or installed
+/// by `kn_airflow2`.
+pub fn airflow2_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAAPANA_AIRFLOW2") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new("bash")
+        .args(["-c", ". scripts/common.sh && kn_airflow2"])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kn_airflow2 (scripts/common.sh) could not install Airflow 2");
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim());
+    assert!(path.is_file(), "kn_airflow2 printed {}", path.display());
+    path
+}
+
 fn random_hex() -> String {
     let mut b = [0u8; 16];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
@@ -73,11 +96,27 @@ impl Airflow {
         })
     }
 
+    /// An Airflow 2 of this test process, started on first use.
+    pub fn shared2() -> &'static Airflow {
+        static SHARED: OnceLock<Airflow> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let dir = tempfile::Builder::new().prefix("kaapana-node-airflow2-").tempdir().unwrap();
+            Airflow::start_with(&airflow2_binary(), 2, &dir.keep(), true)
+        })
+    }
+
     /// Starts `airflow standalone` with its home in `home` (removed when the process group
     /// goes, if `remove_home`) and waits until the API answers, the user gets a token and the
     /// test DAG is parsed and unpaused.
     pub fn start(home: &Path, remove_home: bool) -> Airflow {
-        let airflow = airflow_binary();
+        Self::start_with(&airflow_binary(), 3, home, remove_home)
+    }
+
+    /// Starts `airflow` (of major version `major`) standalone, as [`Airflow::start`].
+    /// Airflow 2 runs on SQLite with the SequentialExecutor (its standalone's), basic auth for
+    /// the REST API, and the admin user standalone creates.
+    pub fn start_with(airflow: &Path, major: u8, home: &Path, remove_home: bool) -> Airflow {
+        let airflow = airflow.to_owned();
         let bin = airflow.parent().unwrap();
         std::fs::create_dir_all(home.join("dags")).unwrap();
         std::fs::copy(
@@ -93,6 +132,30 @@ impl Airflow {
         .unwrap();
         let port = super::free_port();
         let url = format!("http://127.0.0.1:{port}");
+        let cfg2 = format!(
+            "[core]\n\
+             dags_folder = {home}/dags\n\
+             load_examples = False\n\
+             dags_are_paused_at_creation = False\n\
+             [webserver]\n\
+             web_server_host = 127.0.0.1\n\
+             web_server_port = {port}\n\
+             secret_key = {secret}\n\
+             workers = 1\n\
+             [api]\n\
+             auth_backends = airflow.api.auth.backend.basic_auth\n\
+             [scheduler]\n\
+             scheduler_heartbeat_sec = 1\n\
+             min_file_process_interval = 30\n\
+             dag_dir_list_interval = 5\n\
+             [logging]\n\
+             worker_log_server_port = {wport}\n\
+             trigger_log_server_port = {tport}\n",
+            home = home.display(),
+            secret = random_hex(),
+            wport = super::free_port(),
+            tport = super::free_port(),
+        );
         let cfg = format!(
             "[core]\n\
              dags_folder = {home}/dags\n\
@@ -124,7 +187,7 @@ impl Airflow {
             wport = super::free_port(),
             tport = super::free_port(),
         );
-        std::fs::write(home.join("airflow.cfg"), cfg).unwrap();
+        std::fs::write(home.join("airflow.cfg"), if major == 2 { cfg2 } else { cfg }).unwrap();
         let log = std::fs::File::create(home.join("standalone.log")).unwrap();
         let mut cmd = Command::new("bash");
         // `airflow standalone` in the background; when our end of stdin closes, the whole
@@ -151,24 +214,40 @@ impl Airflow {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        let af =
-            Airflow { url, password, home: home.to_owned(), child, _lifeline: lifeline, agent };
+        let user = if major == 2 { "admin" } else { USER }.to_owned();
+        let mut af = Airflow {
+            url,
+            major,
+            user,
+            password,
+            home: home.to_owned(),
+            child,
+            _lifeline: lifeline,
+            agent,
+        };
         af.wait_ready(Duration::from_secs(240));
         af
     }
 
-    fn wait_ready(&self, limit: Duration) {
+    fn wait_ready(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let mut last = String::new();
         loop {
+            if self.major == 2 {
+                // Standalone writes the admin user's generated password once it made it.
+                let file = self.home.join("standalone_admin_password.txt");
+                if let Ok(p) = std::fs::read_to_string(&file) {
+                    self.password = p.trim().to_owned();
+                }
+            }
             assert!(
                 Instant::now() < deadline,
                 "Airflow did not get ready within {limit:?} ({last}); its log:\n{}",
                 self.log_tail()
             );
-            let dag = self
-                .try_token()
-                .and_then(|t| self.request_with("GET", &t, &format!("/api/v2/dags/{DAG}"), None));
+            let dag = self.try_token().and_then(|t| {
+                self.request_with("GET", &t, &format!("{}/dags/{DAG}", self.api()), None)
+            });
             match dag {
                 Ok((200, body)) => {
                     let v: Value = serde_json::from_str(&body).unwrap();
@@ -192,7 +271,18 @@ impl Airflow {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// The REST API's root path.
+    fn api(&self) -> &'static str {
+        if self.major == 2 { "/api/v1" } else { "/api/v2" }
+    }
+
+    /// Airflow 3: a JWT; Airflow 2: the basic credentials (see `request_with`).
     fn try_token(&self) -> Result<String, String> {
+        if self.major == 2 {
+            use base64::Engine as _;
+            let basic = format!("{}:{}", self.user, self.password);
+            return Ok(base64::engine::general_purpose::STANDARD.encode(basic));
+        }
         let mut resp = self
             .agent
             .post(&format!("{}/auth/token", self.url))
@@ -211,7 +301,8 @@ impl Airflow {
         body: Option<Value>,
     ) -> Result<(u16, String), String> {
         let url = format!("{}{path}", self.url);
-        let auth = format!("Bearer {token}");
+        let auth =
+            if self.major == 2 { format!("Basic {token}") } else { format!("Bearer {token}") };
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             ("POST", Some(b)) => self.agent.post(&url).header("Authorization", &auth).send_json(b),
@@ -225,7 +316,8 @@ impl Airflow {
         Ok((status, resp.body_mut().read_to_string().map_err(|e| e.to_string())?))
     }
 
-    /// A REST call of the Airflow 3 API as the test user: (status, JSON body).
+    /// A REST call of the Airflow API as the test user (`path` under `/api/v2` for Airflow 3,
+    /// `/api/v1` for Airflow 2): (status, JSON body).
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let token = self.try_token().unwrap();
         let (status, text) = self.request_with(method, &token, path, body).unwrap();
@@ -234,11 +326,12 @@ impl Airflow {
 
     /// The runs of the test DAG whose run id starts with `prefix`.
     pub fn runs(&self, prefix: &str) -> Vec<Value> {
-        let (status, v) = self.call(
-            "GET",
-            &format!("/api/v2/dags/{DAG}/dagRuns?run_id_pattern={prefix}&limit=100"),
-            None,
-        );
+        let query = if self.major == 2 {
+            format!("/api/v1/dags/{DAG}/dagRuns?limit=100")
+        } else {
+            format!("/api/v2/dags/{DAG}/dagRuns?run_id_pattern={prefix}&limit=100")
+        };
+        let (status, v) = self.call("GET", &query, None);
         assert_eq!(status, 200, "{v}");
         v["dag_runs"]
             .as_array()
@@ -251,7 +344,8 @@ impl Airflow {
 
     /// The state of the test DAG's run `run_id`.
     pub fn run_state(&self, run_id: &str) -> String {
-        let (status, v) = self.call("GET", &format!("/api/v2/dags/{DAG}/dagRuns/{run_id}"), None);
+        let path = format!("{}/dags/{DAG}/dagRuns/{run_id}", self.api());
+        let (status, v) = self.call("GET", &path, None);
         assert_eq!(status, 200, "{v}");
         v["state"].as_str().unwrap().to_owned()
     }
@@ -275,8 +369,9 @@ impl Airflow {
     pub fn executor_section(&self, password_file: &Path) -> String {
         format!(
             "[executor]\nkind = \"airflow\"\nairflow_url = {:?}\nairflow_api_version = \"auto\"\n\
-             airflow_user = {USER:?}\nairflow_password_file = {:?}\nairflow_poll_ms = 200\n",
+             airflow_user = {:?}\nairflow_password_file = {:?}\nairflow_poll_ms = 200\n",
             self.url,
+            self.user,
             password_file.display().to_string()
         )
     }

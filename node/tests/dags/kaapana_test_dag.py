@@ -16,7 +16,12 @@ import os
 import time
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+
+try:  # Airflow 3
+    from airflow.sdk import dag, get_current_context, task
+except ImportError:  # Airflow 2 (Kaapana 0.6 ships 2.11)
+    from airflow.decorators import dag, task
+    from airflow.operators.python import get_current_context
 
 
 @dag(
