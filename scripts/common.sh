@@ -81,27 +81,19 @@ kn_python_tools() {
 # pip resolves here without a constraints file (about 30 s from PyPI). Prints the path of the
 # `airflow` binary. Needs python3-venv (kn_require_packages installs it).
 KN_AIRFLOW_VERSION="${KN_AIRFLOW_VERSION:-3.1.8}"
-kn_airflow() {
-    local venv="${KN_AIRFLOW_VENV:-/var/tmp/kaapana-node-airflow}"
+# Airflow 2 too (Kaapana 0.6 ships 2.11): its REST API /api/v1 with basic auth is tested with
+# an `airflow standalone` of this version in a venv of its own (about 3 min from PyPI).
+KN_AIRFLOW2_VERSION="${KN_AIRFLOW2_VERSION:-2.11.0}"
+kn_airflow() { kn_airflow_venv "$KN_AIRFLOW_VERSION" "${KN_AIRFLOW_VENV:-/var/tmp/kaapana-node-airflow}"; }
+kn_airflow2() { kn_airflow_venv "$KN_AIRFLOW2_VERSION" "${KN_AIRFLOW2_VENV:-/var/tmp/kaapana-node-airflow2}"; }
+# kn_airflow_venv VERSION VENV: installs apache-airflow==VERSION into VENV unless it is there.
+kn_airflow_venv() {
+    local version="$1" venv="$2"
     if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; \
-sys.exit(m.version('apache-airflow') != '$KN_AIRFLOW_VERSION')" >/dev/null 2>&1; then
-        echo "installing apache-airflow $KN_AIRFLOW_VERSION into $venv ..." >&2
+sys.exit(m.version('apache-airflow') != '$version')" >/dev/null 2>&1; then
+        echo "installing apache-airflow $version into $venv ..." >&2
         python3 -m venv "$venv" >&2 || return
-        "$venv/bin/pip" install -q "apache-airflow==$KN_AIRFLOW_VERSION" >&2 || return
-    fi
-    echo "$venv/bin/airflow"
-}
-
-# Airflow 2 (Kaapana 0.6 ships 2.11): its REST API /api/v1 with basic auth is tested too, with
-# an `airflow standalone` of this version in a venv of its own. Prints its `airflow` binary.
-KN_AIRFLOW2_VERSION=2.11.0
-kn_airflow2() {
-    local venv="${KN_AIRFLOW2_VENV:-/var/tmp/kaapana-node-airflow2}"
-    if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; \
-sys.exit(m.version('apache-airflow') != '$KN_AIRFLOW2_VERSION')" >/dev/null 2>&1; then
-        echo "installing apache-airflow $KN_AIRFLOW2_VERSION into $venv ..." >&2
-        python3 -m venv "$venv" >&2 || return
-        "$venv/bin/pip" install -q "apache-airflow==$KN_AIRFLOW2_VERSION" >&2 || return
+        "$venv/bin/pip" install -q "apache-airflow==$version" >&2 || return
     fi
     echo "$venv/bin/airflow"
 }

@@ -14,7 +14,6 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Site;
 use common::airflow::{Airflow, DAG};
 
 const POLL: Duration = Duration::from_millis(20);
@@ -45,19 +44,7 @@ fn main() {
     let airflow = Airflow::shared();
     let tmp = common::test_dir();
     let root = tmp.path();
-    let a = Site::init_networked(root, "site-a");
-    let b = Site::init_networked(root, "site-b");
-    let (bundle_a, bundle_b) = (a.export(root), b.export(root));
-    a.register(&b, &bundle_b);
-    b.ok(&[
-        "instance",
-        "add",
-        bundle_a.to_str().unwrap(),
-        "--allow-workflow",
-        DAG,
-        "--auto-execute",
-    ]);
-    b.set_airflow_executor(airflow);
+    let (a, b) = common::airflow::owner_and_airflow_runner(root, airflow, &[]);
     let (da, _db) = (a.start(), b.start());
     da.wait_until("site-b's capabilities", LIMIT, |d| {
         d.instance("site-b").is_some_and(|i| i.capabilities.is_some())

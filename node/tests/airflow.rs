@@ -35,21 +35,8 @@ fn two_sites() -> TwoSites {
 fn two_sites_with(airflow: &'static Airflow) -> TwoSites {
     let tmp = common::test_dir();
     let root = tmp.path();
-    let a = Site::init_networked(root, "site-a");
-    let b = Site::init_networked(root, "site-b");
-    let (bundle_a, bundle_b) = (a.export(root), b.export(root));
-    a.register(&b, &bundle_b);
-    b.ok(&[
-        "instance",
-        "add",
-        bundle_a.to_str().unwrap(),
-        "--allow-workflow",
-        DAG,
-        "--allow-dataset",
-        "lung-ct",
-        "--auto-execute",
-    ]);
-    b.set_airflow_executor(airflow);
+    let (a, b) =
+        common::airflow::owner_and_airflow_runner(root, airflow, &["--allow-dataset", "lung-ct"]);
     let dataset = root.join("lung-ct");
     for (i, s) in SERIES.iter().enumerate() {
         std::fs::create_dir_all(dataset.join(s)).unwrap();

@@ -44,38 +44,30 @@ pub struct Airflow {
 
 /// The `airflow` binary: `$KAAPANA_AIRFLOW`, or installed by `kn_airflow`.
 pub fn airflow_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("KAAPANA_AIRFLOW") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .args(["-c", ". scripts/common.sh && kn_airflow"])
-        .current_dir(root)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kn_airflow (scripts/common.sh) could not install Airflow");
-    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim());
-    assert!(path.is_file(), "kn_airflow printed {}", path.display());
-    path
+    installed("KAAPANA_AIRFLOW", "kn_airflow")
 }
 
 /// Airflow 2's `airflow` binary (Kaapana 0.6 ships 2.11): `$KAAPANA_AIRFLOW2`, or installed
 /// by `kn_airflow2`.
 pub fn airflow2_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("KAAPANA_AIRFLOW2") {
+    installed("KAAPANA_AIRFLOW2", "kn_airflow2")
+}
+
+/// `$variable`, else the path the shell function `install` (scripts/common.sh) prints.
+fn installed(variable: &str, install: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(variable) {
         return PathBuf::from(p);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = Command::new("bash")
-        .args(["-c", ". scripts/common.sh && kn_airflow2"])
+        .args(["-c", &format!(". scripts/common.sh && {install}")])
         .current_dir(root)
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(out.status.success(), "kn_airflow2 (scripts/common.sh) could not install Airflow 2");
+    assert!(out.status.success(), "{install} (scripts/common.sh) could not install Airflow");
     let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim());
-    assert!(path.is_file(), "kn_airflow2 printed {}", path.display());
+    assert!(path.is_file(), "{install} printed {}", path.display());
     path
 }
 
@@ -385,6 +377,26 @@ impl Drop for Airflow {
         );
         let _ = self.child.wait();
     }
+}
+
+/// site-a (no executor) and site-b (jobs on `airflow`) in `root`, registered with each
+/// other; site-b allows site-a the test DAG (plus `allow`, e.g. `--allow-dataset X`) and runs
+/// its jobs at once.
+pub fn owner_and_airflow_runner(
+    root: &Path,
+    airflow: &Airflow,
+    allow: &[&str],
+) -> (super::Site, super::Site) {
+    let a = super::Site::init_networked(root, "site-a");
+    let b = super::Site::init_networked(root, "site-b");
+    let (bundle_a, bundle_b) = (a.export(root), b.export(root));
+    a.register(&b, &bundle_b);
+    let mut args = vec!["instance", "add", bundle_a.to_str().unwrap(), "--allow-workflow", DAG];
+    args.extend_from_slice(allow);
+    args.push("--auto-execute");
+    b.ok(&args);
+    b.set_airflow_executor(airflow);
+    (a, b)
 }
 
 impl super::Site {
