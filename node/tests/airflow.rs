@@ -66,16 +66,7 @@ fn dag_workflow(name: &str, dag: &str, conf: &str) -> String {
 }
 
 fn wait_workflow(owner: &Daemon, id: &str, state: &str) -> WorkflowView {
-    owner.wait_until(&format!("workflow {id} {state}"), T, |d| {
-        let w = d.workflow(id);
-        assert!(
-            w.state == "running" || w.state == state,
-            "workflow ended {} instead of {state}: {w:#?}",
-            w.state
-        );
-        w.state == state
-    });
-    owner.workflow(id)
+    owner.wait_workflow(id, state, T)
 }
 
 /// The run-id prefix of a job's DAG runs (all attempts).

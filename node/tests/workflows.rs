@@ -88,16 +88,7 @@ fn submit(owner: &Daemon, toml_file: &Path) -> WorkflowView {
 }
 
 fn wait_workflow(owner: &Daemon, id: &str, state: &str) -> WorkflowView {
-    owner.wait_until(&format!("workflow {id} {state}"), T, |d| {
-        let w = d.workflow(id);
-        assert!(
-            w.state == "running" || w.state == state,
-            "workflow ended {} instead of {state}: {w:#?}",
-            w.state
-        );
-        w.state == state
-    });
-    owner.workflow(id)
+    owner.wait_workflow(id, state, T)
 }
 
 #[test]

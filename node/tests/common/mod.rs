@@ -763,6 +763,26 @@ impl Daemon {
     pub fn workflow(&self, id: &str) -> kaapana_node::api::WorkflowView {
         self.api().get(&format!("/v1/workflows/{id}")).unwrap()
     }
+
+    /// Waits (at most `limit`) until the workflow `id` is in `state`; fails at once if it
+    /// ends in another state.
+    pub fn wait_workflow(
+        &self,
+        id: &str,
+        state: &str,
+        limit: Duration,
+    ) -> kaapana_node::api::WorkflowView {
+        self.wait_until(&format!("workflow {id} {state}"), limit, |d| {
+            let w = d.workflow(id);
+            assert!(
+                w.state == "running" || w.state == state,
+                "workflow ended {} instead of {state}: {w:#?}",
+                w.state
+            );
+            w.state == state
+        });
+        self.workflow(id)
+    }
 }
 
 /// The statically linked `kaapana-stats` job program (for job images), built once per test
