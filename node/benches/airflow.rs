@@ -46,9 +46,7 @@ fn main() {
     let root = tmp.path();
     let (a, b) = common::airflow::owner_and_airflow_runner(root, airflow, &[]);
     let (da, _db) = (a.start(), b.start());
-    da.wait_until("site-b's capabilities", LIMIT, |d| {
-        d.instance("site-b").is_some_and(|i| i.capabilities.is_some())
-    });
+    da.wait_for_capabilities("site-b", LIMIT);
     let token = {
         let (_, v) = airflow.call(
             "POST",

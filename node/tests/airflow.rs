@@ -50,9 +50,7 @@ fn two_sites_with(airflow: &'static Airflow) -> TwoSites {
 impl TwoSites {
     fn start(&self) -> (Daemon, Daemon) {
         let (da, db) = (self.a.start(), self.b.start());
-        da.wait_until("site-b's capabilities", T, |d| {
-            d.instance("site-b").is_some_and(|i| i.capabilities.is_some())
-        });
+        da.wait_for_capabilities("site-b", T);
         (da, db)
     }
 }

@@ -1019,9 +1019,7 @@ fn a_hostile_registered_peer_gets_every_forgery_rejected_counted_and_nothing_sto
     };
     let ad = Signed::sign(peer.identity.signing_key(), &ad).unwrap().into_bytes();
     assert_eq!(peer.send(&a, vec![ad]), vec![Delivery::Accepted]);
-    da.wait_until("mallory's capabilities", T, |d| {
-        d.instance("mallory").is_some_and(|i| i.capabilities.is_some())
-    });
+    da.wait_for_capabilities("mallory", T);
     let image = format!("sha256:{}", "ab".repeat(32));
     let toml = format!(
         "name = \"hostile\"\n[[job]]\nname = \"train\"\nrunner = \"mallory\"\nimage = \"{image}\"\ncommand = [\"true\"]\n"

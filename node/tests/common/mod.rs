@@ -764,6 +764,14 @@ impl Daemon {
         self.api().get(&format!("/v1/workflows/{id}")).unwrap()
     }
 
+    /// Waits (at most `limit`) until this daemon has the capability ad of the instance
+    /// `name`.
+    pub fn wait_for_capabilities(&self, name: &str, limit: Duration) {
+        self.wait_until(&format!("{name}'s capabilities"), limit, |d| {
+            d.instance(name).is_some_and(|i| i.capabilities.is_some())
+        });
+    }
+
     /// Waits (at most `limit`) until the workflow `id` is in `state`; fails at once if it
     /// ends in another state.
     pub fn wait_workflow(
