@@ -79,6 +79,16 @@ impl ApiClient {
         Self { base: format!("http://{addr}"), token: token.to_owned(), agent }
     }
 
+    /// The API's base URL, `http://host:port` (the dashboard is served there too).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The bearer token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Transport { addr: self.base.clone(), detail: e.to_string() }
     }

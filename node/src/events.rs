@@ -33,6 +33,8 @@ pub enum EventKind {
     InstanceAdded,
     /// `instance_removed`.
     InstanceRemoved,
+    /// `policy_changed`: what a registered instance may do here changed.
+    PolicyChanged,
     /// `dataset_added`.
     DatasetAdded,
     /// `delivered`.
@@ -92,6 +94,7 @@ impl EventKind {
             Self::CapabilitiesReceived => "capabilities_received",
             Self::InstanceAdded => "instance_added",
             Self::InstanceRemoved => "instance_removed",
+            Self::PolicyChanged => "policy_changed",
             Self::DatasetAdded => "dataset_added",
             Self::Delivered => "delivered",
             Self::DeliveryRejected => "delivery_rejected",
@@ -171,6 +174,11 @@ impl EventLog {
         }
         drop(events);
         self.latest.send_replace(seq);
+    }
+
+    /// The sequence number of the latest event (0 before the first).
+    pub fn latest(&self) -> u64 {
+        *self.latest.borrow()
     }
 
     /// The events after `after`; waits up to `wait` for one if there is none yet.

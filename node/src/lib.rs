@@ -4,7 +4,8 @@
 //! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the site's PACS over DICOMweb ([`pacs`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
 //! local HTTP API ([`api`]: routes, and [`api::views`], the JSON bodies the CLI shares;
-//! [`client`]) and metrics ([`metrics`]), the command line ([`cli`]: each subcommand of
+//! [`client`]), the dashboard pages served beside it ([`dashboard`]) and metrics ([`metrics`],
+//! with short histories for the charts in [`history`]), the command line ([`cli`]: each subcommand of
 //! `kaapana-node` as a library function; the binary only parses flags and sets up logging)
 //! and the demo ([`demo`]); jobs run in containers through
 //! [`executor`] (the `kaapana-executor` crate, re-exported: containerd, a configured one or the
@@ -21,10 +22,12 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dashboard;
 pub mod data_dir;
 pub mod datasets;
 pub mod demo;
 pub mod events;
+pub mod history;
 pub use kaapana_executor as executor;
 pub mod metrics;
 pub mod net;

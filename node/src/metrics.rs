@@ -20,6 +20,46 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Labels naming a registered instance and a direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The instance's name.
+    pub peer: String,
+    /// `in` (from the instance to this one) or `out` (from this one to it).
+    pub direction: String,
+}
+
+/// Which way a message went, for the per-instance metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the instance to this one.
+    In,
+    /// From this instance to it.
+    Out,
+}
+
+impl Direction {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::In => "in",
+            Self::Out => "out",
+        }
+    }
+}
+
+/// One registered instance's message counters (see [`Metrics::peer_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerCounts {
+    /// Messages from it accepted here.
+    pub messages_in: u64,
+    /// Messages to it that it acknowledged.
+    pub messages_out: u64,
+    /// Its messages or requests refused here.
+    pub rejected_in: u64,
+    /// Messages of this instance it refused for good.
+    pub rejected_out: u64,
+}
+
 /// Every metric of the node.
 #[derive(Debug)]
 pub struct Metrics {
@@ -38,6 +78,12 @@ pub struct Metrics {
     pub connections_denied: Counter,
     /// Messages waiting in the outbox, over all peers.
     pub outbox_depth: Gauge,
+    /// Signed messages exchanged with each registered instance, by direction (accepted here,
+    /// or acknowledged by it).
+    pub peer_messages: Family<PeerLabel, Counter>,
+    /// Messages refused, by instance and direction (`in`: its messages refused here; `out`:
+    /// this instance's messages it refused for good).
+    pub peer_rejections: Family<PeerLabel, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +132,18 @@ impl Metrics {
             "Messages waiting in the outbox for delivery",
             outbox_depth.clone(),
         );
+        let peer_messages = Family::<PeerLabel, Counter>::default();
+        registry.register(
+            "peer_messages",
+            "Signed messages exchanged with each registered instance, by direction",
+            peer_messages.clone(),
+        );
+        let peer_rejections = Family::<PeerLabel, Counter>::default();
+        registry.register(
+            "peer_rejections",
+            "Messages refused, by instance and direction (in: refused here; out: refused by it)",
+            peer_rejections.clone(),
+        );
         for reason in kaapana_protocol::RejectReason::ALL {
             let _ = rejections.get_or_create(&ReasonLabel { reason: reason.label().to_owned() });
         }
@@ -98,6 +156,41 @@ impl Metrics {
             rejections,
             connections_denied,
             outbox_depth,
+            peer_messages,
+            peer_rejections,
+        }
+    }
+
+    fn label(peer: &str, direction: Direction) -> PeerLabel {
+        PeerLabel { peer: peer.to_owned(), direction: direction.as_str().to_owned() }
+    }
+
+    /// Counts a message exchanged with the instance called `peer`.
+    pub fn peer_message(&self, peer: &str, direction: Direction) {
+        self.peer_messages.get_or_create(&Self::label(peer, direction)).inc();
+    }
+
+    /// Counts a message refused, here (`In`) or by the instance called `peer` (`Out`).
+    pub fn peer_rejection(&self, peer: &str, direction: Direction) {
+        self.peer_rejections.get_or_create(&Self::label(peer, direction)).inc();
+    }
+
+    /// The counters of the instance called `peer` (zero for one never heard of).
+    pub fn peer_counts(&self, peer: &str) -> PeerCounts {
+        let get = |f: &Family<PeerLabel, Counter>, d| f.get_or_create(&Self::label(peer, d)).get();
+        PeerCounts {
+            messages_in: get(&self.peer_messages, Direction::In),
+            messages_out: get(&self.peer_messages, Direction::Out),
+            rejected_in: get(&self.peer_rejections, Direction::In),
+            rejected_out: get(&self.peer_rejections, Direction::Out),
+        }
+    }
+
+    /// Drops the counters of an unregistered instance.
+    pub fn forget_peer(&self, peer: &str) {
+        for d in [Direction::In, Direction::Out] {
+            self.peer_messages.remove(&Self::label(peer, d));
+            self.peer_rejections.remove(&Self::label(peer, d));
         }
     }
 

@@ -127,6 +127,8 @@ pub enum WorkflowFileError {
     Syntax {
         /// The TOML parser's message (names the key, line and column).
         detail: String,
+        /// The line (from 1) the parser stopped at.
+        line: Option<usize>,
     },
     /// A key has a value that is not acceptable.
     #[error("{}: {problem}", location(.job, .line, .field))]
@@ -184,6 +186,64 @@ pub enum WorkflowFileError {
         /// The protocol's reason.
         error: ValidationError,
     },
+}
+
+impl WorkflowFileError {
+    /// The line (from 1) of the file's `text` that this error is about, where it can be told:
+    /// where the parser stopped, the job's `name` line, or the job's `inputs` or `runner` line.
+    pub fn line_in(&self, text: &str) -> Option<usize> {
+        match self {
+            Self::Syntax { line, .. } | Self::Field { line, .. } => *line,
+            Self::InFile { error, .. } => error.line_in(text),
+            Self::DuplicateJob { name } => job_name_lines(text, name).get(1).copied(),
+            Self::Cycle { job } => job_name_lines(text, job).first().copied(),
+            Self::UnknownInput { job, .. } => key_line_in_job(text, job, "inputs"),
+            Self::UnknownInstance { job, .. } => key_line_in_job(text, job, "runner"),
+            _ => None,
+        }
+    }
+}
+
+/// The line (from 1) of byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> Option<usize> {
+    text.get(..offset).map(|before| before.matches('\n').count() + 1)
+}
+
+/// The lines (from 1) of `name = "<job>"` keys inside `[[job]]` tables.
+fn job_name_lines(text: &str, job: &str) -> Vec<usize> {
+    let mut in_job = false;
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_job = t.replace(' ', "") == "[[job]]";
+            continue;
+        }
+        if in_job
+            && let Some((key, value)) = t.split_once('=')
+            && key.trim() == "name"
+            && value.trim().trim_matches(|c| c == '"' || c == '\'') == job
+        {
+            lines.push(i + 1);
+        }
+    }
+    lines
+}
+
+/// The line of `key` in the `[[job]]` table named `job` (or of its `name`, if the key is not
+/// found there).
+fn key_line_in_job(text: &str, job: &str, key: &str) -> Option<usize> {
+    let name_line = *job_name_lines(text, job).first()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines[..name_line].iter().rposition(|l| l.trim().starts_with('['))?;
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.trim().starts_with('['))
+        .map_or(lines.len(), |k| start + 1 + k);
+    let found = lines[start + 1..end]
+        .iter()
+        .position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+    Some(found.map_or(name_line, |k| start + 2 + k))
 }
 
 /// Where a [`WorkflowFileError::Field`] is: "job `x` (line 4), `image`" or "`name`".
@@ -299,6 +359,7 @@ impl WorkflowFile {
     pub fn parse(text: &str) -> Result<Self, WorkflowFileError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| WorkflowFileError::Syntax {
             detail: e.to_string().trim_end().to_owned(),
+            line: e.span().and_then(|s| line_at(text, s.start)),
         })?;
         validate_name("workflow name", &raw.name).map_err(|e| WorkflowFileError::Field {
             job: None,
@@ -1216,5 +1277,22 @@ memory = "2 GB"
             WorkflowFile::load(&good).unwrap(),
             WorkflowFile::parse(&documented_example()).unwrap()
         );
+    }
+
+    #[test]
+    fn errors_know_their_line() {
+        let text = "name = \"w\"\n\n[[job]]\nname = \"a\"\nimage = \"x\"\nrunner = \"nowhere\"\n\n[[job]]\nname = \"b\"\ninputs = [\"zz\"]\n";
+        let e = WorkflowFileError::UnknownInstance { job: "a".into(), name: "nowhere".into() };
+        assert_eq!(e.line_in(text), Some(6));
+        let e = WorkflowFileError::UnknownInput { job: "b".into(), input: "zz".into() };
+        assert_eq!(e.line_in(text), Some(10));
+        let dup = format!("{text}\n[[job]]\nname = \"a\"\n");
+        let e = WorkflowFileError::DuplicateJob { name: "a".into() };
+        assert_eq!(e.line_in(&dup), Some(13));
+        let syntax =
+            WorkflowFile::parse("name = \"w\"\n[[job]]\nname = \"a\"\nretry = 3\n").unwrap_err();
+        assert_eq!(syntax.line_in(""), Some(4), "{syntax}");
+        let broken = WorkflowFile::parse("name = \"w\"\n\n[[job]\n").unwrap_err();
+        assert_eq!(broken.line_in(""), Some(3), "{broken}");
     }
 }

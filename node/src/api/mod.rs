@@ -9,8 +9,10 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/info` | this instance |
 //! | `GET /v1/bundle` | this instance's exchange bundle (PEM) |
-//! | `GET /v1/instances` | registered instances with connection state and capabilities |
+//! | `GET /v1/instances?offset=N&limit=M&q=TEXT` | registered instances with connection state and capabilities, by name (the total in `X-Total-Count`) |
 //! | `POST /v1/instances` | register one from a bundle ([`AddInstanceRequest`]) |
+//! | `POST /v1/instances/preview` | check a bundle and show who it is, without registering it ([`PreviewRequest`]) |
+//! | `PUT /v1/instances/{name-or-id}/policy` | change what a registered instance may do here ([`Policy`](kaapana_federation::Policy)) |
 //! | `DELETE /v1/instances/{name-or-id}` | unregister one; its connections close at once |
 //! | `POST /v1/messages` | sign a message and queue it for an instance ([`SendRequest`]) |
 //! | `GET /v1/inbox?after=N&limit=M` | accepted messages in arrival order |
@@ -18,8 +20,9 @@
 //! | `POST /v1/jobs` | sign a job for a runner-instance and queue it ([`SubmitJobRequest`]) |
 //! | `POST /v1/jobs/{id}/approve`, `POST /v1/jobs/{id}/reject` | decide on a job waiting for approval |
 //! | `GET /v1/jobs/{id}/result` | a submitted job's verified result: exit status, bundle and log files |
+//! | `GET /v1/jobs/{id}/result/bundle` | the result bundle itself (a tar of the job's `/output`) |
 //! | `GET /v1/jobs/{id}/log` | a job's log: the runner's copy (if it shared it) or this instance's own |
-//! | `GET /v1/workflows` | workflows this instance owns, with their state |
+//! | `GET /v1/workflows?offset=N&limit=M&state=S&q=TEXT&newest_first=true` | workflows this instance owns, with their state (the total in `X-Total-Count`) |
 //! | `POST /v1/workflows` | plan, sign and start a workflow from its TOML file ([`SubmitWorkflowRequest`]) |
 //! | `GET /v1/workflows/{id}` | one workflow: its steps and jobs with state, runner and result |
 //! | `POST /v1/workflows/{id}/cancel` | cancel a workflow: its jobs stop at every runner |
@@ -27,6 +30,9 @@
 //! | `POST /v1/datasets` | register a dataset: a folder or series of the site's PACS over DICOMweb ([`AddDatasetRequest`]) |
 //! | `DELETE /v1/datasets/{name}` | forget a dataset (its files stay) |
 //! | `GET /v1/events?after=N&wait_ms=M` | observed events, long-polling for new ones |
+//!
+//! The dashboard ([`crate::dashboard`]) is served on the same address under `/`, `/login` and
+//! `/ui`, with a session cookie instead of the bearer token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +65,23 @@ pub struct ApiError {
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into() }
+    }
+
+    /// An error with this status and message.
+    pub fn from_parts(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, message)
+    }
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub const fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The message for people.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -130,13 +153,16 @@ pub async fn serve(
         .route("/info", get(info))
         .route("/bundle", get(bundle))
         .route("/instances", get(list_instances).post(add_instance))
+        .route("/instances/preview", post(preview_instance))
         .route("/instances/{which}", axum::routing::delete(remove_instance))
+        .route("/instances/{which}/policy", axum::routing::put(set_policy))
         .route("/messages", post(send_message))
         .route("/inbox", get(inbox))
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}/approve", post(approve_job))
         .route("/jobs/{id}/reject", post(reject_job))
         .route("/jobs/{id}/result", get(job_result))
+        .route("/jobs/{id}/result/bundle", get(job_result_bundle))
         .route("/jobs/{id}/log", get(job_log))
         .route("/workflows", get(list_workflows).post(submit_workflow))
         .route("/workflows/{id}", get(show_workflow))
@@ -144,11 +170,12 @@ pub async fn serve(
         .route("/datasets", get(list_datasets).post(add_dataset))
         .route("/datasets/{name}", axum::routing::delete(remove_dataset))
         .route("/events", get(events))
-        .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+        .layer(middleware::from_fn_with_state(Arc::new(token.clone()), require_token));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
+        .merge(crate::dashboard::router(Arc::new(crate::dashboard::Sessions::new(token))))
         .with_state(state);
     let shutdown = cancel.clone();
     if let Err(e) = axum::serve(listener, app)
@@ -171,9 +198,7 @@ async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     // Constant time in the token's length.
-    let ok = given.len() == token.len()
-        && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !ok {
+    if !crate::dashboard::auth::same_secret(given, &token) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (see the data directory's api-token file)",
@@ -202,15 +227,124 @@ async fn bundle(State(state): State<Arc<NodeState>>) -> ApiResult<String> {
     Ok(state.bundle().await?)
 }
 
-async fn list_instances(State(state): State<Arc<NodeState>>) -> ApiResult<Json<Vec<InstanceView>>> {
-    let mut all: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
-    all.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut out = Vec::with_capacity(all.len());
-    for inst in &all {
-        let depth = state.store.outbox_depth(&inst.instance_id).map_err(AdminError::from)?;
-        out.push(InstanceView::new(inst, Some(&state.peer_status(&inst.instance_id)), depth));
+/// A page of a list: `offset` and `limit` (at most [`MAX_PAGE`]); `q` filters by name.
+#[derive(Debug, Default, Deserialize)]
+pub struct PageQuery {
+    /// Entries to skip.
+    #[serde(default)]
+    pub offset: usize,
+    /// Entries to return (all up to [`MAX_PAGE`] when left out).
+    pub limit: Option<usize>,
+    /// Only entries whose name contains this (case-insensitive).
+    pub q: Option<String>,
+    /// Only workflows in this state (`running`, `finished`, `failed`, `cancelled`).
+    pub state: Option<String>,
+    /// Newest workflows first (default: oldest first).
+    #[serde(default)]
+    pub newest_first: bool,
+}
+
+/// The most entries one list answer holds.
+pub const MAX_PAGE: usize = 10_000;
+
+impl PageQuery {
+    fn range(&self, total: usize) -> std::ops::Range<usize> {
+        let start = self.offset.min(total);
+        start..start.saturating_add(self.limit.unwrap_or(MAX_PAGE).min(MAX_PAGE)).min(total)
     }
-    Ok(Json(out))
+
+    fn matches(&self, name: &str) -> bool {
+        self.q
+            .as_deref()
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .is_none_or(|q| name.to_lowercase().contains(&q.to_lowercase()))
+    }
+}
+
+/// One page of a list and the number of entries of the whole (filtered) list.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// The entries.
+    pub entries: Vec<T>,
+    /// How many the whole list has.
+    pub total: usize,
+}
+
+impl<T: serde::Serialize> IntoResponse for Page<T> {
+    fn into_response(self) -> Response {
+        ([("x-total-count", self.total.to_string())], Json(self.entries)).into_response()
+    }
+}
+
+/// The registered instances by name, one page of them (with their live status).
+pub fn instance_page(state: &NodeState, q: &PageQuery) -> Result<Page<InstanceView>, ApiError> {
+    let mut all: Vec<RegisteredInstance> =
+        state.registry().iter().filter(|i| q.matches(&i.name)).cloned().collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    let total = all.len();
+    let mut entries = Vec::new();
+    for inst in &all[q.range(total)] {
+        let depth = state.store.outbox_depth(&inst.instance_id).map_err(AdminError::from)?;
+        entries.push(InstanceView::new(inst, Some(&state.peer_status(&inst.instance_id)), depth));
+    }
+    Ok(Page { entries, total })
+}
+
+/// The workflows this instance owns, one page of them.
+pub fn workflow_page(state: &NodeState, q: &PageQuery) -> Result<Page<WorkflowView>, ApiError> {
+    let mut all = state.store.workflows().map_err(|e| ApiError::from(AdminError::from(e)))?;
+    all.retain(|w| {
+        q.matches(&w.name)
+            && q.state.as_deref().is_none_or(|s| s.is_empty() || w.state.to_string() == s)
+    });
+    all.sort_by_key(|w| (w.created_at, w.workflow_id));
+    if q.newest_first {
+        all.reverse();
+    }
+    let total = all.len();
+    Ok(Page { entries: all[q.range(total)].iter().map(WorkflowView::new).collect(), total })
+}
+
+async fn list_instances(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Page<InstanceView>> {
+    instance_page(&state, &q)
+}
+
+async fn preview_instance(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<PreviewRequest>,
+) -> ApiResult<Json<InstanceView>> {
+    let inst = preview_bundle(&state, &req.bundle)?;
+    Ok(Json(InstanceView::offline(&inst, 0)))
+}
+
+/// Checks a bundle as registering it would (signature, validity, not this instance, not yet
+/// registered) and returns who it is, registering nothing.
+pub fn preview_bundle(state: &NodeState, bundle: &str) -> Result<RegisteredInstance, ApiError> {
+    let inst = admin::verify_bundle(
+        &state.files,
+        bundle,
+        kaapana_federation::Policy::default(),
+        None,
+        now(),
+    )?;
+    state.registry().clone().add(inst.clone()).map_err(AdminError::from)?;
+    Ok(inst)
+}
+
+async fn set_policy(
+    State(state): State<Arc<NodeState>>,
+    Path(which): Path<String>,
+    Json(policy): Json<kaapana_federation::Policy>,
+) -> ApiResult<Json<InstanceView>> {
+    let which: InstanceRef =
+        which.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e}")))?;
+    let inst = state.set_policy(&which, policy).await?;
+    let depth = state.store.outbox_depth(&inst.instance_id).map_err(AdminError::from)?;
+    Ok(Json(InstanceView::new(&inst, Some(&state.peer_status(&inst.instance_id)), depth)))
 }
 
 async fn add_instance(
@@ -228,7 +362,7 @@ async fn add_instance(
     Ok((StatusCode::CREATED, Json(InstanceView::new(&inst, Some(&PeerStatus::default()), 0))))
 }
 
-fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
+pub(crate) fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
     use crate::daemon::WorkflowError as E;
     let status = match &e {
         E::NotFound(_) => StatusCode::NOT_FOUND,
@@ -248,18 +382,38 @@ fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
     })
 }
 
-async fn list_workflows(State(state): State<Arc<NodeState>>) -> ApiResult<Json<Vec<WorkflowView>>> {
-    let mut all = state.store.workflows().map_err(|e| ApiError::from(AdminError::from(e)))?;
-    all.sort_by_key(|w| w.created_at);
-    Ok(Json(all.iter().map(WorkflowView::new).collect()))
+async fn list_workflows(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Page<WorkflowView>> {
+    workflow_page(&state, &q)
 }
 
-async fn submit_workflow(
-    State(state): State<Arc<NodeState>>,
-    Json(req): Json<SubmitWorkflowRequest>,
-) -> ApiResult<(StatusCode, Json<WorkflowView>)> {
-    let bad = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
-    let file = crate::workflow_file::WorkflowFile::parse(&req.toml).map_err(|e| bad(&e))?;
+/// Why a workflow file was not started: the message and, where known, its line in the file.
+#[derive(Debug)]
+pub struct SubmitError {
+    /// The error as the API answers it.
+    pub error: ApiError,
+    /// The line (from 1) the error is about.
+    pub line: Option<usize>,
+}
+
+impl From<ApiError> for SubmitError {
+    fn from(error: ApiError) -> Self {
+        Self { error, line: None }
+    }
+}
+
+/// Plans, signs and starts a workflow from its file's text.
+pub async fn submit_workflow_file(
+    state: &Arc<NodeState>,
+    text: &str,
+) -> Result<kaapana_federation::Workflow, SubmitError> {
+    let bad = |e: &crate::workflow_file::WorkflowFileError| SubmitError {
+        error: ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+        line: e.line_in(text),
+    };
+    let file = crate::workflow_file::WorkflowFile::parse(text).map_err(|e| bad(&e))?;
     let id = WorkflowId::from_bytes(random_bytes()?);
     let manifest = {
         let registry = state.registry();
@@ -272,7 +426,14 @@ async fn submit_workflow(
         file.to_manifest(id, state.instance_id, Header::new(now(), WORKFLOW_LIFETIME), &resolve)
             .map_err(|e| bad(&e))?
     };
-    let workflow = state.submit_workflow(manifest).await.map_err(workflow_error)?;
+    state.submit_workflow(manifest).await.map_err(|e| SubmitError::from(workflow_error(e)))
+}
+
+async fn submit_workflow(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<SubmitWorkflowRequest>,
+) -> ApiResult<(StatusCode, Json<WorkflowView>)> {
+    let workflow = submit_workflow_file(&state, &req.toml).await.map_err(|e| e.error)?;
     Ok((StatusCode::CREATED, Json(WorkflowView::new(&workflow))))
 }
 
@@ -536,7 +697,7 @@ async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(OwnerJobView::new(workflow_id, &owner_job))))
 }
 
-fn job_error(e: crate::daemon::JobError) -> ApiError {
+pub(crate) fn job_error(e: crate::daemon::JobError) -> ApiError {
     use crate::daemon::JobError as E;
     let status = match &e {
         E::NotFound(_) => StatusCode::NOT_FOUND,
@@ -569,7 +730,7 @@ async fn reject_job(
     Ok(Json((&job).into()))
 }
 
-async fn job_result(
+pub(crate) async fn job_result(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ResultView>> {
@@ -604,7 +765,62 @@ async fn job_result(
     }))
 }
 
-async fn job_log(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> ApiResult<String> {
+/// The verified bundle file of a job's result at this instance.
+pub(crate) async fn result_bundle_path(
+    state: &Arc<NodeState>,
+    id: &str,
+) -> ApiResult<std::path::PathBuf> {
+    let Json(result) = job_result(State(Arc::clone(state)), Path(id.to_owned())).await?;
+    result.bundle.path.map(std::path::PathBuf::from).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the result bundle of job {id} is not stored here (yet)"),
+        )
+    })
+}
+
+/// A file as a download named `name`.
+pub(crate) async fn download(
+    path: &std::path::Path,
+    name: &str,
+    content_type: &str,
+) -> ApiResult<Response> {
+    let file = tokio::fs::File::open(path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot open {}: {e}", path.display()),
+        )
+    })?;
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_str(content_type)
+            .unwrap_or(header::HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    }
+    Ok(response)
+}
+
+async fn job_result_bundle(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let path = result_bundle_path(&state, &id).await?;
+    download(&path, &format!("result-{id}.tar"), "application/x-tar").await
+}
+
+pub(crate) async fn job_log(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> ApiResult<String> {
     let job = parse_job(&id)?;
     if let Ok(Json(result)) = job_result(State(Arc::clone(&state)), Path(id)).await
         && let Some(path) = result.log.and_then(|l| l.path)

@@ -149,6 +149,13 @@ pub struct AddInstanceRequest {
     pub expect_fingerprint: Option<String>,
 }
 
+/// `POST /v1/instances/preview`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreviewRequest {
+    /// The exchange bundle's text.
+    pub bundle: String,
+}
+
 /// `POST /v1/messages`: a message for one instance, signed by this node and queued durably.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendRequest {

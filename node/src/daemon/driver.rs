@@ -226,11 +226,19 @@ impl NodeState {
     fn notice(&self, n: Notice) {
         let (kind, peer, detail) = match n {
             Notice::WorkflowSubmitted { workflow, name } => {
+                if let Some(c) = self.site().workflow(&workflow).map(|w| w.counts()) {
+                    let sample = crate::history::WorkflowSample::new(now().as_millis(), &c);
+                    self.history.workflow_counts(workflow, sample);
+                }
                 (EventKind::WorkflowSubmitted, None, format!("workflow {name} ({workflow})"))
             }
             Notice::WorkflowProgress { workflow, name } => {
-                let counts = self.site().workflow(&workflow).map(|w| w.counts().to_string());
-                let counts = counts.unwrap_or_default();
+                let counts = self.site().workflow(&workflow).map(|w| w.counts());
+                if let Some(c) = &counts {
+                    let sample = crate::history::WorkflowSample::new(now().as_millis(), c);
+                    self.history.workflow_counts(workflow, sample);
+                }
+                let counts = counts.map(|c| c.to_string()).unwrap_or_default();
                 (
                     EventKind::WorkflowProgress,
                     None,
@@ -238,6 +246,10 @@ impl NodeState {
                 )
             }
             Notice::WorkflowEnded { workflow, state, reason } => {
+                if let Some(c) = self.site().workflow(&workflow).map(|w| w.counts()) {
+                    let sample = crate::history::WorkflowSample::new(now().as_millis(), &c);
+                    self.history.workflow_counts(workflow, sample);
+                }
                 let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
                 (EventKind::WorkflowEnded, None, format!("workflow {workflow} {state}{why}"))
             }

@@ -17,6 +17,7 @@ use kaapana_protocol::{
 use kaapana_federation::{Event, Message};
 
 use super::{EventKind, NodeState, kind_label, lock, now};
+use crate::metrics::Direction;
 use crate::net::FedFrame;
 use crate::store::{InboxRecord, WriteOp};
 
@@ -233,6 +234,7 @@ fn apply(state: &Arc<NodeState>, peer: &InstanceId, v: Verdict) -> Delivery {
         Verdict::Accepted(m) => {
             let kind = m.kind();
             state.metrics.messages_in.get_or_create(&kind_label(kind.name())).inc();
+            state.metrics.peer_message(&state.name_of(peer), Direction::In);
             if let AnyVerified::CapabilityAd(ad) = *m {
                 let signer = ad.signer();
                 let ad = ad.into_payload();
@@ -250,6 +252,7 @@ fn apply(state: &Arc<NodeState>, peer: &InstanceId, v: Verdict) -> Delivery {
         }
         Verdict::Rejected(reason, detail) => {
             state.metrics.reject(reason);
+            state.metrics.peer_rejection(&state.name_of(peer), Direction::In);
             tracing::warn!(peer = %peer, reason = reason.label(), %detail, "message rejected");
             state.event(
                 EventKind::MessageRejected,
@@ -268,6 +271,7 @@ fn refuse(
     detail: String,
 ) -> FedResponse {
     state.metrics.reject(reason);
+    state.metrics.peer_rejection(&state.name_of(peer), Direction::In);
     tracing::warn!(peer = %peer, reason = reason.label(), %detail, "request refused");
     state.event(EventKind::RequestRefused, Some(peer), format!("{}: {detail}", reason.label()));
     FedResponse::Refused { reason, detail }

@@ -137,6 +137,9 @@ pub struct NodeState {
     pub net: NetworkHandle,
     /// Observed events.
     pub events: EventLog,
+    /// Recent job counts per workflow and message counters per instance (the dashboard's
+    /// charts).
+    pub history: crate::history::History,
     /// Time limits for inbound messages.
     pub verify_options: VerifyOptions,
     registry: Mutex<Registry>,
@@ -183,6 +186,11 @@ impl NodeState {
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, crate::datasets::Datasets> {
         self.datasets.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fires when the daemon shuts down (long-lived responses end with it).
+    pub fn shutdown_signal(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 
     /// A read-only look at the federation core (workflows, jobs, candidates).
@@ -385,6 +393,7 @@ impl NodeState {
                     }) =>
                 {
                     self.metrics.messages_out.get_or_create(&kind_label("CapabilityAd")).inc();
+                    self.metrics.peer_message(&self.name_of(&peer), crate::metrics::Direction::Out);
                     return;
                 }
                 Ok(other) => {
@@ -497,6 +506,42 @@ impl NodeState {
         Ok(())
     }
 
+    /// Changes what a registered instance may do here: durable first, then the federation core
+    /// and the network follow, and the instance gets a fresh capability ad. Jobs it already
+    /// sent keep the decision they got.
+    pub async fn set_policy(
+        self: &Arc<Self>,
+        which: &kaapana_federation::InstanceRef,
+        policy: kaapana_federation::Policy,
+    ) -> Result<RegisteredInstance, AdminError> {
+        let mut next = self.registry().clone();
+        next.update_policy(which, policy)?;
+        let inst = next
+            .resolve(which)
+            .cloned()
+            .ok_or_else(|| AdminError::BadArgument(format!("no registered instance {which}")))?;
+        self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
+        self.registry().update_policy(which, inst.policy.clone())?;
+        self.tell_site(FedEvent::InstanceRegistered(Box::new(inst.clone()))).await;
+        self.event(
+            EventKind::PolicyChanged,
+            Some(&inst.instance_id),
+            format!(
+                "workflows {}, datasets {}, execution {}, share logs {}",
+                inst.policy.allowed_workflows,
+                inst.policy.allowed_datasets,
+                inst.policy.execution,
+                inst.policy.share_logs
+            ),
+        );
+        if self.is_connected(&inst.instance_id) {
+            let s = Arc::clone(self);
+            let id = inst.instance_id;
+            tokio::spawn(async move { s.push_capabilities(id).await });
+        }
+        Ok(inst)
+    }
+
     /// Unregisters an instance at runtime: durable first, then its connections are closed.
     pub async fn remove_instance(
         self: &Arc<Self>,
@@ -508,6 +553,7 @@ impl NodeState {
         let _ = self.registry().remove(which);
         self.tell_site(FedEvent::InstanceRemoved(id)).await;
         self.metrics.instances_registered.dec();
+        self.metrics.forget_peer(&inst.name);
         // Disallowing closes the live connections at once.
         let _ = self.net.disallow(id.peer_id()).await;
         if let Some(n) = lock(&self.outbox_wakers).remove(&id) {
@@ -810,6 +856,7 @@ impl Daemon {
             metrics,
             net: net.clone(),
             events: EventLog::new(),
+            history: crate::history::History::default(),
             verify_options,
             registry: Mutex::new(registry),
             peers: Mutex::new(peers),
@@ -838,6 +885,7 @@ impl Daemon {
         tasks.spawn(drive(Arc::clone(&state), events_rx));
         tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
         tasks.spawn(periodic(Arc::clone(&state)));
+        tasks.spawn(sample_peers(Arc::clone(&state)));
         tasks.spawn(driver::run_timers(Arc::clone(&state), timers_rx));
         let own = Box::new(state.own_capability_ad());
         state.feed(vec![FedEvent::OwnCapabilities(own), FedEvent::Started], Vec::new()).await?;
@@ -1045,6 +1093,26 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 p.failures = 0;
             });
         }
+    }
+}
+
+/// How often each registered instance's message counters are sampled for the dashboard.
+const PEER_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Samples every registered instance's message counters into [`NodeState::history`].
+async fn sample_peers(state: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(PEER_SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let names: Vec<String> = state.registry().iter().map(|i| i.name.clone()).collect();
+        let counts = names.into_iter().map(|n| {
+            let c = state.metrics.peer_counts(&n);
+            (n, c)
+        });
+        state.history.sample_peers(now().as_millis(), counts.collect());
     }
 }
 

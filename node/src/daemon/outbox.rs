@@ -168,6 +168,7 @@ fn settle(
         match result {
             Delivery::Accepted | Delivery::Rejected { reason: RejectReason::Replayed, .. } => {
                 state.metrics.messages_out.get_or_create(&kind_label(kind)).inc();
+                state.metrics.peer_message(&state.name_of(peer), crate::metrics::Direction::Out);
                 done.push(*seq);
             }
             Delivery::Rejected { reason, detail } if reason.is_transient() => {
@@ -177,6 +178,7 @@ fn settle(
             }
             Delivery::Rejected { reason, detail } => {
                 tracing::warn!(peer = %peer, reason = reason.label(), %detail, "peer refused a message; dropping it");
+                state.metrics.peer_rejection(&state.name_of(peer), crate::metrics::Direction::Out);
                 state.event(
                     EventKind::DeliveryRejected,
                     Some(peer),

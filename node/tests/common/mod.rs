@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod airflow;
+pub mod browser;
 pub mod containerd;
 pub mod netns;
 pub mod orthanc;
