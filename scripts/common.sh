@@ -30,6 +30,9 @@ kn_require_packages() {
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     # The DICOM tests check the synthetic CT files with dcmtk's dcmdump, dcmftest and dcm2pnm.
     command -v dcmdump >/dev/null 2>&1 || missing+=(dcmtk)
+    # The dashboard's browser tests: Debian's Chromium, driven by Playwright on Node.js (>= 20).
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     if ((${#missing[@]})); then
@@ -49,6 +52,12 @@ kn_require_packages() {
             exit 1
         fi
     fi
+}
+
+# Playwright for the dashboard's browser tests, from the lockfile (playwright-core only: it
+# downloads no browser; the tests use Debian's /usr/bin/chromium).
+kn_playwright() {
+    (cd node/tests/dashboard && npm ci --no-audit --no-fund --prefer-offline --loglevel=error >&2)
 }
 
 # The job programs (`kaapana-stats`) run in the busybox job image, which has no glibc: build
