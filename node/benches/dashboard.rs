@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use common::Site;
 use common::browser::Browser;
 use kaapana_node::admin::{self, InitOptions};
-use kaapana_node::data_dir::DataDir;
 use kaapana_node::daemon::now;
+use kaapana_node::data_dir::DataDir;
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -80,10 +80,8 @@ fn main() {
     }
     let submit = started.elapsed().as_secs_f64();
     for id in ids.iter().step_by(3) {
-        let _: serde_json::Value = d
-            .api()
-            .post(&format!("/v1/workflows/{id}/cancel"), &serde_json::json!({}))
-            .unwrap();
+        let _: serde_json::Value =
+            d.api().post(&format!("/v1/workflows/{id}/cancel"), &serde_json::json!({})).unwrap();
     }
     println!(
         "submitted {workflows} workflows in {submit:.1} s ({:.1} ms each), cancelled {}",

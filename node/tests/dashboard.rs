@@ -493,6 +493,10 @@ fn a_three_site_workflow_is_submitted_in_the_page_and_finishes_live() {
     let row = page.text(&format!("tr[data-workflow='{id}']"));
     assert!(row.contains("finished") && row.contains("3 finished"), "{row}");
     page.screenshot("workflow-list");
+    // The open page's event stream does not hold up a graceful stop.
+    let mut d = d;
+    let owner = d.remove(0);
+    assert!(owner.stop(), "site-a stopped gracefully with a page open");
     drop(d);
     drop(s.ctd);
 }

@@ -187,9 +187,18 @@ pub fn from_this_origin(headers: &HeaderMap) -> Result<(), &'static str> {
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let expected = [format!("http://{host}"), format!("https://{host}")];
-        if host.is_empty() || !expected.iter().any(|e| e == origin) {
+        // The host the browser addressed: `Host`, or the one a reverse proxy (Kaapana's
+        // ingress) forwarded. A page of another origin cannot set these headers on a form
+        // post, and a script of another origin only after a CORS preflight, which this
+        // server never grants.
+        let hosts = [header::HOST.as_str(), "x-forwarded-host"]
+            .into_iter()
+            .filter_map(|h| headers.get(h).and_then(|v| v.to_str().ok()))
+            .filter(|h| !h.is_empty());
+        let same = hosts
+            .into_iter()
+            .any(|h| origin == format!("http://{h}") || origin == format!("https://{h}"));
+        if !same {
             return Err("refused: the request came from another origin (Origin)");
         }
     }
@@ -285,6 +294,14 @@ mod tests {
         assert!(from_this_origin(&h).is_err());
         h.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
         assert!(from_this_origin(&h).is_ok());
+        // Behind Kaapana's ingress: the browser's origin is the ingress host.
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://kaapana.example.org"));
+        assert!(from_this_origin(&h).is_err());
+        h.insert("x-forwarded-host", HeaderValue::from_static("kaapana.example.org"));
+        assert!(from_this_origin(&h).is_ok());
+        h.remove(header::HOST);
+        h.remove("x-forwarded-host");
+        assert!(from_this_origin(&h).is_err(), "no host to compare with");
     }
 
     #[test]
