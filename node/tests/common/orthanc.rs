@@ -39,17 +39,22 @@ pub fn upload_all(orthanc: &Orthanc, files: &[PathBuf]) -> usize {
 pub fn pydicom_files() -> Vec<PathBuf> {
     let cache = std::env::temp_dir().join("kaapana-node-pydicom");
     let unpacked = cache.join("unpacked");
+    // One download at a time in this process; other test binaries download into folders
+    // of their own, so no one unpacks a wheel another pip is still writing.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !unpacked.join("pydicom").exists() {
-        std::fs::create_dir_all(&cache).unwrap();
+        let download = cache.join(format!("download-{}", std::process::id()));
+        std::fs::create_dir_all(&download).unwrap();
         let ok = Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
-            .arg(&cache)
+            .arg(&download)
             .arg("pydicom")
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
         assert!(ok, "cannot download the pydicom wheel with `python3 -m pip download pydicom`");
-        let wheel = std::fs::read_dir(&cache)
+        let wheel = std::fs::read_dir(&download)
             .unwrap()
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -67,6 +72,7 @@ pub fn pydicom_files() -> Vec<PathBuf> {
         // Another test may have won the race; either copy is complete.
         let _ = std::fs::rename(&tmp, &unpacked);
         let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(&download);
     }
     let mut files = Vec::new();
     collect_dcm(&unpacked.join("pydicom/data/test_files"), &mut files);
