@@ -285,8 +285,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             runtime.block_on(async {
                 let daemon = crate::daemon::Daemon::start(&dir).await?;
                 println!(
-                    "kaapana-node {} running; API on {}; stop with Ctrl-C",
+                    "kaapana-node {} running; API on {}; dashboard at http://{}/ (log in with the api-token file); stop with Ctrl-C",
                     daemon.state().name,
+                    daemon.api_addr(),
                     daemon.api_addr()
                 );
                 daemon.run_until_signal().await?;

@@ -919,7 +919,8 @@ impl Daemon {
             .map_err(|source| DaemonError::Api { addr: api_addr.to_string(), source })?;
         tracing::info!(
             instance = %state.name, id = %state.instance_id, api = %api_addr,
-            peers = registered.len(), "kaapana-node running"
+            dashboard = %format!("http://{api_addr}/"), peers = registered.len(),
+            "kaapana-node running"
         );
         // Jobs that were scheduled or running when the node stopped: re-attach or report.
         let s = Arc::clone(&state);
