@@ -474,6 +474,19 @@ impl Site {
         &self.registry
     }
 
+    /// The upstream bundle `digest` if it is an input of job `job`, which one of this site's
+    /// workflows dispatched to `runner` and which has not ended (see
+    /// [`Workflow::input_for`]).
+    pub fn input_for(
+        &self,
+        runner: &InstanceId,
+        job: &JobId,
+        digest: &kaapana_protocol::Sha256Digest,
+    ) -> Option<kaapana_protocol::BlobRef> {
+        let workflow = self.owned_jobs.get(job)?;
+        self.workflows.get(workflow)?.input_for(runner, job, digest)
+    }
+
     /// A workflow this site owns.
     pub fn workflow(&self, id: &WorkflowId) -> Option<&Workflow> {
         self.workflows.get(id)
@@ -817,8 +830,7 @@ impl Site {
             return;
         }
         let cands = self.candidates();
-        let started = Workflow::check_placement(&manifest)
-            .and_then(|()| Workflow::start(&manifest, &cands, now, self.config.job_lifetime));
+        let started = Workflow::start(&manifest, &cands, now, self.config.job_lifetime);
         let (workflow, cmds) = match started {
             Ok(w) => w,
             Err(e) => {

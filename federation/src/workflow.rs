@@ -276,14 +276,6 @@ pub enum PlanError {
         /// The other step.
         second: String,
     },
-    /// A step reads upstream results but would run elsewhere than at the owner.
-    #[error(
-        "job {job} reads the results of other jobs, so it must run at the workflow's owner (runner = \"owner\"): upstream results are stored only here"
-    )]
-    InputsAtOwnerOnly {
-        /// The step.
-        job: String,
-    },
     /// A step reads more upstream results than one job manifest may list.
     #[error(
         "job {job} reads {count} upstream results, more than the {max} a job manifest may \
@@ -641,20 +633,25 @@ impl Workflow {
         Expected::NotYours
     }
 
-    /// Refuses a manifest whose steps read upstream results at another instance than the
-    /// owner: upstream bundles are stored only at the owner.
-    pub fn check_placement(manifest: &WorkflowManifest) -> Result<(), PlanError> {
-        for job in &manifest.jobs {
-            let at_owner = match &job.runner {
-                RunnerSelector::Owner => true,
-                RunnerSelector::Instance(id) => *id == manifest.owner,
-                RunnerSelector::Query(_) => false,
-            };
-            if !job.inputs.is_empty() && !at_owner {
-                return Err(PlanError::InputsAtOwnerOnly { job: job.name.clone() });
-            }
+    /// The upstream bundle `digest` if it is an input of the job `job` that this workflow
+    /// dispatched to `runner` and that has not ended: what the owner may send that runner
+    /// (`/kaapana/inputs/1`).
+    pub fn input_for(
+        &self,
+        runner: &InstanceId,
+        job: &JobId,
+        digest: &Sha256Digest,
+    ) -> Option<BlobRef> {
+        let j = self.jobs.get(self.find(job)?)?;
+        if j.runner != *runner || !j.dispatched || j.state.is_terminal() {
+            return None;
         }
-        Ok(())
+        let step = self.steps.get(j.step)?;
+        step.inputs
+            .iter()
+            .flat_map(|&up| self.index.step_jobs.get(up).into_iter().flatten())
+            .filter_map(|&u| self.jobs.get(u).and_then(|x| x.result))
+            .find(|b| b.digest == *digest)
     }
 
     /// Increases with every change this value went through since it was made or loaded: an
@@ -1439,6 +1436,34 @@ mod tests {
         let mut out = wf.handle(update(job, JobState::Finished), cands, t(10), LIFE);
         out.extend(wf.handle(stored(job), cands, t(11), LIFE));
         out
+    }
+
+    #[test]
+    fn only_the_runner_of_a_live_job_may_have_its_inputs() {
+        // A model at the owner, then one training job per site reading it.
+        let cands = three_sites();
+        let m = manifest(vec![
+            spec("model", RunnerSelector::Owner, &[]),
+            spec("train", query(Pick::All), &["model"]),
+        ]);
+        let (mut wf, _) = Workflow::start(&m, &cands, t(1), LIFE).unwrap();
+        let model = id_of(&wf, "model");
+        let train = id_of(&wf, "train-2");
+        let digest = bundle(model).digest;
+        assert_eq!(wf.input_for(&id(2), &train, &digest), None, "not dispatched yet");
+        let cmds = complete(&mut wf, "model", &cands);
+        let sent = dispatches(&cmds);
+        let to_b = sent.iter().find(|j| j.job_id == train).unwrap();
+        assert_eq!(to_b.inputs.len(), 1);
+        assert_eq!(to_b.inputs[0].bundle, bundle(model));
+        assert_eq!(wf.input_for(&id(2), &train, &digest), Some(bundle(model)));
+        // Another site, another blob, another job: nothing.
+        assert_eq!(wf.input_for(&id(3), &train, &digest), None);
+        assert_eq!(wf.input_for(&id(2), &train, &Sha256Digest::of(b"other")), None);
+        assert_eq!(wf.input_for(&id(2), &model, &digest), None);
+        // Once the job ended, its inputs are not sent any more.
+        let _ = complete(&mut wf, "train-2", &cands);
+        assert_eq!(wf.input_for(&id(2), &train, &digest), None);
     }
 
     #[test]

@@ -1297,7 +1297,8 @@ fn manifest(w: usize, g: &WfGen, ids: &[InstanceId]) -> WorkflowManifest {
             } else {
                 st.inputs.iter().map(|k| format!("s{}", k % i)).collect()
             };
-            // Steps that read upstream results run at the owner (`check_placement`).
+            // Steps that read upstream results run at the owner here (they may run at a runner,
+            // which fetches its inputs from the owner).
             let runner = match (&st.sel, inputs.is_empty()) {
                 (_, false) | (Sel::Owner, true) => RunnerSelector::Owner,
                 (Sel::Instance(k), true) => RunnerSelector::Instance(ids[*k]),

@@ -64,6 +64,11 @@ pub enum EventKind {
     /// `staging_failed`: a job's data could not be staged (with the series and the PACS; this
     /// site's event log only, never sent to a peer).
     StagingFailed,
+    /// `input_fetched`: a runner holds an input of its job (fetched from the owner, or here
+    /// already).
+    InputFetched,
+    /// `input_served`: the owner sent (or refused) an input to a runner.
+    InputServed,
     /// `result_sent`.
     ResultSent,
     /// `result_retry`.
@@ -109,6 +114,8 @@ impl EventKind {
             Self::JobGivenUp => "job_given_up",
             Self::ImagePulled => "image_pulled",
             Self::StagingFailed => "staging_failed",
+            Self::InputFetched => "input_fetched",
+            Self::InputServed => "input_served",
             Self::ResultSent => "result_sent",
             Self::ResultRetry => "result_retry",
             Self::ResultFailed => "result_failed",

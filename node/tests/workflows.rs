@@ -202,25 +202,83 @@ image = "IMAGE"
     );
     let err = s.a.fails(&["workflow", "submit", file.to_str().unwrap()]);
     assert!(err.contains("brain-mri"), "{err}");
+}
 
-    // Upstream results are stored at the owner only: a step reading them elsewhere is refused.
+#[test]
+fn a_runner_fetches_an_upstream_result_from_the_owner_once() {
+    let s = two_sites(&["--allow-any-workflow", "--allow-any-dataset", "--auto-execute"]);
+    let (da, db) = s.start();
+    // The owner makes a "model"; a job at site-b reads it (fetched from the owner), a second
+    // one there reads it and the first one's result (both held at site-b by then: nothing is
+    // fetched), and the owner merges.
     let file = s.write(
-        "remote-inputs.toml",
+        "model-at-runner.toml",
         r#"
-name = "lung-stats"
+name = "fed-round"
 [[job]]
-name = "count"
+name = "model"
 runner = "owner"
 image = "IMAGE"
+command = ["sh", "-c", "yes w | head -c 3000000 > /output/weights && echo v1 > /output/version"]
 [[job]]
-name = "aggregate"
+name = "train-a"
 runner = "site-b"
-inputs = ["count"]
+inputs = ["model"]
 image = "IMAGE"
+command = ["sh", "-c", "wc -c < /input/model/weights > /output/size && cat /input/model/version > /output/seen"]
+[[job]]
+name = "train-b"
+runner = "site-b"
+inputs = ["model", "train-a"]
+image = "IMAGE"
+command = ["sh", "-c", "echo $(cat /input/model/version) $(cat /input/train-a/size) > /output/both"]
+[[job]]
+name = "merge"
+runner = "owner"
+inputs = ["train-b"]
+image = "IMAGE"
+command = ["sh", "-c", "cat /input/train-b/both > /output/final"]
 "#,
     );
-    let err = s.a.fails(&["workflow", "submit", file.to_str().unwrap()]);
-    assert!(err.contains("job aggregate reads the results of other jobs"), "{err}");
+    let after_b = db.last_event();
+    let after_a = da.last_event();
+    let w = submit(&da, &file);
+    let w = wait_workflow(&da, &w.workflow_id, "finished");
+    let out_dir = s.tmp.path().join("fed-results");
+    s.a.ok(&["workflow", "result", &w.workflow_id, "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("merge/final")).unwrap().trim(),
+        "v1 3000000",
+        "site-b read the owner's model, and its own earlier result"
+    );
+    let fetched: Vec<String> = db
+        .events(after_b, Duration::ZERO)
+        .into_iter()
+        .filter(|e| e.kind == "input_fetched")
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(fetched.len(), 3, "{fetched:?}");
+    assert_eq!(
+        fetched
+            .iter()
+            .filter(|d| d.contains("fetched") && d.contains("bytes from the owner"))
+            .count(),
+        1,
+        "{fetched:?}"
+    );
+    assert_eq!(
+        fetched.iter().filter(|d| d.contains("held here already")).count(),
+        2,
+        "{fetched:?}"
+    );
+    let served: Vec<String> = da
+        .events(after_a, Duration::ZERO)
+        .into_iter()
+        .filter(|e| e.kind == "input_served")
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(served.len(), 1, "the owner sent the model once: {served:?}");
+    s.wait_clean(&da);
 }
 
 #[test]

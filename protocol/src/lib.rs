@@ -38,7 +38,10 @@ pub use manifest::{
     validate_text,
 };
 pub use replay::ReplayWindow;
-pub use results::{MAX_OFFER, MAX_REPLY, Offer, RESULTS_PROTOCOL, RejectCode, Reply, ResultPart};
+pub use results::{
+    INPUTS_PROTOCOL, InputReply, InputRequest, MAX_INPUT_FRAME, MAX_OFFER, MAX_REPLY, Offer,
+    RESULTS_PROTOCOL, RejectCode, Reply, ResultPart,
+};
 pub use signed::{
     ENVELOPE_FORMAT, ENVELOPE_OVERHEAD, Manifest, ManifestKind, PROTOCOL_VERSION, Signed, Verified,
     VerifyOptions,

@@ -159,3 +159,46 @@ mod tests {
         assert_eq!((back.part, back.envelope), (ResultPart::Bundle, vec![]));
     }
 }
+
+/// The libp2p protocol name of input fetches: a runner fetches an upstream result bundle a job
+/// of it reads (a model of the previous round, an earlier stage's output) from the workflow's
+/// owner.
+///
+/// ```text
+/// runner → owner   frame InputRequest { job_id, digest, offset }
+/// owner  → runner  frame InputReply::Sending { size }   then bytes offset..size, raw; the owner closes
+///                     | InputReply::Refused { detail }  nothing follows
+/// ```
+///
+/// The owner sends only a blob that is an input of a job it dispatched to the requesting
+/// runner; the runner checks size and digest against the job's signed manifest.
+pub const INPUTS_PROTOCOL: &str = "/kaapana/inputs/1";
+/// The largest input request or reply frame.
+pub const MAX_INPUT_FRAME: usize = 4 * 1024;
+
+/// A runner asks for the bytes of one input bundle of one of its jobs, from `offset` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRequest {
+    /// The job (its current attempt) that reads the bundle.
+    pub job_id: crate::ids::JobId,
+    /// The bundle, as the job's manifest names it.
+    pub digest: crate::ids::Sha256Digest,
+    /// Bytes the runner holds already (a resumed fetch).
+    pub offset: u64,
+}
+
+/// The owner's answer to an [`InputRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum InputReply {
+    /// The bytes from the request's offset to `size` follow.
+    Sending {
+        /// The bundle's whole size.
+        size: u64,
+    },
+    /// Not sent, and why.
+    Refused {
+        /// For people.
+        detail: String,
+    },
+}

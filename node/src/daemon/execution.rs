@@ -110,8 +110,15 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
     if let Err(e) = std::fs::create_dir_all(&output) {
         return fail(state, job_id, format!("cannot create {}: {e}", output.display())).await;
     }
-    // Upstream results, unpacked from the blob store, at /input/<job name>/.
+    // Upstream results, unpacked from the blob store, at /input/<job name>/; a runner that is
+    // not the workflow's owner fetches those it does not hold from the owner first.
     let mut upstream = upstream;
+    if !manifest.inputs.is_empty()
+        && manifest.owner != state.instance_id
+        && let Err(why) = fetch_inputs(state, &manifest).await
+    {
+        return fail(state, job_id, why).await;
+    }
     if !manifest.inputs.is_empty() {
         let (inputs, into) = (manifest.inputs.clone(), dir.join("inputs"));
         let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string());
@@ -277,8 +284,84 @@ pub(crate) fn deliver(
     });
 }
 
+/// Attempts at fetching one input before the job fails (retryably: the owner may run it
+/// again).
+const INPUT_ATTEMPTS: u32 = 4;
+
+/// Fetches the job's upstream bundles this instance does not hold from the workflow's owner
+/// (`/kaapana/inputs/1`), resuming broken transfers; a line per input goes to the job's log.
+async fn fetch_inputs(
+    state: &Arc<NodeState>,
+    manifest: &kaapana_protocol::JobManifest,
+) -> Result<(), String> {
+    let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string())?;
+    let log_path = job_dir(state, &manifest.job_id).join("job.log");
+    let log = |line: String| {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+            let _ = writeln!(f, "[kaapana-node] {line}");
+        }
+    };
+    for input in &manifest.inputs {
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let control = state.net.stream_control();
+            let started = std::time::Instant::now();
+            let owner = manifest.owner.peer_id();
+            match crate::net::inputs::fetch_input(
+                control,
+                owner,
+                manifest.job_id,
+                input.bundle,
+                &blobs,
+            )
+            .await
+            {
+                Ok((_, o)) => break (o, started.elapsed()),
+                Err(e) if e.is_retryable() && attempt < INPUT_ATTEMPTS => {
+                    log(format!("input {}: {e}; trying again", input.job_name));
+                    tokio::select! {
+                        () = state.cancel.cancelled() => return Err("the node is stopping".into()),
+                        () = tokio::time::sleep(Duration::from_millis(500 << attempt)) => {}
+                    }
+                }
+                Err(e) => {
+                    return Err(format!("input {} of job {}: {e}", input.job_name, input.job_id));
+                }
+            }
+        };
+        let line = match outcome.0 {
+            crate::net::inputs::FetchOutcome::AlreadyHere => {
+                format!(
+                    "input {}: {} held here already, not fetched",
+                    input.job_name, input.bundle.digest
+                )
+            }
+            crate::net::inputs::FetchOutcome::Fetched { resumed_from, received } => format!(
+                "input {}: fetched {received} bytes from the owner in {:.2} s{}",
+                input.job_name,
+                outcome.1.as_secs_f64(),
+                if resumed_from > 0 {
+                    format!(" (resumed at byte {resumed_from})")
+                } else {
+                    String::new()
+                }
+            ),
+        };
+        state.event(
+            EventKind::InputFetched,
+            Some(&manifest.owner),
+            format!("job {}: {line}", manifest.job_id),
+        );
+        log(line);
+    }
+    Ok(())
+}
+
 /// Unpacks each upstream result bundle into `into/<job name>/`; the bundles must be in this
-/// instance's blob store (they are at the workflow's owner, which stored them when they came).
+/// instance's blob store (the owner stored them when they came; a runner fetched them with
+/// [`fetch_inputs`]).
 fn unpack_inputs(
     blobs: &BlobStore,
     inputs: &[kaapana_protocol::InputBundle],
@@ -288,8 +371,7 @@ fn unpack_inputs(
     for input in inputs {
         let Some(path) = blobs.path(&input.bundle.digest) else {
             return Err(format!(
-                "the result of upstream job {} ({}) is not stored at this instance; upstream \
-                 results can only be read at the workflow's owner",
+                "the result of upstream job {} ({}) is not stored at this instance",
                 input.job_name, input.job_id
             ));
         };

@@ -889,6 +889,12 @@ impl Daemon {
         tasks.spawn(driver::run_timers(Arc::clone(&state), timers_rx));
         let own = Box::new(state.own_capability_ad());
         state.feed(vec![FedEvent::OwnCapabilities(own), FedEvent::Started], Vec::new()).await?;
+        tasks.spawn(net::inputs::serve_inputs(
+            Arc::new(InputsOfSite(Arc::clone(&state))),
+            crate::blobs::BlobStore::in_data_dir(&state.files.dir),
+            net.stream_control(),
+            cancel.clone(),
+        ));
         tasks.spawn(net::results::serve_results(
             Arc::new(results::Owner(Arc::clone(&state))),
             crate::blobs::BlobStore::in_data_dir(&state.files.dir),
@@ -1094,6 +1100,28 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 p.failures = 0;
             });
         }
+    }
+}
+
+/// What `/kaapana/inputs/1` may send: the inputs of live jobs this site's workflows
+/// dispatched, as the federation core says.
+struct InputsOfSite(Arc<NodeState>);
+
+impl net::inputs::InputSource for InputsOfSite {
+    fn input_for(
+        &self,
+        runner: &InstanceId,
+        job: &kaapana_protocol::JobId,
+        digest: &kaapana_protocol::Sha256Digest,
+    ) -> Option<kaapana_protocol::BlobRef> {
+        if !self.0.registry().is_registered(runner) {
+            return None;
+        }
+        self.0.site().input_for(runner, job, digest)
+    }
+
+    fn served(&self, runner: &InstanceId, detail: String) {
+        self.0.event(EventKind::InputServed, Some(runner), detail);
     }
 }
 

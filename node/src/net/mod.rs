@@ -11,6 +11,7 @@
 
 mod behaviour;
 mod codec;
+pub mod inputs;
 mod pending;
 pub mod results;
 

@@ -220,13 +220,13 @@ impl Default for SendOptions {
 // ----- frames -----
 
 #[derive(Debug)]
-enum FrameError {
+pub(crate) enum FrameError {
     Io(io::Error),
     TooLarge(usize),
     Malformed(String),
 }
 
-async fn write_frame<T: Serialize>(io: &mut Stream, msg: &T) -> io::Result<()> {
+pub(crate) async fn write_frame<T: Serialize>(io: &mut Stream, msg: &T) -> io::Result<()> {
     let body =
         postcard::to_allocvec(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let len = u32::try_from(body.len())
@@ -239,7 +239,10 @@ async fn write_frame<T: Serialize>(io: &mut Stream, msg: &T) -> io::Result<()> {
     io.flush().await
 }
 
-async fn read_frame<T: DeserializeOwned>(io: &mut Stream, max: usize) -> Result<T, FrameError> {
+pub(crate) async fn read_frame<T: DeserializeOwned>(
+    io: &mut Stream,
+    max: usize,
+) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await.map_err(FrameError::Io)?;
     let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
