@@ -251,12 +251,7 @@ command = ["sh", "-c", "cat /input/train-b/both > /output/final"]
         "v1 3000000",
         "site-b read the owner's model, and its own earlier result"
     );
-    let fetched: Vec<String> = db
-        .events(after_b, Duration::ZERO)
-        .into_iter()
-        .filter(|e| e.kind == "input_fetched")
-        .map(|e| e.detail)
-        .collect();
+    let fetched = db.event_details(after_b, "input_fetched");
     assert_eq!(fetched.len(), 3, "{fetched:?}");
     assert_eq!(
         fetched
@@ -271,12 +266,7 @@ command = ["sh", "-c", "cat /input/train-b/both > /output/final"]
         2,
         "{fetched:?}"
     );
-    let served: Vec<String> = da
-        .events(after_a, Duration::ZERO)
-        .into_iter()
-        .filter(|e| e.kind == "input_served")
-        .map(|e| e.detail)
-        .collect();
+    let served = da.event_details(after_a, "input_served");
     assert_eq!(served.len(), 1, "the owner sent the model once: {served:?}");
     s.wait_clean(&da);
 }

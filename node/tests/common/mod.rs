@@ -754,6 +754,12 @@ impl SplitMix {
 }
 
 impl Daemon {
+    /// The details of the events of `kind` after event `after` (without waiting).
+    pub fn event_details(&self, after: u64, kind: &str) -> Vec<String> {
+        let events = self.events(after, Duration::ZERO);
+        events.into_iter().filter(|e| e.kind == kind).map(|e| e.detail).collect()
+    }
+
     /// Submits a workflow file's text at this (owner) daemon.
     pub fn submit_workflow(&self, toml: &str) -> kaapana_node::api::WorkflowView {
         let req = kaapana_node::api::SubmitWorkflowRequest { toml: toml.to_owned() };
