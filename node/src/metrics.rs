@@ -84,6 +84,10 @@ pub struct Metrics {
     /// Messages refused, by instance and direction (`in`: its messages refused here; `out`:
     /// this instance's messages it refused for good).
     pub peer_rejections: Family<PeerLabel, Counter>,
+    /// Bytes of input bundles this instance sent to runners (as a workflow's owner).
+    pub input_bytes_sent: Counter,
+    /// Bytes of input bundles this instance fetched from owners (as a runner).
+    pub input_bytes_fetched: Counter,
 }
 
 impl Metrics {
@@ -144,6 +148,18 @@ impl Metrics {
             "Messages refused, by instance and direction (in: refused here; out: refused by it)",
             peer_rejections.clone(),
         );
+        let input_bytes_sent = Counter::default();
+        registry.register(
+            "input_bytes_sent",
+            "Bytes of input bundles (upstream results, models) sent to runners as a workflow's owner",
+            input_bytes_sent.clone(),
+        );
+        let input_bytes_fetched = Counter::default();
+        registry.register(
+            "input_bytes_fetched",
+            "Bytes of input bundles fetched from workflows' owners as a runner",
+            input_bytes_fetched.clone(),
+        );
         for reason in kaapana_protocol::RejectReason::ALL {
             let _ = rejections.get_or_create(&ReasonLabel { reason: reason.label().to_owned() });
         }
@@ -158,6 +174,8 @@ impl Metrics {
             outbox_depth,
             peer_messages,
             peer_rejections,
+            input_bytes_sent,
+            input_bytes_fetched,
         }
     }
 

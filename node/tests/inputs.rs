@@ -112,6 +112,10 @@ image = "{digest}"
     assert_eq!(served.iter().filter(|s| s.contains("refused")).count(), 2, "{served:?}");
     assert_eq!(served.iter().filter(|s| s.contains(" bytes)")).count(), 3, "{served:?}");
 
+    // The owner counts what it sent: the second half twice, then the whole.
+    let sent = 2 * (bytes.len() - half) + bytes.len();
+    assert_eq!(d.metric("kaapana_node_input_bytes_sent_total"), sent as f64);
+
     // Once the job is cancelled, its input is not sent any more.
     let _: serde_json::Value =
         d.api().post(&format!("/v1/workflows/{id}/cancel"), &serde_json::json!({})).unwrap();

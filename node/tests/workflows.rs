@@ -268,6 +268,9 @@ command = ["sh", "-c", "cat /input/train-b/both > /output/final"]
     );
     let served = da.event_details(after_a, "input_served");
     assert_eq!(served.len(), 1, "the owner sent the model once: {served:?}");
+    let sent = da.metric("kaapana_node_input_bytes_sent_total");
+    assert!(sent > 3_000_000.0, "the model's bundle: {sent}");
+    assert_eq!(db.metric("kaapana_node_input_bytes_fetched_total"), sent);
     s.wait_clean(&da);
 }
 

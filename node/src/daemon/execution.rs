@@ -338,16 +338,19 @@ async fn fetch_inputs(
                     input.job_name, input.bundle.digest
                 )
             }
-            crate::net::inputs::FetchOutcome::Fetched { resumed_from, received } => format!(
-                "input {}: fetched {received} bytes from the owner in {:.2} s{}",
-                input.job_name,
-                outcome.1.as_secs_f64(),
-                if resumed_from > 0 {
-                    format!(" (resumed at byte {resumed_from})")
-                } else {
-                    String::new()
-                }
-            ),
+            crate::net::inputs::FetchOutcome::Fetched { resumed_from, received } => {
+                state.metrics.input_bytes_fetched.inc_by(received);
+                format!(
+                    "input {}: fetched {received} bytes from the owner in {:.2} s{}",
+                    input.job_name,
+                    outcome.1.as_secs_f64(),
+                    if resumed_from > 0 {
+                        format!(" (resumed at byte {resumed_from})")
+                    } else {
+                        String::new()
+                    }
+                )
+            }
         };
         state.event(
             EventKind::InputFetched,

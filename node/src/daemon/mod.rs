@@ -1123,6 +1123,10 @@ impl net::inputs::InputSource for InputsOfSite {
     fn served(&self, runner: &InstanceId, detail: String) {
         self.0.event(EventKind::InputServed, Some(runner), detail);
     }
+
+    fn sent(&self, _runner: &InstanceId, bytes: u64) {
+        self.0.metrics.input_bytes_sent.inc_by(bytes);
+    }
 }
 
 /// How often each registered instance's message counters are sampled for the dashboard.

@@ -51,6 +51,9 @@ pub trait InputSource: Send + Sync + 'static {
 
     /// A fetch was served or refused (for the event log).
     fn served(&self, runner: &InstanceId, detail: String);
+
+    /// `bytes` of an input went to `runner` (for the metrics).
+    fn sent(&self, runner: &InstanceId, bytes: u64);
 }
 
 /// How an input came to be here.
@@ -270,7 +273,11 @@ async fn serve_one<S: InputSource>(
         return;
     }
     let Some((path, bundle)) = file else { return };
-    match send_file(&mut stream, path, request.offset).await {
+    let result = send_file(&mut stream, path, request.offset).await;
+    if let Ok(sent) = &result {
+        source.sent(&runner, *sent);
+    }
+    match result {
         Ok(sent) => source.served(
             &runner,
             format!(
