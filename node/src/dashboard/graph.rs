@@ -204,6 +204,8 @@ pub fn workflow_chart(samples: &[WorkflowSample], end_ms: u64) -> Markup {
     }
     let t0 = samples[0].at_ms;
     let t1 = end_ms.max(samples[samples.len() - 1].at_ms).max(t0 + 1);
+    // A margin after the end, so that the final counts show as a band of their own.
+    let t1 = t1 + (t1 - t0) / 20;
     let total = samples
         .iter()
         .map(|s| s.waiting + s.queued + s.running + s.finished + s.failed)
@@ -418,7 +420,7 @@ mod tests {
         let svg =
             workflow_chart(&[s(0, 3, 0), s(5_000, 1, 2), s(9_000, 0, 3)], 10_000).into_string();
         assert_eq!(svg.matches("<polygon").count(), 4);
-        assert!(svg.contains("finished 3") && svg.contains("10 s"));
+        assert!(svg.contains("finished 3") && svg.contains("10 s"), "{svg}");
         assert!(workflow_chart(&[], 0).into_string().contains("No job counts"));
 
         let p = |at_ms, messages_in, rejected_in| PeerSample {
