@@ -12,11 +12,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::containerd::TestContainerd;
-use common::{TestPeer, federation, test_dir};
-use kaapana_node::blobs::{BlobStore, hash_file};
+use common::model::owner_with_model;
+use common::test_dir;
+use kaapana_node::blobs::BlobStore;
 use kaapana_node::net::inputs::fetch_input;
-use kaapana_protocol::{JobId, Sha256Digest};
 
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -24,44 +23,11 @@ fn main() {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let mb = args.first().copied().unwrap_or(100);
     let rounds = args.get(1).copied().unwrap_or(5);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ctd = rt.block_on(TestContainerd::start());
     let tmp = test_dir();
     let root = tmp.path();
-    let mut sites = federation(root, &["owner", "runner"]).into_iter();
-    let (owner, runner) = (sites.next().unwrap(), sites.next().unwrap());
-    owner.set_executor(Some(ctd.containerd().socket()));
-    let image = common::containerd::build_busybox_image(root, "busybox", false);
-    owner.ok(&["image", "import", image.tar.to_str().unwrap()]);
-    let d = owner.start();
-    let peer = TestPeer::new(&runner);
-    peer.allow(&owner);
-    peer.connect(&owner, WAIT);
-    let w = d.submit_workflow(&format!(
-        r#"name = "round"
-[[job]]
-name = "model"
-runner = "owner"
-image = "{digest}"
-command = ["sh", "-c", "head -c {bytes} /dev/urandom > /output/weights"]
-timeout = "10m"
-[[job]]
-name = "train"
-runner = "runner"
-inputs = ["model"]
-image = "{digest}"
-"#,
-        digest = image.digest,
-        bytes = mb * 1_000_000,
-    ));
-    let id = w.workflow_id.clone();
-    d.wait_until("the model and the training job's dispatch", WAIT, |d| {
-        d.workflow(&id).jobs[1].state != "waiting"
-    });
-    let view = d.workflow(&id);
-    let train: JobId = view.jobs[1].job_id.parse().unwrap();
-    let digest: Sha256Digest = view.jobs[0].result.as_deref().unwrap().parse().unwrap();
-    let model = hash_file(&owner.dir.join("blobs/sha256").join(digest.hex())).unwrap();
+    let command = format!("head -c {} /dev/urandom > /output/weights", mb * 1_000_000);
+    let m = owner_with_model(root, &[], &command, WAIT);
+    let (owner, peer, train, model) = (&m.owner, &m.runner, m.train, m.model);
     println!("model bundle: {:.1} MB (a tar of {mb} MB of random bytes)", model.size as f64 / 1e6);
     let mut speeds = Vec::new();
     for r in 0..rounds {
@@ -83,6 +49,5 @@ image = "{digest}"
     peer.block_on(fetch_input(peer.stream_control(), owner.peer_id(), train, model, &store))
         .unwrap();
     println!("held already: {:.3} ms, 0 bytes sent", t.elapsed().as_secs_f64() * 1000.0);
-    drop(d);
-    drop(ctd);
+    drop(m);
 }

@@ -7,62 +7,27 @@ mod common;
 
 use std::time::Duration;
 
-use common::containerd::TestContainerd;
-use common::{TestPeer, federation, test_dir};
-use kaapana_node::blobs::{BlobError, BlobStore, hash_file};
+use common::model::owner_with_model;
+use common::{TestPeer, test_dir};
+use kaapana_node::blobs::{BlobError, BlobStore};
 use kaapana_node::net::inputs::{FetchError, FetchOutcome, fetch_input};
-use kaapana_protocol::{BlobRef, JobId, Sha256Digest};
+use kaapana_protocol::JobId;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn only_the_jobs_runner_gets_an_input_and_a_partial_fetch_resumes() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ctd = rt.block_on(TestContainerd::start());
     let tmp = test_dir();
     let root = tmp.path();
-    let mut sites = federation(root, &["owner", "runner", "other"]).into_iter();
-    let (owner, runner, other) =
-        (sites.next().unwrap(), sites.next().unwrap(), sites.next().unwrap());
-    owner.set_executor(Some(ctd.containerd().socket()));
-    let image = common::containerd::build_busybox_image(root, "busybox", false);
-    owner.ok(&["image", "import", image.tar.to_str().unwrap()]);
-    let d = owner.start();
-    let peer = TestPeer::new(&runner);
-    peer.allow(&owner);
-    peer.connect(&owner, WAIT);
-    let stranger = TestPeer::new(&other);
-    stranger.allow(&owner);
-    stranger.connect(&owner, WAIT);
-
-    // The owner makes a 2 MB model; the training job reading it goes to "runner" (the
-    // in-process peer, which takes the manifest and never runs it).
-    let w = d.submit_workflow(&format!(
-        r#"name = "round"
-[[job]]
-name = "model"
-runner = "owner"
-image = "{digest}"
-command = ["sh", "-c", "yes w | head -c 2000000 > /output/weights"]
-[[job]]
-name = "train"
-runner = "runner"
-inputs = ["model"]
-image = "{digest}"
-"#,
-        digest = image.digest
-    ));
-    let id = w.workflow_id.clone();
-    d.wait_until("the training job to be dispatched", WAIT, |d| {
-        d.workflow(&id).jobs[1].state != "waiting"
-    });
-    let view = d.workflow(&id);
-    let train: JobId = view.jobs[1].job_id.parse().unwrap();
-    let digest: Sha256Digest = view.jobs[0].result.as_deref().unwrap().parse().unwrap();
-    let at_owner = owner.dir.join("blobs/sha256").join(digest.hex());
-    let model: BlobRef = hash_file(&at_owner).unwrap();
-    assert_eq!(model.digest, digest);
-    let bytes = std::fs::read(&at_owner).unwrap();
+    // A 2 MB model at the owner; the training job reading it goes to "runner".
+    let m = owner_with_model(root, &["other"], "yes w | head -c 2000000 > /output/weights", WAIT);
+    let (d, owner, peer, train, model) = (&m.daemon, &m.owner, &m.runner, m.train, m.model);
+    let digest = model.digest;
+    let bytes = m.bytes();
+    let id = m.workflow_id();
+    let stranger = TestPeer::new(&m.others[0]);
+    stranger.allow(owner);
+    stranger.connect(owner, WAIT);
 
     let fetch = |p: &TestPeer, job: JobId, store: &BlobStore| {
         p.block_on(fetch_input(p.stream_control(), owner.peer_id(), job, model, store))
@@ -78,7 +43,7 @@ image = "{digest}"
     let why = refused(fetch(&stranger, train, &elsewhere));
     assert!(why.contains("not an input of a live job"), "{why}");
     let store = BlobStore::open(&root.join("runner-blobs")).unwrap();
-    let why = refused(fetch(&peer, JobId::from_bytes([7; 16]), &store));
+    let why = refused(fetch(peer, JobId::from_bytes([7; 16]), &store));
     assert!(why.contains("not an input"), "{why}");
     assert!(store.path(&digest).is_none());
 
@@ -86,25 +51,25 @@ image = "{digest}"
     let half = bytes.len() / 2;
     let _ = std::fs::remove_file(store.partial_path(&digest));
     std::fs::write(store.partial_path(&digest), &bytes[..half]).unwrap();
-    let (path, how) = fetch(&peer, train, &store).unwrap();
+    let (path, how) = fetch(peer, train, &store).unwrap();
     assert_eq!(
         how,
         FetchOutcome::Fetched { resumed_from: half as u64, received: (bytes.len() - half) as u64 }
     );
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "byte-identical");
     // Held now: not fetched again.
-    assert_eq!(fetch(&peer, train, &store).unwrap().1, FetchOutcome::AlreadyHere);
+    assert_eq!(fetch(peer, train, &store).unwrap().1, FetchOutcome::AlreadyHere);
 
     // A corrupt partial file: the digest does not match, nothing is kept, and the next
     // attempt fetches it whole.
     let fresh = BlobStore::open(&root.join("fresh-blobs")).unwrap();
     std::fs::write(fresh.partial_path(&digest), vec![b'x'; half]).unwrap();
-    match fetch(&peer, train, &fresh) {
+    match fetch(peer, train, &fresh) {
         Err(FetchError::Blob(BlobError::DigestMismatch { .. })) => {}
         other => panic!("a corrupt partial file was kept: {other:?}"),
     }
     assert!(fresh.path(&digest).is_none() && !fresh.partial_path(&digest).exists());
-    let (_, how) = fetch(&peer, train, &fresh).unwrap();
+    let (_, how) = fetch(peer, train, &fresh).unwrap();
     assert_eq!(how, FetchOutcome::Fetched { resumed_from: 0, received: bytes.len() as u64 });
 
     // The owner logged what it sent and refused.
@@ -120,8 +85,8 @@ image = "{digest}"
     let _: serde_json::Value =
         d.api().post(&format!("/v1/workflows/{id}/cancel"), &serde_json::json!({})).unwrap();
     let again = BlobStore::open(&root.join("again-blobs")).unwrap();
-    let why = refused(fetch(&peer, train, &again));
+    let why = refused(fetch(peer, train, &again));
     assert!(why.contains("not an input of a live job"), "{why}");
-    drop(d);
-    drop(ctd);
+    drop(stranger);
+    drop(m);
 }

@@ -340,8 +340,7 @@ async fn set_policy(
     Path(which): Path<String>,
     Json(policy): Json<kaapana_federation::Policy>,
 ) -> ApiResult<Json<InstanceView>> {
-    let which: InstanceRef =
-        which.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e}")))?;
+    let which: InstanceRef = parse_arg(&which)?;
     let inst = state.set_policy(&which, policy).await?;
     let depth = state.store.outbox_depth(&inst.instance_id).map_err(AdminError::from)?;
     Ok(Json(InstanceView::new(&inst, Some(&state.peer_status(&inst.instance_id)), depth)))
@@ -376,10 +375,17 @@ pub(crate) fn workflow_error(e: crate::daemon::WorkflowError) -> ApiError {
 /// How long a workflow manifest stays valid.
 const WORKFLOW_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// A path or form argument (an id, an instance name or id), or a 400 with the reason.
+pub(crate) fn parse_arg<T>(s: &str) -> Result<T, ApiError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
 fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
-    id.parse().map_err(|e: kaapana_protocol::ValidationError| {
-        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
-    })
+    parse_arg(id)
 }
 
 async fn list_workflows(
@@ -514,8 +520,7 @@ async fn remove_instance(
     State(state): State<Arc<NodeState>>,
     Path(which): Path<String>,
 ) -> ApiResult<Json<InstanceView>> {
-    let which: InstanceRef =
-        which.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e}")))?;
+    let which: InstanceRef = parse_arg(&which)?;
     let inst = state.remove_instance(&which).await?;
     Ok(Json(InstanceView::new(&inst, None, 0)))
 }
@@ -708,9 +713,7 @@ pub(crate) fn job_error(e: crate::daemon::JobError) -> ApiError {
 }
 
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
-    id.parse().map_err(|e: kaapana_protocol::ValidationError| {
-        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
-    })
+    parse_arg(id)
 }
 
 async fn approve_job(

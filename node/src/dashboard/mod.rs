@@ -413,9 +413,7 @@ async fn instance_register(
 }
 
 fn find_instance(state: &NodeState, which: &str) -> Result<InstanceView, api::ApiError> {
-    let r: InstanceRef = which
-        .parse()
-        .map_err(|e| api::ApiError::from_parts(StatusCode::BAD_REQUEST, format!("{e}")))?;
+    let r: InstanceRef = api::parse_arg(which)?;
     let inst = state.registry().resolve(&r).cloned().ok_or_else(|| {
         api::ApiError::from_parts(StatusCode::NOT_FOUND, format!("no registered instance {which}"))
     })?;
@@ -469,9 +467,7 @@ async fn policy_apply(
     let bad = |e: api::ApiError| error_page(&state, &s, sec, &e);
     let policy =
         form.policy().map_err(|m| bad(api::ApiError::from_parts(StatusCode::BAD_REQUEST, m)))?;
-    let r: InstanceRef = which
-        .parse()
-        .map_err(|e| bad(api::ApiError::from_parts(StatusCode::BAD_REQUEST, format!("{e}"))))?;
+    let r: InstanceRef = api::parse_arg(&which).map_err(bad)?;
     let inst = state.set_policy(&r, policy).await.map_err(|e| bad(e.into()))?;
     Ok(see_other(&format!("/ui/instances/{}?done=policy", auth::urlencode(&inst.name))))
 }
@@ -492,9 +488,7 @@ async fn remove_apply(
     Path(which): Path<String>,
 ) -> PageResult {
     let bad = |e: api::ApiError| error_page(&state, &s, Section::Instances, &e);
-    let r: InstanceRef = which
-        .parse()
-        .map_err(|e| bad(api::ApiError::from_parts(StatusCode::BAD_REQUEST, format!("{e}"))))?;
+    let r: InstanceRef = api::parse_arg(&which).map_err(bad)?;
     state.remove_instance(&r).await.map_err(|e| bad(e.into()))?;
     Ok(see_other("/ui/instances?done=removed"))
 }
@@ -575,10 +569,7 @@ async fn workflow_submit(
 }
 
 fn find_workflow(state: &NodeState, id: &str) -> Result<WorkflowView, api::ApiError> {
-    let wid: kaapana_protocol::WorkflowId =
-        id.parse().map_err(|e: kaapana_protocol::ValidationError| {
-            api::ApiError::from_parts(StatusCode::BAD_REQUEST, e.to_string())
-        })?;
+    let wid: kaapana_protocol::WorkflowId = api::parse_arg(id)?;
     state.site().workflow(&wid).map(WorkflowView::new).ok_or_else(|| {
         api::ApiError::from_parts(
             StatusCode::NOT_FOUND,
@@ -630,10 +621,7 @@ async fn workflow_cancel(
     Path(id): Path<String>,
 ) -> PageResult {
     let bad = |e: api::ApiError| error_page(&state, &s, Section::Workflows, &e);
-    let wid: kaapana_protocol::WorkflowId =
-        id.parse().map_err(|e: kaapana_protocol::ValidationError| {
-            bad(api::ApiError::from_parts(StatusCode::BAD_REQUEST, e.to_string()))
-        })?;
+    let wid: kaapana_protocol::WorkflowId = api::parse_arg(&id).map_err(bad)?;
     let by = format!("{} (dashboard)", state.name);
     state.cancel_workflow(wid, by).await.map_err(|e| bad(api::workflow_error(e)))?;
     Ok(see_other(&format!("/ui/workflows/{id}?done=cancelled")))
@@ -774,10 +762,7 @@ async fn decide(
     decision: Result<(), String>,
 ) -> PageResult {
     let bad = |e: api::ApiError| error_page(state, s, Section::Approvals, &e);
-    let id: kaapana_protocol::JobId =
-        job.parse().map_err(|e: kaapana_protocol::ValidationError| {
-            bad(api::ApiError::from_parts(StatusCode::BAD_REQUEST, e.to_string()))
-        })?;
+    let id: kaapana_protocol::JobId = api::parse_arg(job).map_err(bad)?;
     let done = if decision.is_ok() { "approved" } else { "rejected" };
     state.decide_job(id, decision).await.map_err(|e| bad(api::job_error(e)))?;
     Ok(see_other(&format!("/ui/approvals?done={done}")))

@@ -5,6 +5,7 @@
 pub mod airflow;
 pub mod browser;
 pub mod containerd;
+pub mod model;
 pub mod netns;
 pub mod orthanc;
 
