@@ -214,13 +214,18 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
     )
 }
 
-async fn info(State(state): State<Arc<NodeState>>) -> Json<InfoView> {
-    Json(InfoView {
+/// This instance, as `GET /v1/info` and the dashboard show it.
+pub(crate) async fn info_view(state: &NodeState) -> InfoView {
+    InfoView {
         name: state.name.clone(),
         instance_id: state.instance_id.to_string(),
         fingerprint: state.files.certificate.fingerprint().to_string(),
         listen_addrs: state.listen_addrs().await,
-    })
+    }
+}
+
+async fn info(State(state): State<Arc<NodeState>>) -> Json<InfoView> {
+    Json(info_view(&state).await)
 }
 
 async fn bundle(State(state): State<Arc<NodeState>>) -> ApiResult<String> {

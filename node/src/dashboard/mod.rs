@@ -44,7 +44,7 @@ use kaapana_federation::{AllowList, Execution, InstanceRef, Policy};
 use maud::Markup;
 use serde::Deserialize;
 
-use crate::api::{self, InfoView, InstanceView, PageQuery, WorkflowView};
+use crate::api::{self, InstanceView, PageQuery, WorkflowView};
 use crate::daemon::{NodeState, now};
 
 pub mod auth;
@@ -282,15 +282,6 @@ impl ListQuery {
     }
 }
 
-async fn info(state: &NodeState) -> InfoView {
-    InfoView {
-        name: state.name.clone(),
-        instance_id: state.instance_id.to_string(),
-        fingerprint: state.files.certificate.fingerprint().to_string(),
-        listen_addrs: state.listen_addrs().await,
-    }
-}
-
 fn instances_table(state: &NodeState, q: &ListQuery) -> Result<Markup, api::ApiError> {
     let page = api::instance_page(state, &q.api(false))?;
     Ok(pages::instances_table(&page.entries, q.page(), page.total, &q.q, now().as_millis()))
@@ -316,7 +307,7 @@ async fn instances_with(
         instances_table(state, q).map_err(|e| error_page(state, s, Section::Instances, &e))?;
     let live =
         format!("/ui/live/instances?page={}{}", q.page(), pages::query_suffix(&[("q", &q.q)]));
-    Ok(html(status, pages::instances(&f, &info(state).await, table, &q.q, notice, &live)))
+    Ok(html(status, pages::instances(&f, &api::info_view(state).await, table, &q.q, notice, &live)))
 }
 
 async fn instances_live(State(state): St, Query(q): Query<ListQuery>) -> Response {
