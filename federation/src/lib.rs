@@ -9,7 +9,9 @@
 //! At a workflow's owner, [`Workflow`] plans a DAG of job specs into jobs over the instances
 //! whose capabilities match ([`Candidate`], [`select_runners`]): one job per runner (batch) or
 //! per dataset item (single-file), dispatched once the results they read are stored, retried
-//! after a lost runner or a failed executor, cancelled together when one fails for good.
+//! after a lost runner or a failed executor, cancelled together when one fails for good. A
+//! workflow with rounds is a [`Training`] (federated learning): a train step at the sites and
+//! an aggregate step at the owner, round after round, with a quorum and a deadline per round.
 //!
 //! [`Site`] puts them together: one instance's whole federation logic, as owner and as
 //! runner. [`Site::handle`] takes an [`Event`] (a verified message, an executor report, a
@@ -28,6 +30,7 @@ mod capability;
 mod job;
 mod policy;
 mod registry;
+mod rounds;
 mod site;
 mod workflow;
 
@@ -37,11 +40,12 @@ pub use job::{
 };
 pub use policy::{AllowList, Denial, Execution, Policy};
 pub use registry::{InstanceRef, RegisteredInstance, Registry, RegistryError};
+pub use rounds::{RoundRecord, Training, TrainingSite};
 pub use site::{
     Command, Event, Message, Notice, Outcome, Record, RunnerRecord, Site, SiteConfig, SiteError,
     Timer,
 };
 pub use workflow::{
-    JobCounts, MAX_INPUTS, PlanError, Step, Workflow, WorkflowCommand, WorkflowEvent, WorkflowJob,
-    WorkflowState, job_id,
+    JobCounts, MAX_INPUTS, PlanError, Step, StepRound, Workflow, WorkflowCommand, WorkflowEvent,
+    WorkflowJob, WorkflowState, job_id,
 };

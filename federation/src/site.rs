@@ -106,6 +106,9 @@ pub enum Timer {
     /// Look again at a runner that is out of reach: lost after
     /// [`SiteConfig::runner_lost_after`], gone after [`SiteConfig::runner_give_up_after`].
     RunnerCheck(InstanceId),
+    /// A training's round deadline ([`Workflow::handle`] with
+    /// [`WorkflowEvent::Tick`]).
+    RoundDeadline(WorkflowId),
 }
 
 /// What happened.
@@ -145,6 +148,9 @@ pub enum Event {
         from: InstanceId,
         /// The verified result manifest.
         result: ResultManifest,
+        /// For a training's update ([`Site::is_update`]): the sample count its bundle
+        /// reports (its `samples` file), `None` if it has none or it is not a number.
+        samples: Option<u64>,
     },
     /// The executor reports on a job this site runs.
     Executor {
@@ -543,6 +549,15 @@ impl Site {
         fresh
     }
 
+    /// Whether the result of `job` is a training's update, whose bundle's sample count the
+    /// driver reads and passes with [`Event::ResultStored`].
+    pub fn is_update(&self, job: &JobId) -> bool {
+        self.owned_jobs
+            .get(job)
+            .and_then(|w| self.workflows.get(w))
+            .is_some_and(|w| w.is_update(job))
+    }
+
     /// Whether the owner takes `result` from `runner`: a result of the current attempt of a
     /// job it submitted to that runner. Results of attempts replaced since are
     /// [`Expected::Superseded`]; they must not be stored.
@@ -567,6 +582,14 @@ impl Site {
                 for p in waited_for {
                     self.arm_runner_check(p, now, &mut out);
                 }
+                // Rounds waiting for their deadline wake up again (at once if it passed).
+                for w in self.workflows.values().filter(|w| !w.state.is_final()) {
+                    let open = w.training.as_ref().and_then(|t| t.current());
+                    if let Some(r) = open.filter(|r| r.closed_at.is_none()) {
+                        let timer = Timer::RoundDeadline(w.workflow_id);
+                        out.effects.push(Command::SetTimer { timer, at: r.deadline });
+                    }
+                }
             }
             Event::Received { from, message } => match message {
                 Message::JobManifest(m) => self.on_job_manifest(from, m, now, &mut out),
@@ -588,7 +611,9 @@ impl Site {
                     self.give_up(to, m.job_id, m.workflow_id, &why, now, &mut out);
                 }
             }
-            Event::ResultStored { from, result } => self.on_result(from, &result, now, &mut out),
+            Event::ResultStored { from, result, samples } => {
+                self.on_result(from, &result, samples, now, &mut out);
+            }
             Event::Executor { job, outcome } => {
                 let event = match outcome {
                     Outcome::Started => RunnerEvent::Started,
@@ -650,6 +675,9 @@ impl Site {
                 self.candidates = None;
             }
             Event::TimerFired(Timer::RunnerCheck(peer)) => self.check_runner(peer, now, &mut out),
+            Event::TimerFired(Timer::RoundDeadline(workflow)) => {
+                self.feed(workflow, WorkflowEvent::Tick, now, &mut out);
+            }
         }
         self.finish(out)
     }
@@ -874,7 +902,14 @@ impl Site {
         }
     }
 
-    fn on_result(&mut self, from: InstanceId, r: &ResultManifest, now: Timestamp, out: &mut Out) {
+    fn on_result(
+        &mut self,
+        from: InstanceId,
+        r: &ResultManifest,
+        samples: Option<u64>,
+        now: Timestamp,
+        out: &mut Out,
+    ) {
         if self.expects_result(r, &from) != Expected::Yes {
             return;
         }
@@ -883,6 +918,7 @@ impl Site {
             job_id: r.job_id,
             bundle: r.bundle,
             success: r.exit == ExitStatus::Exited(0),
+            samples,
         };
         self.feed(wid, event, now, out);
     }
@@ -957,6 +993,10 @@ impl Site {
                         to: runner,
                         message: Message::Cancel(self.cancel(wid, job_id, &reason, now)),
                     });
+                }
+                WorkflowCommand::WakeAt(at) => {
+                    let timer = Timer::RoundDeadline(wid);
+                    out.effects.push(Command::SetTimer { timer, at });
                 }
                 WorkflowCommand::Ended { state, reason } => {
                     out.notify(Notice::WorkflowEnded { workflow: wid, state, reason });

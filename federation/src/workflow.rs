@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capability::{self, Candidate, QueryText};
 use crate::job::{Expected, UpdateError};
+use crate::rounds::Training;
 
 /// The most upstream results one job manifest may list (the protocol's limit on `inputs`).
 pub const MAX_INPUTS: usize = 1024;
@@ -70,6 +71,20 @@ pub struct Step {
     pub dataset: Option<String>,
     /// The steps it reads from, as indices into [`Workflow::steps`], in the spec's order.
     pub inputs: Vec<usize>,
+    /// Results its jobs read besides those of `inputs`: for a training's rounds, the model
+    /// of the round before (train) or the round's updates (aggregate).
+    pub external: Vec<InputBundle>,
+    /// Its place in a training's rounds; `None` in a plain workflow.
+    pub round: Option<StepRound>,
+}
+
+/// What a step of a training is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRound {
+    /// The round (from 1).
+    pub round: u32,
+    /// Whether it is the round's aggregate step (else its train step).
+    pub aggregate: bool,
 }
 
 impl Step {
@@ -131,6 +146,8 @@ pub struct WorkflowJob {
     pub last_sequence: u32,
     /// When its record last changed (dispatch or an applied update).
     pub updated_at: Timestamp,
+    /// For a training's update: the sample count it reported, once its result is stored.
+    pub samples: Option<u64>,
 }
 
 impl WorkflowJob {
@@ -165,7 +182,13 @@ pub enum WorkflowEvent {
         bundle: BlobRef,
         /// Whether the job exited with status 0.
         success: bool,
+        /// The sample count the bundle reports (its `samples` file), read by the node for a
+        /// training's updates ([`Workflow::is_update`]); `None` otherwise.
+        samples: Option<u64>,
     },
+    /// Time passed: a training checks its round deadline (the node feeds it at the time a
+    /// [`WorkflowCommand::WakeAt`] asked for; early or repeated ticks change nothing).
+    Tick,
     /// The node decided this runner is gone (unreachable longer than its grace period).
     RunnerLost {
         /// The runner.
@@ -196,6 +219,8 @@ pub enum WorkflowEvent {
 pub enum WorkflowCommand {
     /// Sign this job manifest and send it to its runner (or run it here when runner == owner).
     Dispatch(JobManifest),
+    /// Feed [`WorkflowEvent::Tick`] at this time (it replaces an earlier wake-up).
+    WakeAt(Timestamp),
     /// Send a signed Cancel for this job to its runner.
     CancelJob {
         /// The job's runner.
@@ -275,6 +300,31 @@ pub enum PlanError {
         first: String,
         /// The other step.
         second: String,
+    },
+    /// A training's train step names no dataset, so its updates' sample counts cannot be
+    /// checked.
+    #[error(
+        "job {job} is a training's train step but names no dataset; give it a dataset (or a \
+         query with one): each site's sample count is checked against the items it advertises"
+    )]
+    TrainingWithoutDataset {
+        /// The step.
+        job: String,
+    },
+    /// Fewer sites match a training's train step than its quorum needs.
+    #[error(
+        "job {job} matches {found} site(s) ({sites}), fewer than min_sites = {min}; register \
+         more sites, wait until they are connected, or lower min_sites"
+    )]
+    TooFewSites {
+        /// The step.
+        job: String,
+        /// How many match.
+        found: usize,
+        /// Their names.
+        sites: String,
+        /// The quorum.
+        min: u32,
     },
     /// A step reads more upstream results than one job manifest may list.
     #[error(
@@ -361,17 +411,20 @@ pub struct Workflow {
     pub created_at: Timestamp,
     /// When it reached its final state.
     pub ended_at: Option<Timestamp>,
-    /// One per job spec, in manifest order.
+    /// One per job spec, in manifest order; for a training, two per round (train and
+    /// aggregate), added as the rounds open and close.
     pub steps: Vec<Step>,
     /// Every job of every step, in its current attempt, grouped by step in step order.
     pub jobs: Vec<WorkflowJob>,
+    /// For a workflow with rounds: where its training is.
+    pub training: Option<Training>,
     /// Lookup tables derived from `steps` and `jobs`; rebuilt after deserializing.
     #[serde(skip)]
-    index: Index,
+    pub(crate) index: Index,
     /// Counts changes, so that a caller can tell an event that changed nothing without
     /// comparing whole workflows ([`Workflow::revision`]).
     #[serde(skip)]
-    revision: Revision,
+    pub(crate) revision: Revision,
 }
 
 impl Workflow {
@@ -385,6 +438,9 @@ impl Workflow {
         job_lifetime: Duration,
     ) -> Result<(Self, Vec<WorkflowCommand>), PlanError> {
         manifest.validate()?;
+        if let Some(rounds) = &manifest.rounds {
+            return Self::start_training(manifest, rounds, candidates, now, job_lifetime);
+        }
         let owner = manifest.owner;
         let owner_name = candidate(candidates, &owner).map_or("owner", |c| c.name.as_str());
         // Each instance's first entry, for lookups in time O(log n) while planning.
@@ -460,6 +516,7 @@ impl Workflow {
                     retryable: false,
                     last_sequence: 0,
                     updated_at: now,
+                    samples: None,
                 });
             }
             let mut inputs: Vec<usize> = Vec::with_capacity(spec.inputs.len());
@@ -468,7 +525,13 @@ impl Workflow {
                     inputs.push(i);
                 }
             }
-            steps.push(Step { spec: spec.clone(), dataset, inputs });
+            steps.push(Step {
+                spec: spec.clone(),
+                dataset,
+                inputs,
+                external: Vec::new(),
+                round: None,
+            });
         }
         for step in &steps {
             let count: usize = step.inputs.iter().filter_map(|&i| counts.get(i)).sum();
@@ -492,6 +555,7 @@ impl Workflow {
             ended_at: None,
             steps,
             jobs,
+            training: None,
             index: Index::default(),
             revision: Revision::default(),
         };
@@ -535,15 +599,25 @@ impl Workflow {
                     }
                 }
             }
-            WorkflowEvent::ResultStored { job_id, bundle, success } => {
+            WorkflowEvent::ResultStored { job_id, bundle, success, samples } => {
                 let Some(i) = self.live_job_or_finished(&job_id) else { return out };
                 if !success {
                     // The runner's Failed update says why; it decides what happens next.
                     return out;
                 }
                 touched.insert(self.jobs[i].step);
-                self.store_result(i, bundle);
+                match self.check_update(i, samples) {
+                    Ok(n) => {
+                        self.jobs[i].samples = n;
+                        self.store_result(i, bundle);
+                    }
+                    Err(reason) => {
+                        self.fail(i, fit_text(&reason));
+                        self.jobs[i].updated_at = now;
+                    }
+                }
             }
+            WorkflowEvent::Tick => {}
             WorkflowEvent::RunnerLost { instance } => {
                 self.runner_lost(instance, candidates, now, &mut touched, &mut out);
             }
@@ -647,6 +721,9 @@ impl Workflow {
             return None;
         }
         let step = self.steps.get(j.step)?;
+        if let Some(e) = step.external.iter().find(|e| e.bundle.digest == *digest) {
+            return Some(e.bundle);
+        }
         step.inputs
             .iter()
             .flat_map(|&up| self.index.step_jobs.get(up).into_iter().flatten())
@@ -720,6 +797,11 @@ impl Workflow {
     ) {
         let job = &self.jobs[i];
         let step = &self.steps[job.step];
+        let train = step.round.is_some_and(|r| !r.aggregate);
+        if train && !self.round_open(step) {
+            // A late update of a closed round: nothing waits for it any more.
+            return;
+        }
         if retryable && job.attempt < step.spec.max_retries {
             let current = job.runner;
             let next = match (step.movable_query(), lost) {
@@ -744,6 +826,10 @@ impl Workflow {
             let lost_name = &self.jobs[i].runner_name;
             self.jobs[i].reason =
                 Some(format!("runner {lost_name} was lost and no other instance matches"));
+        }
+        if train {
+            // One site's update is lost for this round; the round's quorum decides.
+            return;
         }
         let job = &self.jobs[i];
         let why = job.reason.as_deref().unwrap_or("no reason given");
@@ -810,7 +896,7 @@ impl Workflow {
 
     /// Ends the workflow: cancels every job that has not ended (a Cancel to its runner if it
     /// was dispatched) and announces the end.
-    fn end(
+    pub(crate) fn end(
         &mut self,
         state: WorkflowState,
         reason: String,
@@ -853,6 +939,13 @@ impl Workflow {
         if self.state.is_final() {
             return;
         }
+        if self.training.is_some() {
+            for s in touched {
+                self.pump(s, now, job_lifetime, out);
+            }
+            self.settle_training(now, job_lifetime, out);
+            return;
+        }
         if (0..self.steps.len()).all(|s| self.step_done(s)) {
             self.state = WorkflowState::Finished;
             self.revision.bump();
@@ -876,7 +969,7 @@ impl Workflow {
 
     /// Dispatches the waiting jobs of step `s` that may run now: all inputs done, and a free
     /// `max_parallel` slot at their runner. In job order.
-    fn pump(
+    pub(crate) fn pump(
         &mut self,
         s: usize,
         now: Timestamp,
@@ -903,7 +996,12 @@ impl Workflow {
     }
 
     /// Marks job `i` dispatched and makes its manifest.
-    fn dispatch(&mut self, i: usize, now: Timestamp, job_lifetime: Duration) -> JobManifest {
+    pub(crate) fn dispatch(
+        &mut self,
+        i: usize,
+        now: Timestamp,
+        job_lifetime: Duration,
+    ) -> JobManifest {
         self.revision.bump();
         let (s, runner) = (self.jobs[i].step, self.jobs[i].runner);
         self.index.unwait(s, runner, i);
@@ -914,7 +1012,7 @@ impl Workflow {
         let job = &self.jobs[i];
         let step = &self.steps[s];
         let spec = &step.spec;
-        let mut inputs = Vec::new();
+        let mut inputs = step.external.clone();
         for &up in &step.inputs {
             for &u in self.index.step_jobs.get(up).into_iter().flatten() {
                 let upstream = &self.jobs[u];
@@ -936,7 +1034,7 @@ impl Workflow {
             job_name: job.name.clone(),
             attempt: job.attempt,
             dataset: step.dataset.as_ref().map(|d| DatasetRef { name: d.clone(), item: job.item }),
-            work: spec.work.clone(),
+            work: self.work_of(step),
             limits: spec.limits,
             timeout_secs: spec.timeout_secs,
             inputs,
@@ -945,7 +1043,7 @@ impl Workflow {
     }
 
     /// Moves job `i` into a final state (nothing if it is in one already).
-    fn set_terminal(&mut self, i: usize, state: JobState, reason: Option<String>) {
+    pub(crate) fn set_terminal(&mut self, i: usize, state: JobState, reason: Option<String>) {
         let job = &self.jobs[i];
         if job.state.is_terminal() {
             return;
@@ -967,7 +1065,7 @@ impl Workflow {
 
     /// Fails job `i` with `reason`: a live job through [`Self::set_terminal`]; a finished one
     /// whose result has not arrived (its slot is free already, but it is not done) in place.
-    fn fail(&mut self, i: usize, reason: String) {
+    pub(crate) fn fail(&mut self, i: usize, reason: String) {
         if self.jobs[i].state == JobState::Finished {
             let job = &mut self.jobs[i];
             job.state = JobState::Failed;
@@ -1010,6 +1108,7 @@ impl Workflow {
         job.state = JobState::Queued;
         job.reason = None;
         job.result = None;
+        job.samples = None;
         job.dispatched = false;
         let (s, new) = (job.step, job.job_id);
         self.index.by_id.remove(&old);
@@ -1037,12 +1136,12 @@ impl Workflow {
         }
     }
 
-    fn step_done(&self, s: usize) -> bool {
+    pub(crate) fn step_done(&self, s: usize) -> bool {
         let total = self.index.step_jobs.get(s).map_or(0, Vec::len);
         self.index.done.get(s).is_some_and(|&d| d >= total)
     }
 
-    fn find(&self, id: &JobId) -> Option<usize> {
+    pub(crate) fn find(&self, id: &JobId) -> Option<usize> {
         if let Some(&i) = self.index.by_id.get(id)
             && self.jobs.get(i).is_some_and(|j| j.job_id == *id)
         {
@@ -1051,7 +1150,7 @@ impl Workflow {
         self.jobs.iter().position(|j| j.job_id == *id)
     }
 
-    fn ensure_index(&mut self) {
+    pub(crate) fn ensure_index(&mut self) {
         if !self.index.built {
             self.index = Index::build(&self.steps, &self.jobs);
         }
@@ -1060,10 +1159,10 @@ impl Workflow {
 
 /// A change counter that is not part of a workflow's value: equal to any other, not stored.
 #[derive(Clone, Copy, Debug, Default)]
-struct Revision(u64);
+pub(crate) struct Revision(u64);
 
 impl Revision {
-    const fn bump(&mut self) {
+    pub(crate) const fn bump(&mut self) {
         self.0 = self.0.wrapping_add(1);
     }
 }
@@ -1079,12 +1178,12 @@ impl Eq for Revision {}
 /// Lookup tables derived from a workflow's steps and jobs, so that an event costs time in
 /// proportion to what it changes, not to the size of the workflow.
 #[derive(Clone, Default)]
-struct Index {
+pub(crate) struct Index {
     built: bool,
     /// Current job ids to positions in `jobs`.
     by_id: BTreeMap<JobId, usize>,
     /// Per step: its jobs' positions.
-    step_jobs: Vec<Vec<usize>>,
+    pub(crate) step_jobs: Vec<Vec<usize>>,
     /// Per step: how many of its jobs are done.
     done: Vec<usize>,
     /// Per step: the steps that read from it.
@@ -1096,7 +1195,7 @@ struct Index {
 }
 
 impl Index {
-    fn build(steps: &[Step], jobs: &[WorkflowJob]) -> Self {
+    pub(crate) fn build(steps: &[Step], jobs: &[WorkflowJob]) -> Self {
         let n = steps.len();
         let mut me = Self {
             built: true,
@@ -1184,7 +1283,7 @@ fn candidate<'a>(candidates: &'a [Candidate], id: &InstanceId) -> Option<&'a Can
 }
 
 /// The runners of one step, with their names, in a stable order.
-fn resolve_runners(
+pub(crate) fn resolve_runners(
     spec: &JobSpec,
     owner: InstanceId,
     owner_name: &str,
@@ -1217,7 +1316,7 @@ fn resolve_runners(
 }
 
 /// `<step>-<k>`, with the step's name shortened so that the whole is a valid name.
-fn numbered(step: &str, k: usize) -> String {
+pub(crate) fn numbered(step: &str, k: usize) -> String {
     let suffix = format!("-{k}");
     let keep = MAX_NAME_LEN.saturating_sub(suffix.len());
     // Step names are ASCII (validated), so characters are bytes.
@@ -1243,7 +1342,7 @@ pub fn job_id(workflow: &WorkflowId, name: &str, attempt: u32) -> JobId {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use kaapana_protocol::{
         CapabilityAd, DatasetSummary, Gpu, ImageDigest, NameScope, ResourceLimits, Resources,
     };
@@ -1254,24 +1353,24 @@ mod tests {
     use crate::job::{RunnerCommand, RunnerJob};
     use crate::policy::{AllowList, Execution, Policy};
 
-    const LIFE: Duration = Duration::from_secs(3600);
-    const WORKFLOW: &str = "federated-statistics";
+    pub(crate) const LIFE: Duration = Duration::from_secs(3600);
+    pub(crate) const WORKFLOW: &str = "federated-statistics";
 
-    fn id(n: u8) -> InstanceId {
+    pub(crate) fn id(n: u8) -> InstanceId {
         let mut bytes = vec![0x12, 0x20];
         bytes.extend_from_slice(&[n; 32]);
         InstanceId::from_bytes(&bytes).unwrap()
     }
 
-    fn owner() -> InstanceId {
+    pub(crate) fn owner() -> InstanceId {
         id(0)
     }
 
-    fn t(ms: u64) -> Timestamp {
+    pub(crate) fn t(ms: u64) -> Timestamp {
         Timestamp::from_millis(1_800_000_000_000 + ms)
     }
 
-    fn token(site: u8, k: usize) -> ItemToken {
+    pub(crate) fn token(site: u8, k: usize) -> ItemToken {
         let mut b = [site; 32];
         b[0] = u8::try_from(k).unwrap();
         ItemToken(b)
@@ -1279,7 +1378,7 @@ mod tests {
 
     /// A site `n` called `name` that offers us `items` items of dataset `lung-ct` (listed,
     /// possibly empty; `no_dataset` removes it).
-    fn site(n: u8, name: &str, cpu: u32, gpu: bool, items: usize) -> Candidate {
+    pub(crate) fn site(n: u8, name: &str, cpu: u32, gpu: bool, items: usize) -> Candidate {
         Candidate {
             instance: id(n),
             name: name.to_owned(),
@@ -1312,12 +1411,12 @@ mod tests {
         }
     }
 
-    fn no_dataset(mut c: Candidate) -> Candidate {
+    pub(crate) fn no_dataset(mut c: Candidate) -> Candidate {
         c.ad.datasets.clear();
         c
     }
 
-    fn three_sites() -> Vec<Candidate> {
+    pub(crate) fn three_sites() -> Vec<Candidate> {
         vec![
             site(1, "site-a", 4000, false, 4),
             site(2, "site-b", 8000, true, 3),
@@ -1325,7 +1424,7 @@ mod tests {
         ]
     }
 
-    fn query(pick: Pick) -> RunnerSelector {
+    pub(crate) fn query(pick: Pick) -> RunnerSelector {
         RunnerSelector::Query(CapabilityQuery {
             dataset: Some("lung-ct".to_owned()),
             gpu: false,
@@ -1335,7 +1434,7 @@ mod tests {
         })
     }
 
-    fn spec(name: &str, runner: RunnerSelector, inputs: &[&str]) -> JobSpec {
+    pub(crate) fn spec(name: &str, runner: RunnerSelector, inputs: &[&str]) -> JobSpec {
         JobSpec {
             name: name.to_owned(),
             runner,
@@ -1353,39 +1452,40 @@ mod tests {
         }
     }
 
-    fn single_file(mut s: JobSpec, max_parallel: u32) -> JobSpec {
+    pub(crate) fn single_file(mut s: JobSpec, max_parallel: u32) -> JobSpec {
         s.processing = Processing::SingleFile { max_parallel };
         s
     }
 
-    fn retries(mut s: JobSpec, n: u32) -> JobSpec {
+    pub(crate) fn retries(mut s: JobSpec, n: u32) -> JobSpec {
         s.max_retries = n;
         s
     }
 
-    fn manifest(jobs: Vec<JobSpec>) -> WorkflowManifest {
+    pub(crate) fn manifest(jobs: Vec<JobSpec>) -> WorkflowManifest {
         WorkflowManifest {
             header: Header::new(t(0), LIFE),
             workflow_id: WorkflowId::from_bytes([9; 16]),
             owner: owner(),
             name: WORKFLOW.to_owned(),
             jobs,
+            rounds: None,
         }
     }
 
     /// Site jobs on every site with lung-ct, then an aggregation at the owner.
-    fn statistics() -> WorkflowManifest {
+    pub(crate) fn statistics() -> WorkflowManifest {
         manifest(vec![
             spec("stats", query(Pick::All), &[]),
             spec("aggregate", RunnerSelector::Owner, &["stats"]),
         ])
     }
 
-    fn bundle(job: JobId) -> BlobRef {
+    pub(crate) fn bundle(job: JobId) -> BlobRef {
         BlobRef { digest: Sha256Digest::of(job.as_bytes()), size: 42 }
     }
 
-    fn dispatches(cmds: &[WorkflowCommand]) -> Vec<&JobManifest> {
+    pub(crate) fn dispatches(cmds: &[WorkflowCommand]) -> Vec<&JobManifest> {
         cmds.iter()
             .filter_map(|c| match c {
                 WorkflowCommand::Dispatch(m) => Some(m),
@@ -1394,7 +1494,7 @@ mod tests {
             .collect()
     }
 
-    fn cancels(cmds: &[WorkflowCommand]) -> Vec<(InstanceId, JobId, &str)> {
+    pub(crate) fn cancels(cmds: &[WorkflowCommand]) -> Vec<(InstanceId, JobId, &str)> {
         cmds.iter()
             .filter_map(|c| match c {
                 WorkflowCommand::CancelJob { runner, job_id, reason } => {
@@ -1405,15 +1505,15 @@ mod tests {
             .collect()
     }
 
-    fn names(ms: &[&JobManifest]) -> Vec<String> {
+    pub(crate) fn names(ms: &[&JobManifest]) -> Vec<String> {
         ms.iter().map(|m| m.job_name.clone()).collect()
     }
 
-    fn update(job_id: JobId, state: JobState) -> WorkflowEvent {
+    pub(crate) fn update(job_id: JobId, state: JobState) -> WorkflowEvent {
         WorkflowEvent::JobUpdated { job_id, state, reason: None, retryable: false }
     }
 
-    fn failed(job_id: JobId, reason: &str, retryable: bool) -> WorkflowEvent {
+    pub(crate) fn failed(job_id: JobId, reason: &str, retryable: bool) -> WorkflowEvent {
         WorkflowEvent::JobUpdated {
             job_id,
             state: JobState::Failed,
@@ -1422,16 +1522,20 @@ mod tests {
         }
     }
 
-    fn stored(job_id: JobId) -> WorkflowEvent {
-        WorkflowEvent::ResultStored { job_id, bundle: bundle(job_id), success: true }
+    pub(crate) fn stored(job_id: JobId) -> WorkflowEvent {
+        WorkflowEvent::ResultStored { job_id, bundle: bundle(job_id), success: true, samples: None }
     }
 
-    fn id_of(wf: &Workflow, name: &str) -> JobId {
+    pub(crate) fn id_of(wf: &Workflow, name: &str) -> JobId {
         wf.jobs.iter().find(|j| j.name == name).unwrap().job_id
     }
 
     /// Reports `name` finished with its result stored; returns the commands of both events.
-    fn complete(wf: &mut Workflow, name: &str, cands: &[Candidate]) -> Vec<WorkflowCommand> {
+    pub(crate) fn complete(
+        wf: &mut Workflow,
+        name: &str,
+        cands: &[Candidate],
+    ) -> Vec<WorkflowCommand> {
         let job = id_of(wf, name);
         let mut out = wf.handle(update(job, JobState::Finished), cands, t(10), LIFE);
         out.extend(wf.handle(stored(job), cands, t(11), LIFE));
@@ -2094,8 +2198,12 @@ mod tests {
         let cands = three_sites();
         let (mut wf, _) = Workflow::start(&statistics(), &cands, t(1), LIFE).unwrap();
         let s1 = id_of(&wf, "stats-1");
-        let failed_result =
-            WorkflowEvent::ResultStored { job_id: s1, bundle: bundle(s1), success: false };
+        let failed_result = WorkflowEvent::ResultStored {
+            job_id: s1,
+            bundle: bundle(s1),
+            success: false,
+            samples: None,
+        };
         assert!(wf.handle(failed_result, &cands, t(2), LIFE).is_empty());
         assert_eq!(wf.job(&s1).unwrap().result, None);
         complete(&mut wf, "stats-1", &cands);
@@ -2255,6 +2363,7 @@ mod tests {
                             ended += 1;
                         }
                         WorkflowCommand::CancelJob { .. } => prop_assert!(false, "nothing fails"),
+                        WorkflowCommand::WakeAt(_) => prop_assert!(false, "no rounds here"),
                     }
                 }
                 // max_parallel per step and runner.

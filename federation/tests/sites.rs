@@ -900,7 +900,12 @@ impl World {
             if bad {
                 self.stats.bad_results_fed += 1;
             }
-            self.handle(o, Event::ResultStored { from: runner, result: rm.clone() }, true, false)?;
+            self.handle(
+                o,
+                Event::ResultStored { from: runner, result: rm.clone(), samples: None },
+                true,
+                false,
+            )?;
         }
         if expected != Expected::Yes
             && let Some(site) = self.nodes[o].site.as_ref()
@@ -1339,6 +1344,7 @@ fn manifest(w: usize, g: &WfGen, ids: &[InstanceId]) -> WorkflowManifest {
         owner: ids[g.owner],
         name: WORKFLOW.to_owned(),
         jobs,
+        rounds: None,
     }
 }
 
@@ -1489,6 +1495,7 @@ fn the_owner_applies_updates_once_in_order_and_never_leaves_a_final_state() {
         owner,
         name: WORKFLOW.to_owned(),
         jobs: vec![spec],
+        rounds: None,
     };
     let (mut wf, _) = Workflow::start(&m, &cands, ts(0), LONG).unwrap();
     let job = wf.jobs[0].job_id;

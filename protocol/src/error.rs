@@ -103,6 +103,12 @@ pub enum ValidationError {
         /// A job on the cycle.
         job: String,
     },
+    /// A training's rounds are inconsistent with its jobs or out of range.
+    #[error("rounds: {detail}")]
+    BadRounds {
+        /// What is wrong, in words.
+        detail: String,
+    },
     /// A numeric field outside its range.
     #[error("{field} must be {expected}")]
     OutOfRange {

@@ -32,10 +32,10 @@ pub use manifest::{
     BlobRef, Cancel, CapabilityAd, CapabilityQuery, ContainerWork, DAG_CONF_NODE_KEY, DagRun,
     DatasetRef, DatasetSummary, EnvVar, ExecutorKind, ExitStatus, Gpu, Header, InputBundle,
     InstanceBundleInfo, ItemToken, JobManifest, JobSpec, JobState, JobTimings, JobUpdate,
-    MAX_DAG_CONF_LEN, MAX_ITEM_TOKENS, MAX_MODALITIES, MAX_NAME_LEN, MAX_RETRIES, MAX_TEXT_LEN,
-    ModalityCount, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
-    RunnerSelector, Work, WorkflowManifest, fit_text, validate_modality, validate_name,
-    validate_text,
+    LateUpdates, MAX_DAG_CONF_LEN, MAX_ITEM_TOKENS, MAX_MODALITIES, MAX_NAME_LEN, MAX_RETRIES,
+    MAX_ROUNDS, MAX_TEXT_LEN, ModalityCount, NameScope, Pick, Processing, ResourceLimits,
+    Resources, ResultManifest, ResumeFrom, Rounds, RunnerSelector, Work, WorkflowManifest,
+    fit_text, validate_modality, validate_name, validate_text,
 };
 pub use replay::ReplayWindow;
 pub use results::{

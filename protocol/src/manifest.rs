@@ -524,6 +524,133 @@ pub struct WorkflowManifest {
     pub name: String,
     /// The steps.
     pub jobs: Vec<JobSpec>,
+    /// For federated learning: run the `train` step and the `aggregate` step round after
+    /// round, the model of each round being the input of the next. `None`: a plain DAG.
+    pub rounds: Option<Rounds>,
+}
+
+/// The most rounds one training may have.
+pub const MAX_ROUNDS: u32 = 100_000;
+
+/// What happens to a site's update that arrives after its round closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LateUpdates {
+    /// The late job is cancelled when its round closes; its update is never used.
+    Drop,
+    /// The late job may go on; if its update arrives before the next round closes, it is
+    /// aggregated with that round's updates (and cancelled when that round closes if not).
+    Fold,
+}
+
+/// An iterative workflow: training rounds with a quorum and a deadline.
+///
+/// Round `k` runs the `train` job spec at every site it selects (its runner: a capability
+/// query with `pick = all`, or one instance), with the global model of round `k - 1` as its
+/// input (none in the first round, unless resumed). The round closes when every site has
+/// reported, or at its deadline once `min_sites` updates have arrived; then the `aggregate`
+/// job spec runs at the owner over the round's updates and makes the model of round `k`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rounds {
+    /// The number of the last round (rounds are numbered from 1).
+    pub rounds: u32,
+    /// The quorum: how many sites' updates a round needs.
+    pub min_sites: u32,
+    /// How long a round waits for slow sites once it has its quorum, in seconds.
+    pub round_deadline_secs: u32,
+    /// What happens to late updates.
+    pub late: LateUpdates,
+    /// The job spec trained at the sites.
+    pub train: String,
+    /// The job spec that aggregates the updates at the owner.
+    pub aggregate: String,
+    /// Continue a training: the model of an earlier round, from which the next round starts.
+    pub resume: Option<ResumeFrom>,
+}
+
+/// The model a resumed training starts from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeFrom {
+    /// The round that made it: training continues with the round after it.
+    pub round: u32,
+    /// The aggregate result that holds it (stored at the owner).
+    pub model: InputBundle,
+}
+
+impl Rounds {
+    /// The first round this training runs.
+    pub fn first_round(&self) -> u32 {
+        self.resume.as_ref().map_or(1, |r| r.round.saturating_add(1))
+    }
+
+    fn validate(&self, jobs: &[JobSpec]) -> Result<(), ValidationError> {
+        let bad = |detail: String| Err(ValidationError::BadRounds { detail });
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return bad(format!("rounds is {}; it must be 1 to {MAX_ROUNDS}", self.rounds));
+        }
+        if self.min_sites == 0 {
+            return bad("min_sites must be at least 1".to_owned());
+        }
+        if self.round_deadline_secs == 0 {
+            return bad("round_deadline must be at least 1 second".to_owned());
+        }
+        if let Some(r) = &self.resume {
+            validate_name("resumed model's job name", &r.model.job_name)?;
+            if r.round == 0 || r.round >= self.rounds {
+                return bad(format!(
+                    "resume_from round {} must be at least 1 and before the last round {}",
+                    r.round, self.rounds
+                ));
+            }
+        }
+        if self.train == self.aggregate {
+            return bad(format!("train and aggregate are both `{}`", self.train));
+        }
+        let find = |name: &str, role: &str| {
+            jobs.iter().find(|j| j.name == name).ok_or_else(|| ValidationError::BadRounds {
+                detail: format!("the {role} job `{name}` is not a job of this workflow"),
+            })
+        };
+        let train = find(&self.train, "train")?;
+        let aggregate = find(&self.aggregate, "aggregate")?;
+        if jobs.len() != 2 {
+            return bad(format!(
+                "a workflow with rounds has exactly two jobs, `{}` and `{}`; this one has {}",
+                self.train,
+                self.aggregate,
+                jobs.len()
+            ));
+        }
+        if !train.inputs.is_empty() {
+            return bad(format!(
+                "the train job `{}` takes no inputs: each round it reads the model of the round before",
+                train.name
+            ));
+        }
+        if aggregate.inputs != [train.name.clone()] {
+            return bad(format!(
+                "the aggregate job `{}` must take input from `{}` only",
+                aggregate.name, train.name
+            ));
+        }
+        if train.processing != Processing::Batch {
+            return bad(format!(
+                "the train job `{}` must use batch processing (one update per site)",
+                train.name
+            ));
+        }
+        if aggregate.runner != RunnerSelector::Owner {
+            return bad(format!("the aggregate job `{}` must run at the owner", aggregate.name));
+        }
+        if let RunnerSelector::Query(q) = &train.runner
+            && q.pick != Pick::All
+        {
+            return bad(format!(
+                "the train job `{}` must pick all matching sites (pick = \"all\")",
+                train.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Manifest for WorkflowManifest {
@@ -558,7 +685,11 @@ impl Manifest for WorkflowManifest {
                 }
             }
         }
-        check_acyclic(&self.jobs)
+        check_acyclic(&self.jobs)?;
+        match &self.rounds {
+            Some(r) => r.validate(&self.jobs),
+            None => Ok(()),
+        }
     }
 }
 

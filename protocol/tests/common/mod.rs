@@ -205,6 +205,7 @@ pub fn typical_workflow() -> WorkflowManifest {
         owner: instance_pool()[0],
         name: "federated-training".into(),
         jobs: vec![spec("prep", &[]), spec("train", &["prep"])],
+        rounds: None,
     }
 }
 
@@ -471,6 +472,7 @@ pub fn workflow_manifest() -> impl Strategy<Value = WorkflowManifest> {
             owner,
             name,
             jobs,
+            rounds: None,
         })
 }
 
