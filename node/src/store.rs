@@ -79,11 +79,11 @@ const DATASETS_V1: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets
 const DATASET_SCHEMA_V2: u8 = 2;
 /// Workflows this node owns, with the owner's record of every job (one record per job):
 /// `WorkflowId` bytes → postcard of [`WorkflowRecord`].
-const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v3");
+const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v4");
 /// The signed `WorkflowManifest` each owned workflow was planned from: `WorkflowId` bytes →
 /// envelope bytes (written once, at submission).
 const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
-    TableDefinition::new("workflow_manifests.v2");
+    TableDefinition::new("workflow_manifests.v3");
 
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;

@@ -46,6 +46,42 @@
 //! - `name` (required): the workflow's name, 1 to 128 characters from `A-Z a-z 0-9 . _ -`,
 //!   not starting with `.` or `-`. Runners allow or refuse workflows by this name.
 //! - `[[job]]` (at least one): the steps.
+//! - `[rounds]`: makes the workflow a training (federated learning), see below.
+//!
+//! # Trainings
+//! ```toml
+//! name = "fedavg"
+//!
+//! [rounds]
+//! rounds = 10                    # the number of the last round
+//! min_sites = 2                  # the quorum: updates a round needs
+//! round_deadline = "2m"          # a round waits this long for slow sites once it has its quorum
+//! late = "drop"                  # or "fold": a late update joins the next round's aggregation
+//! # train = "train"              # the job trained at the sites (default "train")
+//! # aggregate = "aggregate"      # the job that aggregates at the owner (default "aggregate")
+//! # resume_from = { workflow = "<workflow id>", round = 6 }   # continue from that round's model
+//!
+//! [[job]]
+//! name = "train"
+//! query = { dataset = "synthetic-ct", pick = "all" }
+//! image = "sha256:..."
+//! command = ["/bin/kaapana-fedavg", "train"]
+//!
+//! [[job]]
+//! name = "aggregate"
+//! runner = "owner"
+//! inputs = ["train"]
+//! image = "sha256:..."
+//! command = ["/bin/kaapana-fedavg", "aggregate"]
+//! ```
+//! Each round runs `train` at every site the query selects, with the model of the round
+//! before under `/input/aggregate-r<k>/` (nothing in the first round), and `aggregate` at the
+//! owner over the round's updates, under `/input/train-r<k>-<n>/`. A train job writes its
+//! sample count to `/output/samples`; a count above the items its site advertises for the
+//! dataset is refused. Jobs find their round in `KAAPANA_ROUND` (and the last one in
+//! `KAAPANA_ROUNDS`). A training has exactly these two jobs. `resume_from` names a training
+//! of this instance and one of its completed rounds: the new one starts with the round after
+//! it, from its model, and runs up to `rounds`.
 //!
 //! Keys of a `[[job]]`:
 //! - `name` (required): unique in the file, same syntax as the workflow's name. A job reads
@@ -87,8 +123,8 @@ use std::path::{Path, PathBuf};
 
 use kaapana_protocol::{
     CapabilityQuery, ContainerWork, DagRun, EnvVar, Header, ImageDigest, InstanceId, JobSpec,
-    MAX_NAME_LEN, MAX_RETRIES, Manifest, Pick, Processing, ResourceLimits, RunnerSelector,
-    ValidationError, Work, WorkflowId, WorkflowManifest, validate_name,
+    LateUpdates, MAX_NAME_LEN, MAX_RETRIES, Manifest, Pick, Processing, ResourceLimits, ResumeFrom,
+    Rounds, RunnerSelector, ValidationError, Work, WorkflowId, WorkflowManifest, validate_name,
 };
 use serde::Deserialize;
 
@@ -274,6 +310,47 @@ struct RawFile {
     name: String,
     #[serde(default)]
     job: Vec<RawJob>,
+    rounds: Option<toml::Spanned<RawRounds>>,
+}
+
+/// `[rounds]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRounds {
+    rounds: i64,
+    min_sites: i64,
+    round_deadline: toml::Value,
+    #[serde(default)]
+    late: RawLate,
+    train: Option<String>,
+    aggregate: Option<String>,
+    resume_from: Option<RawResume>,
+}
+
+/// `late = "drop" | "fold"`.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawLate {
+    #[default]
+    Drop,
+    Fold,
+}
+
+/// `resume_from = { workflow = "...", round = N }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResume {
+    workflow: String,
+    round: i64,
+}
+
+/// A checked `[rounds]`: the rounds (without the model to resume from, which the node looks
+/// up) and the training and round to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileRounds {
+    rounds: Rounds,
+    resume_from: Option<(WorkflowId, u32)>,
+    line: Option<usize>,
 }
 
 /// One `[[job]]` as written.
@@ -352,6 +429,7 @@ struct FileJob {
 pub struct WorkflowFile {
     name: String,
     jobs: Vec<FileJob>,
+    rounds: Option<FileRounds>,
 }
 
 impl WorkflowFile {
@@ -386,7 +464,13 @@ impl WorkflowFile {
                 });
             }
         }
-        Ok(Self { name: raw.name, jobs })
+        let rounds = raw.rounds.map(|r| check_rounds(r, text)).transpose()?;
+        Ok(Self { name: raw.name, jobs, rounds })
+    }
+
+    /// The training and round a `[rounds]` table's `resume_from` names.
+    pub fn resume_from(&self) -> Option<(WorkflowId, u32)> {
+        self.rounds.as_ref().and_then(|r| r.resume_from)
     }
 
     /// Reads and parses a file; errors name the path.
@@ -401,13 +485,15 @@ impl WorkflowFile {
     /// = unknown instance → error listing the name).
     ///
     /// The manifest is validated with `kaapana_protocol::Manifest::validate` (cycles, unknown
-    /// inputs, duplicate names) and such errors are reported with the file's words.
+    /// inputs, duplicate names) and such errors are reported with the file's words. `resume`
+    /// is the model that [`Self::resume_from`] names, which the caller looked up.
     pub fn to_manifest(
         &self,
         workflow_id: WorkflowId,
         owner: InstanceId,
         header: Header,
         resolve: &dyn Fn(&str) -> Option<InstanceId>,
+        resume: Option<ResumeFrom>,
     ) -> Result<WorkflowManifest, WorkflowFileError> {
         let jobs = self
             .jobs
@@ -428,9 +514,28 @@ impl WorkflowFile {
                 Ok(JobSpec { runner, ..job.spec.clone() })
             })
             .collect::<Result<Vec<_>, WorkflowFileError>>()?;
-        let manifest =
-            WorkflowManifest { header, workflow_id, owner, name: self.name.clone(), jobs };
-        manifest.validate()?;
+        if let Some(r) = &self.rounds
+            && r.resume_from.is_some() != resume.is_some()
+        {
+            return Err(WorkflowFileError::Field {
+                job: None,
+                line: r.line,
+                field: "rounds.resume_from",
+                problem: "the model to resume from was not looked up".to_owned(),
+            });
+        }
+        let rounds = self.rounds.as_ref().map(|r| Rounds { resume, ..r.rounds.clone() });
+        let name = self.name.clone();
+        let manifest = WorkflowManifest { header, workflow_id, owner, name, jobs, rounds };
+        manifest.validate().map_err(|e| match e {
+            ValidationError::BadRounds { detail } => WorkflowFileError::Field {
+                job: None,
+                line: self.rounds.as_ref().and_then(|r| r.line),
+                field: "rounds",
+                problem: detail,
+            },
+            other => other.into(),
+        })?;
         Ok(manifest)
     }
 
@@ -438,6 +543,64 @@ impl WorkflowFile {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Checks `[rounds]`; `text` is the whole file, for its line.
+fn check_rounds(
+    raw: toml::Spanned<RawRounds>,
+    text: &str,
+) -> Result<FileRounds, WorkflowFileError> {
+    let line = line_at(text, raw.span().start);
+    let raw = raw.into_inner();
+    let err = |field: &'static str, problem: String| WorkflowFileError::Field {
+        job: None,
+        line,
+        field,
+        problem,
+    };
+    let count = |field: &'static str, n: i64, min: u32| {
+        u32::try_from(n)
+            .ok()
+            .filter(|&n| n >= min)
+            .ok_or_else(|| err(field, format!("{n} is not a whole number of at least {min}")))
+    };
+    let rounds = count("rounds.rounds", raw.rounds, 1)?;
+    let min_sites = count("rounds.min_sites", raw.min_sites, 1)?;
+    let round_deadline_secs =
+        parse_duration(&raw.round_deadline).map_err(|p| err("rounds.round_deadline", p))?;
+    let resume_from = match raw.resume_from {
+        None => None,
+        Some(r) => {
+            let id = r.workflow.parse::<WorkflowId>().map_err(|e| {
+                err(
+                    "rounds.resume_from.workflow",
+                    format!("{e} (`kaapana-node workflow list` shows ids)"),
+                )
+            })?;
+            Some((id, count("rounds.resume_from.round", r.round, 1)?))
+        }
+    };
+    let name = |v: Option<String>, default: &str, field: &'static str| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        validate_name(field, &v).map(|()| v).map_err(|e| err(field, e.to_string()))
+    };
+    Ok(FileRounds {
+        rounds: Rounds {
+            rounds,
+            min_sites,
+            round_deadline_secs,
+            late: match raw.late {
+                RawLate::Drop => LateUpdates::Drop,
+                RawLate::Fold => LateUpdates::Fold,
+            },
+            train: name(raw.train, "train", "rounds.train")?,
+            aggregate: name(raw.aggregate, "aggregate", "rounds.aggregate")?,
+            // The model to resume from is looked up by the node (`to_manifest`'s `resume`).
+            resume: None,
+        },
+        resume_from,
+        line,
+    })
 }
 
 /// Checks one `[[job]]`; `text` is the whole file, for the line of the job's name.
@@ -862,6 +1025,7 @@ mod tests {
             instance(),
             header(),
             resolve,
+            None,
         )
     }
 
@@ -890,8 +1054,9 @@ mod tests {
         assert_eq!(file.name(), "federated-statistics");
         let (owner, site_b) = (instance(), instance());
         let resolve = |n: &str| (n == "site-b").then_some(site_b);
-        let m =
-            file.to_manifest(WorkflowId::from_bytes([9; 16]), owner, header(), &resolve).unwrap();
+        let m = file
+            .to_manifest(WorkflowId::from_bytes([9; 16]), owner, header(), &resolve, None)
+            .unwrap();
         assert_eq!(m.name, "federated-statistics");
         assert_eq!(m.owner, owner);
         assert_eq!(m.workflow_id, WorkflowId::from_bytes([9; 16]));

@@ -308,7 +308,10 @@ pub fn workflow_page(state: &NodeState, q: &PageQuery) -> Result<Page<WorkflowVi
         all.reverse();
     }
     let total = all.len();
-    Ok(Page { entries: all[q.range(total)].iter().map(WorkflowView::new).collect(), total })
+    Ok(Page {
+        entries: all[q.range(total)].iter().map(|w| state.workflow_view(w)).collect(),
+        total,
+    })
 }
 
 async fn list_instances(
@@ -434,8 +437,27 @@ pub async fn submit_workflow_file(
             }
             registry.iter().find(|i| i.name == name).map(|i| i.instance_id)
         };
-        file.to_manifest(id, state.instance_id, Header::new(now(), WORKFLOW_LIFETIME), &resolve)
-            .map_err(|e| bad(&e))?
+        let resume = match file.resume_from() {
+            None => None,
+            Some((workflow, round)) => {
+                Some(state.resume_model(workflow, round).map_err(|problem| {
+                    bad(&crate::workflow_file::WorkflowFileError::Field {
+                        job: None,
+                        line: text.lines().position(|l| l.contains("resume_from")).map(|i| i + 1),
+                        field: "rounds.resume_from",
+                        problem,
+                    })
+                })?)
+            }
+        };
+        file.to_manifest(
+            id,
+            state.instance_id,
+            Header::new(now(), WORKFLOW_LIFETIME),
+            &resolve,
+            resume,
+        )
+        .map_err(|e| bad(&e))?
     };
     state.submit_workflow(manifest).await.map_err(|e| SubmitError::from(workflow_error(e)))
 }
@@ -445,7 +467,7 @@ async fn submit_workflow(
     Json(req): Json<SubmitWorkflowRequest>,
 ) -> ApiResult<(StatusCode, Json<WorkflowView>)> {
     let workflow = submit_workflow_file(&state, &req.toml).await.map_err(|e| e.error)?;
-    Ok((StatusCode::CREATED, Json(WorkflowView::new(&workflow))))
+    Ok((StatusCode::CREATED, Json(state.workflow_view(&workflow))))
 }
 
 async fn show_workflow(
@@ -458,7 +480,7 @@ async fn show_workflow(
         .workflow(&id)
         .map_err(|e| ApiError::from(AdminError::from(e)))?
         .ok_or_else(|| workflow_error(crate::daemon::WorkflowError::NotFound(id)))?;
-    Ok(Json(WorkflowView::new(&record)))
+    Ok(Json(state.workflow_view(&record)))
 }
 
 async fn cancel_workflow(
@@ -468,7 +490,7 @@ async fn cancel_workflow(
     let id = parse_workflow(&id)?;
     let by = state.name.clone();
     let w = state.cancel_workflow(id, by).await.map_err(workflow_error)?;
-    Ok(Json(WorkflowView::new(&w)))
+    Ok(Json(state.workflow_view(&w)))
 }
 
 fn dataset_error(e: crate::datasets::DatasetError) -> ApiError {

@@ -227,6 +227,131 @@ pub struct WorkflowJobView {
     pub reason: Option<String>,
     /// Its result bundle's digest, once stored here.
     pub result: Option<String>,
+    /// For a training's update: the sample count it reported.
+    pub samples: Option<u64>,
+}
+
+/// A training's rounds as the API and CLI show them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingView {
+    /// The number of the last round.
+    pub rounds: u32,
+    /// The first round this workflow runs (after the round it resumed from).
+    pub first_round: u32,
+    /// The quorum.
+    pub min_sites: u32,
+    /// Seconds a round waits for slow sites once it has its quorum.
+    pub round_deadline_secs: u32,
+    /// `drop` or `fold`.
+    pub late: String,
+    /// The dataset the sites train on.
+    pub dataset: String,
+    /// The sites' names, in the order of their job numbers.
+    pub sites: Vec<String>,
+    /// Rounds that made their model.
+    pub completed: usize,
+    /// The rounds so far, oldest first.
+    pub history: Vec<RoundView>,
+}
+
+/// One round of a training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundView {
+    /// Its number.
+    pub round: u32,
+    /// `open` (waiting for updates), `aggregating` or `done`.
+    pub state: String,
+    /// When its train jobs were dispatched.
+    pub opened_at: String,
+    /// When it closes at the latest once it has its quorum.
+    pub deadline: String,
+    /// When it closed.
+    pub closed_at: Option<String>,
+    /// When its model was stored.
+    pub ended_at: Option<String>,
+    /// Milliseconds from opening to its model (done rounds).
+    pub duration_ms: Option<u64>,
+    /// The jobs whose updates were aggregated.
+    pub updates: Vec<String>,
+    /// Late updates of the round before, aggregated with these.
+    pub folded: Vec<String>,
+    /// Jobs that had not delivered when it closed.
+    pub late: Vec<String>,
+    /// Samples of all aggregated updates.
+    pub samples: u64,
+    /// Its aggregate job (whose result is the model).
+    pub aggregate_job: Option<String>,
+    /// The model's digest.
+    pub model: Option<String>,
+    /// The model's size in bytes.
+    pub model_bytes: Option<u64>,
+    /// Bytes of this round's input model the owner sent to sites since it started (sites
+    /// that held it already fetched nothing).
+    pub input_bytes_sent: u64,
+}
+
+impl TrainingView {
+    /// The view of `w`'s training; `sent` gives the bytes of a blob the owner sent.
+    pub fn new(
+        w: &kaapana_federation::Workflow,
+        t: &kaapana_federation::Training,
+        sent: &dyn Fn(&kaapana_protocol::Sha256Digest) -> u64,
+    ) -> Self {
+        let name = |id: &kaapana_protocol::JobId| {
+            w.job(id).map_or_else(|| id.to_string(), |j| j.name.clone())
+        };
+        let names = |ids: &[kaapana_protocol::JobId]| ids.iter().map(name).collect::<Vec<_>>();
+        let history = t
+            .history
+            .iter()
+            .map(|r| {
+                let input = w.steps.get(r.train_step).and_then(|s| s.external.first());
+                let aggregate = r
+                    .aggregate_step
+                    .and_then(|s| w.jobs.iter().find(|j| j.step == s))
+                    .map(|j| j.name.clone());
+                RoundView {
+                    round: r.round,
+                    state: match (r.closed_at, r.model) {
+                        (None, _) => "open",
+                        (Some(_), None) => "aggregating",
+                        (Some(_), Some(_)) => "done",
+                    }
+                    .to_owned(),
+                    opened_at: r.opened_at.to_string(),
+                    deadline: r.deadline.to_string(),
+                    closed_at: r.closed_at.map(|t| t.to_string()),
+                    ended_at: r.ended_at.map(|t| t.to_string()),
+                    duration_ms: r.ended_at.map(|e| {
+                        u64::try_from(e.duration_since(r.opened_at).as_millis()).unwrap_or(u64::MAX)
+                    }),
+                    updates: names(&r.updates),
+                    folded: names(&r.folded),
+                    late: names(&r.late),
+                    samples: r.samples,
+                    aggregate_job: aggregate,
+                    model: r.model.map(|m| m.digest.to_string()),
+                    model_bytes: r.model.map(|m| m.size),
+                    input_bytes_sent: input.map_or(0, |i| sent(&i.bundle.digest)),
+                }
+            })
+            .collect();
+        Self {
+            rounds: t.rounds.rounds,
+            first_round: t.rounds.first_round(),
+            min_sites: t.rounds.min_sites,
+            round_deadline_secs: t.rounds.round_deadline_secs,
+            late: match t.rounds.late {
+                kaapana_protocol::LateUpdates::Drop => "drop",
+                kaapana_protocol::LateUpdates::Fold => "fold",
+            }
+            .to_owned(),
+            dataset: t.dataset.clone(),
+            sites: t.sites.iter().map(|s| s.name.clone()).collect(),
+            completed: t.completed(),
+            history,
+        }
+    }
 }
 
 /// A workflow as the API and CLI show it.
@@ -250,11 +375,17 @@ pub struct WorkflowView {
     pub steps: Vec<(String, Vec<String>)>,
     /// Its jobs, in step order.
     pub jobs: Vec<WorkflowJobView>,
+    /// For a training: its rounds.
+    pub training: Option<TrainingView>,
 }
 
 impl WorkflowView {
-    /// The view of a workflow.
-    pub fn new(w: &kaapana_federation::Workflow) -> Self {
+    /// The view of a workflow (trainings: with the bytes of each round's model the owner
+    /// sent, from `sent`).
+    pub fn new(
+        w: &kaapana_federation::Workflow,
+        sent: &dyn Fn(&kaapana_protocol::Sha256Digest) -> u64,
+    ) -> Self {
         let step_name = |i: usize| w.steps.get(i).map(|s| s.spec.name.clone()).unwrap_or_default();
         Self {
             workflow_id: w.workflow_id.to_string(),
@@ -281,8 +412,10 @@ impl WorkflowView {
                     },
                     reason: j.reason.clone(),
                     result: j.result.map(|b| b.digest.to_string()),
+                    samples: j.samples,
                 })
                 .collect(),
+            training: w.training.as_ref().map(|t| TrainingView::new(w, t, sent)),
         }
     }
 }

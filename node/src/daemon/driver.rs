@@ -324,12 +324,50 @@ impl NodeState {
         let record =
             WriteOp::PutResult { job: result.job_id, envelope: signed.as_bytes().to_vec() };
         let events = if bundle_part {
-            vec![Event::ResultStored { from, result: result.clone() }]
+            let samples = if self.site().is_update(&result.job_id) {
+                let blobs = crate::blobs::BlobStore::in_data_dir(&self.files.dir);
+                let bundle = blobs.ok().and_then(|b| b.path(&result.bundle.digest));
+                tokio::task::spawn_blocking(move || bundle.and_then(|p| samples_in_bundle(&p)))
+                    .await
+                    .unwrap_or_default()
+            } else {
+                None
+            };
+            vec![Event::ResultStored { from, result: result.clone(), samples }]
         } else {
             Vec::new()
         };
         self.feed(events, vec![record]).await.map(drop)
     }
+}
+
+/// The largest `samples` file of a training update that is read (a number and a newline).
+const MAX_SAMPLES_FILE: u64 = 32;
+
+/// The sample count a training update's result bundle reports: its top-level `samples` file,
+/// a decimal number (surrounding whitespace allowed). `None` when there is none, it is larger
+/// than [`MAX_SAMPLES_FILE`] or not a number (the core then refuses the update and says why).
+pub(crate) fn samples_in_bundle(bundle: &std::path::Path) -> Option<u64> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(bundle).ok()?;
+    let mut archive = tar::Archive::new(file);
+    for entry in archive.entries_with_seek().ok()? {
+        let mut entry = entry.ok()?;
+        let path = entry.path().ok()?.into_owned();
+        let mut parts = path.components().filter(|c| *c != std::path::Component::CurDir);
+        let top =
+            matches!((parts.next(), parts.next()), (Some(p), None) if p.as_os_str() == "samples");
+        if !top || !entry.header().entry_type().is_file() {
+            continue;
+        }
+        if entry.size() > MAX_SAMPLES_FILE {
+            return None;
+        }
+        let mut text = String::new();
+        entry.read_to_string(&mut text).ok()?;
+        return text.trim().parse().ok();
+    }
+    None
 }
 
 /// Store operations for every record the commands name, each once, in its current state.

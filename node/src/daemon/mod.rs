@@ -157,6 +157,9 @@ pub struct NodeState {
     unwritten: Mutex<Vec<WriteOp>>,
     /// Arms the core's timers (the timer task).
     timers: Mutex<Option<mpsc::UnboundedSender<(Timer, Timestamp)>>>,
+    /// Bytes of each input bundle this owner sent to runners since it started (a training's
+    /// model per round, for its view).
+    input_bytes_sent: Mutex<HashMap<kaapana_protocol::Sha256Digest, u64>>,
     /// Runs jobs; `None` on a node without a container runtime.
     executor: Option<Arc<dyn crate::executor::Executor>>,
     /// The site's datasets.
@@ -441,9 +444,63 @@ impl NodeState {
                 inputs: Vec::new(),
                 max_retries: 0,
             }],
+            rounds: None,
         };
         let workflow = self.submit_workflow(manifest).await?;
         workflow.jobs.into_iter().next().ok_or(WorkflowError::NotFound(job.workflow_id))
+    }
+
+    /// The model that round `round` of training `workflow` made here, for a training that
+    /// resumes from it; the error says why there is none.
+    pub fn resume_model(
+        &self,
+        workflow: kaapana_protocol::WorkflowId,
+        round: u32,
+    ) -> Result<kaapana_protocol::ResumeFrom, String> {
+        let site = self.site();
+        let w = site
+            .workflow(&workflow)
+            .ok_or_else(|| format!("there is no workflow {workflow} here"))?;
+        let t =
+            w.training.as_ref().ok_or_else(|| format!("workflow {workflow} is not a training"))?;
+        let rec = t.history.iter().find(|r| r.round == round && r.model.is_some());
+        let job = rec
+            .and_then(|r| r.aggregate_step)
+            .and_then(|s| w.jobs.iter().find(|j| j.step == s))
+            .and_then(|j| j.result.map(|bundle| (j, bundle)));
+        match job {
+            Some((j, bundle)) => Ok(kaapana_protocol::ResumeFrom {
+                round,
+                model: kaapana_protocol::InputBundle {
+                    job_name: j.name.clone(),
+                    job_id: j.job_id,
+                    bundle,
+                },
+            }),
+            None => {
+                let done: Vec<String> = t
+                    .history
+                    .iter()
+                    .filter(|r| r.model.is_some())
+                    .map(|r| r.round.to_string())
+                    .collect();
+                Err(format!(
+                    "round {round} of training {} ({workflow}) made no model; rounds with a model: {}",
+                    w.name,
+                    if done.is_empty() { "none".to_owned() } else { done.join(", ") }
+                ))
+            }
+        }
+    }
+
+    /// The API's view of a workflow of this instance.
+    pub fn workflow_view(&self, w: &kaapana_federation::Workflow) -> crate::api::WorkflowView {
+        crate::api::WorkflowView::new(w, &|d| self.input_bytes_sent(d))
+    }
+
+    /// Bytes of the input bundle `digest` sent to runners since this node started.
+    pub fn input_bytes_sent(&self, digest: &kaapana_protocol::Sha256Digest) -> u64 {
+        lock(&self.input_bytes_sent).get(digest).copied().unwrap_or(0)
     }
 
     /// Signs `manifest` (this instance must be its owner), plans it and starts its first jobs,
@@ -867,6 +924,7 @@ impl Daemon {
             drive_lock: tokio::sync::Mutex::new(()),
             unwritten: Mutex::new(Vec::new()),
             timers: Mutex::new(Some(timers_tx)),
+            input_bytes_sent: Mutex::new(HashMap::new()),
             executor,
             datasets: std::sync::RwLock::new(datasets),
             pacs_cache: Arc::new(pacs_cache),
@@ -1124,8 +1182,9 @@ impl net::inputs::InputSource for InputsOfSite {
         self.0.event(EventKind::InputServed, Some(runner), detail);
     }
 
-    fn sent(&self, _runner: &InstanceId, bytes: u64) {
+    fn sent(&self, _runner: &InstanceId, digest: &kaapana_protocol::Sha256Digest, bytes: u64) {
         self.0.metrics.input_bytes_sent.inc_by(bytes);
+        *lock(&self.0.input_bytes_sent).entry(*digest).or_default() += bytes;
     }
 }
 

@@ -343,6 +343,7 @@ mod tests {
             state: state.into(),
             reason: None,
             result: None,
+            samples: None,
         }
     }
 
@@ -360,6 +361,7 @@ mod tests {
                 .map(|(n, i)| ((*n).to_owned(), i.iter().map(|s| (*s).to_owned()).collect()))
                 .collect(),
             jobs,
+            training: None,
         }
     }
 

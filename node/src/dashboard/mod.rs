@@ -561,7 +561,7 @@ async fn workflow_submit(
 
 fn find_workflow(state: &NodeState, id: &str) -> Result<WorkflowView, api::ApiError> {
     let wid: kaapana_protocol::WorkflowId = api::parse_arg(id)?;
-    state.site().workflow(&wid).map(WorkflowView::new).ok_or_else(|| {
+    state.site().workflow(&wid).map(|w| state.workflow_view(w)).ok_or_else(|| {
         api::ApiError::from_parts(
             StatusCode::NOT_FOUND,
             format!("no workflow {id} at this instance"),

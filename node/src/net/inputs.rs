@@ -52,8 +52,8 @@ pub trait InputSource: Send + Sync + 'static {
     /// A fetch was served or refused (for the event log).
     fn served(&self, runner: &InstanceId, detail: String);
 
-    /// `bytes` of an input went to `runner` (for the metrics).
-    fn sent(&self, runner: &InstanceId, bytes: u64);
+    /// `bytes` of the input `digest` went to `runner` (for the metrics).
+    fn sent(&self, runner: &InstanceId, digest: &kaapana_protocol::Sha256Digest, bytes: u64);
 }
 
 /// How an input came to be here.
@@ -275,7 +275,7 @@ async fn serve_one<S: InputSource>(
     let Some((path, bundle)) = file else { return };
     let result = send_file(&mut stream, path, request.offset).await;
     if let Ok(sent) = &result {
-        source.sent(&runner, *sent);
+        source.sent(&runner, &bundle.digest, *sent);
     }
     match result {
         Ok(sent) => source.served(

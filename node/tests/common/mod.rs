@@ -825,3 +825,11 @@ pub fn stats_program() -> PathBuf {
         })
         .clone()
 }
+
+/// The statically linked `kaapana-fedavg` job program (FedAvg of a logistic regression),
+/// built next to [`stats_program`].
+pub fn fedavg_program() -> PathBuf {
+    let path = stats_program().with_file_name("kaapana-fedavg");
+    assert!(path.is_file(), "kn_build_job_programs built no {}", path.display());
+    path
+}
