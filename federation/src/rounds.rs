@@ -337,6 +337,9 @@ impl Workflow {
         let Some(t) = &self.training else { return };
         let mut spec = t.train.clone();
         spec.name = suffixed(&t.train.name, &format!("-r{round}"));
+        // For display: the step it reads from (the workflow's own aggregate step but for a
+        // resumed model).
+        spec.inputs = model.iter().map(|m| m.job_name.clone()).collect();
         let sites: Vec<(InstanceId, String)> =
             t.sites.iter().map(|s| (s.instance, s.name.clone())).collect();
         let deadline =
@@ -501,12 +504,18 @@ impl Workflow {
             .collect();
         let samples: u64 =
             updates.iter().chain(&folded).filter_map(|&i| self.jobs[i].samples).sum();
+        let folded_step = folded.first().map(|&i| self.jobs[i].step);
         let ids = |v: &[usize], jobs: &[WorkflowJob]| v.iter().map(|&i| jobs[i].job_id).collect();
         let (updates, folded, late): (Vec<JobId>, Vec<JobId>, Vec<JobId>) =
             (ids(&updates, &self.jobs), ids(&folded, &self.jobs), ids(&late, &self.jobs));
         let Some(t) = &self.training else { return };
         let mut spec = t.aggregate.clone();
         spec.name = suffixed(&t.aggregate.name, &format!("-r{round}"));
+        // For display: the steps it reads from.
+        spec.inputs = vec![self.steps[step].spec.name.clone()];
+        if let Some(f) = folded_step {
+            spec.inputs.push(self.steps[f].spec.name.clone());
+        }
         let aggregate = Step {
             dataset: spec.dataset.clone(),
             inputs: Vec::new(),
