@@ -60,16 +60,17 @@ kn_playwright() {
     (cd node/tests/dashboard && npm ci --no-audit --no-fund --prefer-offline --loglevel=error >&2)
 }
 
-# The job programs (`kaapana-stats`) run in the busybox job image, which has no glibc: build
-# them statically linked (crt-static) into their own target folder and print the path of
-# `kaapana-stats`. RUSTFLAGS apply only to the `--target` build, so build scripts and
-# proc-macros stay dynamic; the separate folder keeps the normal builds' cache valid.
+# The job programs (`kaapana-stats`, `kaapana-fedavg`) run in the busybox job image, which has
+# no glibc: build them statically linked (crt-static) into their own target folder, side by
+# side, and print the path of `kaapana-stats` as the last line (callers rely on it; the other
+# programs are in the same folder). RUSTFLAGS apply only to the `--target` build, so build
+# scripts and proc-macros stay dynamic; the separate folder keeps the normal builds' cache valid.
 kn_build_job_programs() {
     local triple=x86_64-unknown-linux-gnu
     local dir="${CARGO_TARGET_DIR:-target}/job-programs"
     RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$dir" \
         cargo build --locked -q --profile job-program -p kaapana-dicom --bin kaapana-stats \
-        --target "$triple" || return
+        --bin kaapana-fedavg --target "$triple" || return
     echo "$dir/$triple/job-program/kaapana-stats"
 }
 

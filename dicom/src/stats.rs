@@ -299,13 +299,13 @@ impl Default for SiteStats {
 }
 
 /// What one file contributes.
-struct FileFacts {
+pub(crate) struct FileFacts {
     patient_id: String,
     sex: String,
     age: Option<u32>,
     study_uid: String,
-    series_uid: String,
-    frames: u32,
+    pub(crate) series_uid: String,
+    pub(crate) frames: u32,
     bytes: u64,
 }
 
@@ -353,8 +353,12 @@ fn float(
     }
 }
 
-/// Every `*.dcm` file under `dir` (up to 8 folders deep), sorted.
-fn collect_dcm(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) -> Result<(), DicomError> {
+/// Every `*.dcm` file under `dir` (up to 8 folders deep), unsorted (callers sort).
+pub(crate) fn collect_dcm(
+    dir: &Path,
+    depth: u32,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), DicomError> {
     let entries = std::fs::read_dir(dir).map_err(|source| DicomError::Io {
         action: "list the folder",
         path: dir.to_owned(),
@@ -384,7 +388,7 @@ fn collect_dcm(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) -> Result<(), Dic
 }
 
 /// Reads one file, adds its voxels to `hist`/`hu_sum` and returns its other facts.
-fn read_file(
+pub(crate) fn read_file(
     path: &Path,
     hist: &mut HuHistogram,
     hu_sum: &mut i64,
