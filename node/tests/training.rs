@@ -7,128 +7,30 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
-use std::path::Path;
 use std::time::Duration;
 
-use common::containerd::TestContainerd;
-use common::{Daemon, Site};
-use kaapana_dicom::SiteSpec;
-use kaapana_node::api::{TrainingView, WorkflowView};
-use kaapana_node::executor::busybox::{ExtraFile, build_image_with};
+use common::training::{bundle_file, current_round, three_sites, training, workflow_file};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// The file named `name` at the top of the result bundle `digest` stored at `site`.
-fn bundle_file(site: &Site, digest: &str, name: &str) -> Vec<u8> {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    let path = site.dir.join("blobs/sha256").join(hex);
-    let mut archive = tar::Archive::new(std::fs::File::open(&path).unwrap());
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let p = entry.path().unwrap().into_owned();
-        if p.file_name().is_some_and(|f| f == name) && p.components().count() <= 2 {
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).unwrap();
-            return bytes;
-        }
-    }
-    panic!("bundle {digest} has no {name}");
-}
 
 fn weights(json: &[u8]) -> Vec<f64> {
     let v: serde_json::Value = serde_json::from_slice(json).unwrap();
     v["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect()
 }
 
-fn training(view: &WorkflowView) -> &TrainingView {
-    view.training.as_ref().expect("a training")
-}
-
-/// The round the owner has opened last (the training must still run).
-fn current_round(owner: &Daemon, id: &str) -> u32 {
-    let w = owner.workflow(id);
-    assert_eq!(w.state, "running", "the training ended early: {:?}", w.reason);
-    w.training.and_then(|t| t.history.last().map(|r| r.round)).unwrap_or(0)
-}
-
-struct Training {
-    sites: Vec<Site>,
-    digest: String,
-    series: Vec<usize>,
-    ctd: TestContainerd,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn three_sites(root: &Path) -> Training {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ctd = rt.block_on(TestContainerd::start());
-    let sites = common::federation(root, &["site-a", "site-b", "site-c"]);
-    let program = ExtraFile {
-        path_in_image: "bin/kaapana-fedavg".into(),
-        host: common::fedavg_program(),
-        mode: 0o755,
-    };
-    let (image, digest) = build_image_with(root, "fedavg", false, &[program]).unwrap();
-    let mut series = Vec::new();
-    for (i, s) in sites.iter().enumerate() {
-        s.set_executor(Some(ctd.containerd().socket()));
-        s.ok(&["image", "import", image.to_str().unwrap()]);
-        let n = 10 + 4 * i;
-        let data = root.join(format!("ct-{}", s.name));
-        let spec = SiteSpec {
-            series: n,
-            slices: 3..=6,
-            rows: 32,
-            columns: 32,
-            ..SiteSpec::new(i as u64 + 7)
-        };
-        kaapana_dicom::write_site(&spec, &data).unwrap();
-        s.ok(&["dataset", "add", "synthetic-ct", data.to_str().unwrap()]);
-        series.push(n);
-    }
-    Training { sites, digest: digest.to_string(), series, ctd, _rt: rt }
-}
-
-fn workflow_file(digest: &str, rounds: u32, deadline: &str) -> String {
-    format!(
-        r#"name = "fedavg"
-
-[rounds]
-rounds = {rounds}
-min_sites = 2
-round_deadline = "{deadline}"
-late = "drop"
-
-[[job]]
-name = "train"
-query = {{ dataset = "synthetic-ct", pick = "all" }}
-image = "{digest}"
-command = ["/bin/kaapana-fedavg", "train", "--data", "/input", "--epochs", "10"]
-timeout = "5m"
-
-[[job]]
-name = "aggregate"
-runner = "owner"
-inputs = ["train"]
-image = "{digest}"
-command = ["/bin/kaapana-fedavg", "aggregate"]
-timeout = "5m"
-"#
-    )
-}
-
 #[test]
 fn a_training_survives_a_site_that_is_away_for_three_rounds_and_its_models_are_fedavg() {
     let dir = common::test_dir();
-    let t = three_sites(dir.path());
+    let t = three_sites(dir.path(), |i| 10 + 4 * i, 3..=6, 32);
     let digest = t.digest.clone();
     let (a, b) = (t.sites[0].start(), t.sites[1].start());
     let mut c = Some(t.sites[2].start());
     for name in ["site-b", "site-c"] {
         a.wait_for_capabilities(name, WAIT);
     }
-    let w = a.submit_workflow(&workflow_file(&digest, 10, "4s"));
+    let train = r#"["/bin/kaapana-fedavg", "train", "--data", "/input", "--epochs", "10"]"#;
+    let aggregate = r#"["/bin/kaapana-fedavg", "aggregate"]"#;
+    let w = a.submit_workflow(&workflow_file(&digest, 10, 2, "4s", train, aggregate));
     let id = w.workflow_id.clone();
     assert_eq!(training(&w).sites, ["site-a", "site-b", "site-c"]);
 

@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod model;
 pub mod netns;
 pub mod orthanc;
+pub mod training;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
