@@ -295,10 +295,9 @@ impl Workflow {
             self.steps.get(job.step).and_then(|s| s.round).is_some_and(|r| !r.aggregate);
         let Some(t) = self.training.as_ref().filter(|_| is_update) else { return Ok(None) };
         let Some(n) = samples else {
-            return Err(format!(
-                "its update reports no sample count (a train job writes the number of samples it \
-                 trained on to /output/samples)"
-            ));
+            return Err("its update reports no sample count (a train job writes the number of \
+                        samples it trained on to /output/samples)"
+                .to_owned());
         };
         let items = t.sites.iter().find(|s| s.instance == job.runner).map_or(0, |s| s.items);
         if n == 0 || n > items {
@@ -380,7 +379,8 @@ impl Workflow {
         runners: Vec<(InstanceId, String)>,
         now: Timestamp,
     ) -> usize {
-        let s = self.steps.len();
+        self.ensure_index();
+        let (s, first) = (self.steps.len(), self.jobs.len());
         let single = step.round.is_some_and(|r| r.aggregate);
         for (n, (runner, runner_name)) in runners.into_iter().enumerate() {
             let name =
@@ -406,7 +406,9 @@ impl Workflow {
             });
         }
         self.steps.push(step);
-        self.index = Index::build(&self.steps, &self.jobs);
+        self.ensure_index();
+        self.index.add_step(s, &self.jobs, first);
+        self.ensure_index();
         self.revision.bump();
         s
     }

@@ -1234,6 +1234,24 @@ impl Index {
         me
     }
 
+    /// Adds the entries of a new last step `s` whose jobs are `jobs[first..]` (none done,
+    /// none dispatched, reading no step): what [`Index::build`] would add, without rebuilding.
+    pub(crate) fn add_step(&mut self, s: usize, jobs: &[WorkflowJob], first: usize) {
+        if !self.built || self.step_jobs.len() != s {
+            self.built = false;
+            return;
+        }
+        self.step_jobs.push((first..jobs.len()).collect());
+        self.done.push(0);
+        self.consumers.push(Vec::new());
+        self.active.push(BTreeMap::new());
+        self.waiting.push(BTreeMap::new());
+        for (i, job) in jobs.iter().enumerate().skip(first) {
+            self.by_id.insert(job.job_id, i);
+            self.wait(s, job.runner, i);
+        }
+    }
+
     fn wait(&mut self, s: usize, runner: InstanceId, i: usize) {
         if let Some(w) = self.waiting.get_mut(s) {
             w.entry(runner).or_default().insert(i);

@@ -217,6 +217,72 @@ pub enum WorkflowKind {
     /// One job at the best matching site (it moves when its runner is lost), then a report at
     /// the owner.
     Best,
+    /// A training (federated learning, a workflow with rounds): each round a train job at
+    /// every site of region 0 that holds the dataset, then an aggregation at the owner whose
+    /// model is the next round's input; a round closes when every site reported, or at its
+    /// deadline once it has its quorum (`rounds`, `min_sites`, `round_deadline_s`, `late`,
+    /// `straggler_fraction`, `straggler_job_s`).
+    Training,
+}
+
+/// What a training does with updates that arrive after their round closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Late {
+    /// The late jobs are cancelled when their round closes.
+    Drop,
+    /// The late jobs go on; an update that arrives before the next round closes is aggregated
+    /// with that round's.
+    Fold,
+}
+
+impl Late {
+    /// `drop` or `fold`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+            Self::Fold => "fold",
+        }
+    }
+
+    /// The protocol's value.
+    pub const fn updates(self) -> kaapana_protocol::LateUpdates {
+        match self {
+            Self::Drop => kaapana_protocol::LateUpdates::Drop,
+            Self::Fold => kaapana_protocol::LateUpdates::Fold,
+        }
+    }
+}
+
+/// A training's quorum: how many sites' updates a round needs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Quorum {
+    /// An integer: this many sites.
+    Sites(u32),
+    /// A number with a fraction part, above 0 and at most 1: this fraction of the sites the
+    /// training's query matches when it is submitted, rounded up (at least 1).
+    Fraction(f64),
+}
+
+impl Quorum {
+    /// The `min_sites` of a training whose query matches `matching` sites.
+    pub fn resolve(self, matching: usize) -> u32 {
+        match self {
+            Self::Sites(n) => n,
+            Self::Fraction(f) => {
+                let n = (f * matching as f64).ceil().max(1.0);
+                n.min(f64::from(u32::MAX)) as u32
+            }
+        }
+    }
+
+    fn is_valid(self) -> bool {
+        match self {
+            Self::Sites(n) => n >= 1,
+            Self::Fraction(f) => f > 0.0 && f <= 1.0,
+        }
+    }
 }
 
 /// Workflows to submit.
@@ -234,7 +300,9 @@ pub struct WorkflowConfig {
     /// Between two submissions, in seconds.
     pub every_s: f64,
     /// The dataset its site jobs read: for `statistics` the base name (regions are added),
-    /// for `best` a name where `{i}` becomes the repetition's index modulo the cohorts.
+    /// for `best` a name where `{i}` becomes the repetition's index modulo the cohorts, for
+    /// `training` the base name of region 0 (`<dataset>-r0`: a training's aggregate reads at
+    /// most 1,024 updates, so it trains over the first `site.region_size` sites).
     pub dataset: String,
     /// Whether site jobs need a GPU (capability-selected subset).
     pub gpu: bool,
@@ -242,14 +310,39 @@ pub struct WorkflowConfig {
     pub min_cpu_millis: u32,
     /// Retries of every job after retryable failures.
     pub max_retries: u32,
-    /// How long a site job runs, in seconds.
+    /// How long a site job runs, in seconds (for `training`: a train job at a site that is
+    /// not a straggler).
     pub site_job_s: Dist,
     /// How long an aggregation or report at the owner runs, in seconds.
     pub aggregate_job_s: Dist,
     /// What an aggregation adds per upstream result, in milliseconds.
     pub aggregate_per_input_ms: f64,
-    /// A site job's result bundle, in KiB.
+    /// A site job's result bundle, in KiB (for `training`: a site's update, uploaded to the
+    /// owner; the model is the aggregation's result, stored at the owner).
     pub result_kib: Dist,
+    /// `training`: the number of rounds (1 to 100,000).
+    pub rounds: u32,
+    /// `training`: the quorum, how many sites' updates a round needs: an integer is a number
+    /// of sites, a number with a fraction part (e.g. `0.8`) a fraction of the sites the
+    /// training's query matches when it is submitted, rounded up. A quorum above the number
+    /// of matching sites is refused at submission; one the reachable sites cannot reach makes
+    /// rounds wait past their deadline, and fails the training once the missing sites' jobs
+    /// fail (e.g. given up after `node.runner_give_up_after_s`).
+    pub min_sites: Quorum,
+    /// `training`: how long a round waits for slow sites once it has its quorum, in seconds
+    /// (whole seconds, at least 1; the manifest's `round_deadline`).
+    pub round_deadline_s: f64,
+    /// `training`: `"drop"` cancels the jobs still running when their round closes, `"fold"`
+    /// lets them go on and aggregates their updates with the next round's if they arrive
+    /// before it closes.
+    pub late: Late,
+    /// `training`: the fraction of sites that are stragglers (drawn once per site, the same
+    /// for every training and every round; the stragglers at a smaller fraction are among
+    /// those at every larger one). Their train jobs run `straggler_job_s` instead of
+    /// `site_job_s`.
+    pub straggler_fraction: f64,
+    /// `training`: how long a straggler's train job runs, in seconds.
+    pub straggler_job_s: Dist,
 }
 
 impl Default for WorkflowConfig {
@@ -268,6 +361,12 @@ impl Default for WorkflowConfig {
             aggregate_job_s: Dist::uniform(1.0, 3.0),
             aggregate_per_input_ms: 0.5,
             result_kib: Dist::lognormal(16.0, 0.5),
+            rounds: 10,
+            min_sites: Quorum::Fraction(0.8),
+            round_deadline_s: 300.0,
+            late: Late::Drop,
+            straggler_fraction: 0.0,
+            straggler_job_s: Dist::lognormal(900.0, 0.3),
         }
     }
 }
@@ -327,6 +426,8 @@ pub struct Sweep {
     pub partition_fraction: Vec<f64>,
     /// Delivery models.
     pub delivery: Vec<Delivery>,
+    /// What every `training` workflow does with late updates.
+    pub late: Vec<Late>,
 }
 
 /// A scenario file.
@@ -503,11 +604,33 @@ impl Scenario {
                 ("site_job_s", &w.site_job_s),
                 ("aggregate_job_s", &w.aggregate_job_s),
                 ("result_kib", &w.result_kib),
+                ("straggler_job_s", &w.straggler_job_s),
             ] {
                 if !d.is_valid() {
                     return Err(
                         self.invalid(format!("workflow {i}: {name} has invalid parameters"))
                     );
+                }
+            }
+            if w.kind == WorkflowKind::Training {
+                if !(1..=kaapana_protocol::MAX_ROUNDS).contains(&w.rounds) {
+                    return Err(self.invalid(format!("workflow {i}: rounds must be 1 to 100000")));
+                }
+                if !w.min_sites.is_valid() {
+                    return Err(self.invalid(format!(
+                        "workflow {i}: min_sites is a number of sites (at least 1) or a fraction \
+                         above 0 and at most 1"
+                    )));
+                }
+                if !(1.0..=f64::from(u32::MAX)).contains(&w.round_deadline_s) {
+                    return Err(self.invalid(format!(
+                        "workflow {i}: round_deadline_s must be at least 1 second"
+                    )));
+                }
+                if !prob(w.straggler_fraction) {
+                    return Err(self.invalid(format!(
+                        "workflow {i}: straggler_fraction must be between 0 and 1"
+                    )));
                 }
             }
             if w.kind == WorkflowKind::Best && w.dataset.contains("{i}") && self.site.cohorts == 0 {
@@ -534,47 +657,46 @@ impl Scenario {
     }
 
     /// One variant per combination of swept values, in the order sites, partition fraction,
-    /// delivery (the last varies fastest).
+    /// delivery, late updates (the last varies fastest).
     pub fn variants(&self) -> Vec<Variant> {
-        let sizes: Vec<Option<u32>> = if self.sweep.sites.is_empty() {
-            vec![None]
-        } else {
-            self.sweep.sites.iter().copied().map(Some).collect()
-        };
-        let fractions: Vec<Option<f64>> = if self.sweep.partition_fraction.is_empty() {
-            vec![None]
-        } else {
-            self.sweep.partition_fraction.iter().copied().map(Some).collect()
-        };
-        let deliveries: Vec<Option<Delivery>> = if self.sweep.delivery.is_empty() {
-            vec![None]
-        } else {
-            self.sweep.delivery.iter().copied().map(Some).collect()
-        };
+        fn axis<T: Copy>(values: &[T]) -> Vec<Option<T>> {
+            if values.is_empty() { vec![None] } else { values.iter().copied().map(Some).collect() }
+        }
         let mut out = Vec::new();
-        for &n in &sizes {
-            for &f in &fractions {
-                for &d in &deliveries {
-                    let mut s = self.clone();
-                    s.sweep = Sweep::default();
-                    let mut label = Vec::new();
-                    if let Some(n) = n {
-                        s.sites = n;
-                        label.push(format!("sites={n}"));
-                    }
-                    if let Some(f) = f {
-                        for p in &mut s.partition {
-                            p.fraction = f;
+        for &n in &axis(&self.sweep.sites) {
+            for &f in &axis(&self.sweep.partition_fraction) {
+                for &d in &axis(&self.sweep.delivery) {
+                    for &late in &axis(&self.sweep.late) {
+                        let mut s = self.clone();
+                        s.sweep = Sweep::default();
+                        let mut label = Vec::new();
+                        if let Some(n) = n {
+                            s.sites = n;
+                            label.push(format!("sites={n}"));
                         }
-                        label.push(format!("cut={f}"));
+                        if let Some(f) = f {
+                            for p in &mut s.partition {
+                                p.fraction = f;
+                            }
+                            label.push(format!("cut={f}"));
+                        }
+                        if let Some(d) = d {
+                            s.delivery = d;
+                            label.push(format!("delivery={}", d.label()));
+                        }
+                        if let Some(late) = late {
+                            for w in
+                                s.workflow.iter_mut().filter(|w| w.kind == WorkflowKind::Training)
+                            {
+                                w.late = late;
+                            }
+                            label.push(format!("late={}", late.label()));
+                        }
+                        let partition_fraction = s.partition.first().map_or(0.0, |p| p.fraction);
+                        let label =
+                            if label.is_empty() { "base".to_owned() } else { label.join(" ") };
+                        out.push(Variant { label, scenario: s, partition_fraction });
                     }
-                    if let Some(d) = d {
-                        s.delivery = d;
-                        label.push(format!("delivery={}", d.label()));
-                    }
-                    let partition_fraction = s.partition.first().map_or(0.0, |p| p.fraction);
-                    let label = if label.is_empty() { "base".to_owned() } else { label.join(" ") };
-                    out.push(Variant { label, scenario: s, partition_fraction });
                 }
             }
         }

@@ -87,16 +87,19 @@ fn main() -> anyhow::Result<()> {
                 );
             })?;
             print!("{}", report::table(&results));
+            print!("{}", report::training_table(&results));
             report::write_results(&out, &scenario.name, &results)
                 .with_context(|| format!("writing results to {}", out.display()))?;
             let rss = mem::peak_rss()
                 .map_or_else(|| "unknown".to_owned(), |b| report::human_bytes(b as f64));
+            let trainings = results.iter().any(|(r, _)| !r.trainings.is_empty());
             println!(
-                "total wall time {:.2} s, peak RSS {rss}; wrote {}/{}.csv and {}-perf.csv",
+                "total wall time {:.2} s, peak RSS {rss}; wrote {}/{}.csv and {}-perf.csv{}",
                 started.elapsed().as_secs_f64(),
                 out.display(),
                 scenario.name,
-                scenario.name
+                scenario.name,
+                if trainings { ", -trainings.csv and -rounds.csv" } else { "" }
             );
         }
         Command::Plot { results } => {

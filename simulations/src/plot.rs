@@ -573,11 +573,108 @@ pub fn baseline(dir: &Path) -> Result<PathBuf, PlotError> {
     Ok(out)
 }
 
+/// The variants of a table, in the order of their first row.
+fn variants(t: &Table) -> Result<Vec<String>, PlotError> {
+    let mut out: Vec<String> = Vec::new();
+    for i in 0..t.rows.len() {
+        let v = t.text(i, "variant")?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// `(round, y)` of variant `v`'s rounds that have a value in every column `y` adds up
+/// (an open round has no duration).
+fn per_round(t: &Table, v: &str, y: &[&str]) -> Result<Vec<(f64, f64)>, PlotError> {
+    let mut out = Vec::new();
+    for i in 0..t.rows.len() {
+        if t.text(i, "variant")? != v || y.iter().any(|c| t.text(i, c).is_ok_and(|s| s.is_empty()))
+        {
+            continue;
+        }
+        let mut sum = 0.0;
+        for c in y {
+            sum += t.num(i, c)?;
+        }
+        out.push((t.num(i, "round")?, sum));
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(out)
+}
+
+/// `training.svg`: round durations and updates per round of the training under partitions
+/// (`training-partitions-rounds.csv`) and, when present, with late updates dropped or folded
+/// (`training-rounds.csv`).
+pub fn training(dir: &Path) -> Result<PathBuf, PlotError> {
+    use SeriesLabelPosition::{LowerRight, UpperRight};
+    let t = Table::read(&dir.join("training-partitions-rounds.csv"))?;
+    let out = dir.join("training.svg");
+    let cuts = variants(&t)?;
+    let label = |v: &str| match v.strip_prefix("cut=") {
+        Some(f) => format!("{:.0} % cut off", f.parse::<f64>().unwrap_or(0.0) * 100.0),
+        None => v.to_owned(),
+    };
+    let mut duration = Vec::new();
+    let mut updates = Vec::new();
+    for (k, v) in cuts.iter().enumerate() {
+        duration.push(line(&label(v), k, per_round(&t, v, &["duration_s"])?));
+        updates.push(line(&label(v), k, per_round(&t, v, &["updates", "folded"])?));
+    }
+    let mut panels = vec![
+        panel(
+            "Round duration under a partition",
+            "round",
+            "seconds from opening to model (log scale)",
+            (false, true),
+            UpperRight,
+            duration,
+        ),
+        panel(
+            "Updates aggregated per round",
+            "round",
+            "updates (own and folded)",
+            (false, false),
+            LowerRight,
+            updates,
+        ),
+    ];
+    let late_path = dir.join("training-rounds.csv");
+    if late_path.exists() {
+        let l = Table::read(&late_path)?;
+        let mut lines = Vec::new();
+        for (k, v) in variants(&l)?.iter().enumerate() {
+            lines.push(line(&format!("{v}: own"), k, per_round(&l, v, &["updates"])?));
+            lines.push(dashed(
+                &format!("{v}: own + folded"),
+                k,
+                per_round(&l, v, &["updates", "folded"])?,
+            ));
+        }
+        panels.push(panel(
+            "Late updates dropped or folded",
+            "round",
+            "updates aggregated",
+            (false, false),
+            LowerRight,
+            lines,
+        ));
+    }
+    let layout = (1, panels.len());
+    draw(&out, "Training: 1,000 sites, 100 rounds, quorum 80 %, 10 % stragglers", layout, &panels)?;
+    Ok(out)
+}
+
 /// Draws every chart whose CSV files exist; returns the files written.
 pub fn plot_all(dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     type Chart = fn(&Path) -> Result<PathBuf, PlotError>;
-    let charts: [(&str, Chart); 3] =
-        [("scale", scale), ("partitions", partitions), ("baseline-polling", baseline)];
+    let charts: [(&str, Chart); 4] = [
+        ("scale", scale),
+        ("partitions", partitions),
+        ("baseline-polling", baseline),
+        ("training-partitions-rounds", training),
+    ];
     let mut out = Vec::new();
     for (name, chart) in charts {
         if dir.join(format!("{name}.csv")).exists() {
@@ -589,7 +686,7 @@ pub fn plot_all(dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
             path: dir.display().to_string(),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "no scale.csv, partitions.csv or baseline-polling.csv",
+                "no scale.csv, partitions.csv, baseline-polling.csv or training-partitions-rounds.csv",
             ),
         });
     }

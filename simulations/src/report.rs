@@ -1,17 +1,20 @@
 //! Running scenarios and reporting them: one [`Row`] per variant (deterministic: the same
 //! seed gives the same bytes) and one [`Perf`] (wall time and memory, which vary from machine
-//! to machine and are kept in a separate file).
+//! to machine and are kept in a separate file). A scenario with trainings also gets one
+//! [`TrainingRow`] per training and one [`RoundRow`] per round (`<name>-trainings.csv`,
+//! `<name>-rounds.csv`), taken from the owner's [`Training`] record.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use kaapana_federation::WorkflowState;
+use kaapana_federation::{Training, WorkflowState};
+use kaapana_protocol::Timestamp;
 
 use crate::config::{Delivery, Scenario, Variant, WorkflowKind};
 use crate::engine::{SEC, to_secs};
 use crate::mem;
-use crate::sim::{Sim, SimError, SimOptions, WorkflowOutcome};
+use crate::sim::{Sim, SimError, SimOptions, T0_MS, WorkflowOutcome};
 
 /// What one run measured. Every field is a function of the scenario and its seed.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +88,93 @@ pub struct Row {
     pub end_s: f64,
     /// The first failure reason, if any workflow failed.
     pub first_failure: String,
+    /// The trainings of the run, one row each (not part of `<name>.csv`).
+    pub trainings: Vec<TrainingRow>,
+    /// Their rounds, one row each (not part of `<name>.csv`).
+    pub rounds: Vec<RoundRow>,
+}
+
+/// One training of a run, from its owner's record. Times are virtual.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingRow {
+    /// The scenario.
+    pub scenario: String,
+    /// The variant's label.
+    pub variant: String,
+    /// Sites in the federation.
+    pub sites: u32,
+    /// Fraction cut off by the partitions.
+    pub partition_fraction: f64,
+    /// The seed.
+    pub seed: u64,
+    /// Its index among the run's workflows (submission order).
+    pub workflow: usize,
+    /// Its owner.
+    pub owner: u32,
+    /// `finished`, `failed`, `cancelled`, or `running` when the run stopped.
+    pub state: String,
+    /// Its late-update policy, `drop` or `fold`.
+    pub late_policy: String,
+    /// Its last round.
+    pub rounds: u32,
+    /// Its quorum.
+    pub min_sites: u32,
+    /// The sites it trains at.
+    pub training_sites: usize,
+    /// Rounds that made their model.
+    pub rounds_completed: usize,
+    /// Round duration (opened to its model stored), mean over the completed rounds, in s.
+    pub round_mean_s: f64,
+    /// Its median (nearest rank), in s.
+    pub round_p50_s: f64,
+    /// Its 99th percentile (nearest rank), in s.
+    pub round_p99_s: f64,
+    /// The longest round, in s.
+    pub round_max_s: f64,
+    /// Updates aggregated per completed round (the round's own and the folded ones), mean.
+    pub updates_mean: f64,
+    /// The fewest updates of the round's own any completed round aggregated.
+    pub updates_min: usize,
+    /// Samples aggregated per completed round, mean.
+    pub samples_mean: f64,
+    /// Jobs that had not delivered when their round closed, over all rounds.
+    pub late: usize,
+    /// Of those, updates aggregated with the next round's (`fold`).
+    pub folded: usize,
+    /// Of those, dropped: cancelled at their round's close (`drop`), or not delivered before
+    /// the next round closed or the training ended (`fold`).
+    pub dropped: usize,
+    /// Submission to its end (or to the end of the run), in s.
+    pub completion_s: f64,
+    /// Why it failed, if it did.
+    pub reason: String,
+}
+
+/// One round of a training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundRow {
+    /// The scenario.
+    pub scenario: String,
+    /// The variant's label.
+    pub variant: String,
+    /// The training's index among the run's workflows.
+    pub workflow: usize,
+    /// The round's number.
+    pub round: u32,
+    /// When it opened, in s of virtual time.
+    pub opened_s: f64,
+    /// From opening to closing (quorum or all sites), in s; empty while open.
+    pub close_s: Option<f64>,
+    /// From opening to its model stored, in s; empty until then.
+    pub duration_s: Option<f64>,
+    /// Updates of its own it aggregated.
+    pub updates: usize,
+    /// Late updates of the round before it aggregated.
+    pub folded: usize,
+    /// Its jobs that had not delivered when it closed.
+    pub late: usize,
+    /// Samples it aggregated.
+    pub samples: u64,
 }
 
 impl Row {
@@ -292,6 +382,114 @@ pub fn summarize(variant: &Variant, sim: &Sim) -> Row {
         events: sim.events(),
         end_s: to_secs(end),
         first_failure: first_failure.replace([',', '\n', '"'], " "),
+        trainings: Vec::new(),
+        rounds: Vec::new(),
+    }
+    .with_trainings(variant, sim, &outcomes)
+}
+
+/// Seconds of virtual time since 0.
+fn vsecs(t: Timestamp) -> f64 {
+    t.as_millis().saturating_sub(T0_MS) as f64 / 1000.0
+}
+
+/// The value at quantile `q` of `sorted` (nearest rank); 0 if empty.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl Row {
+    /// Adds the rows of the run's trainings.
+    fn with_trainings(
+        mut self,
+        variant: &Variant,
+        sim: &Sim,
+        outcomes: &[WorkflowOutcome],
+    ) -> Self {
+        let sc = &variant.scenario;
+        for (i, o) in outcomes.iter().enumerate().filter(|(_, o)| o.kind == WorkflowKind::Training)
+        {
+            let cfg = sim.workflow_config(i);
+            let training: Option<&Training> = sim.workflow(i).and_then(|w| w.training.as_ref());
+            let state = o.state.map_or_else(|| "running".to_owned(), |s| s.to_string());
+            let end = o.ended_at.unwrap_or_else(|| sim.now());
+            let mut row = TrainingRow {
+                scenario: sc.name.clone(),
+                variant: variant.label.clone(),
+                sites: sc.sites,
+                partition_fraction: variant.partition_fraction,
+                seed: sc.seed,
+                workflow: i,
+                owner: o.owner,
+                state,
+                late_policy: cfg.map_or("", |c| c.late.label()).to_owned(),
+                rounds: cfg.map_or(0, |c| c.rounds),
+                min_sites: 0,
+                training_sites: 0,
+                rounds_completed: 0,
+                round_mean_s: 0.0,
+                round_p50_s: 0.0,
+                round_p99_s: 0.0,
+                round_max_s: 0.0,
+                updates_mean: 0.0,
+                updates_min: 0,
+                samples_mean: 0.0,
+                late: 0,
+                folded: 0,
+                dropped: 0,
+                completion_s: to_secs(end.saturating_sub(o.submitted_at)),
+                reason: o.reason.clone().unwrap_or_default().replace([',', '\n', '"'], " "),
+            };
+            if let Some(t) = training {
+                row.rounds = t.rounds.rounds;
+                row.min_sites = t.rounds.min_sites;
+                row.training_sites = t.sites.len();
+                let completed: Vec<_> = t.history.iter().filter(|r| r.model.is_some()).collect();
+                row.rounds_completed = completed.len();
+                let mut durations: Vec<f64> = completed
+                    .iter()
+                    .filter_map(|r| r.ended_at.map(|e| vsecs(e) - vsecs(r.opened_at)))
+                    .collect();
+                durations.sort_by(f64::total_cmp);
+                let n = durations.len().max(1) as f64;
+                row.round_mean_s = durations.iter().sum::<f64>() / n;
+                row.round_p50_s = quantile(&durations, 0.5);
+                row.round_p99_s = quantile(&durations, 0.99);
+                row.round_max_s = durations.last().copied().unwrap_or(0.0);
+                let k = completed.len().max(1) as f64;
+                row.updates_mean =
+                    completed.iter().map(|r| r.updates.len() + r.folded.len()).sum::<usize>()
+                        as f64
+                        / k;
+                row.updates_min = completed.iter().map(|r| r.updates.len()).min().unwrap_or(0);
+                row.samples_mean = completed.iter().map(|r| r.samples).sum::<u64>() as f64 / k;
+                row.late = t.history.iter().map(|r| r.late.len()).sum();
+                row.folded = t.history.iter().map(|r| r.folded.len()).sum();
+                row.dropped = row.late.saturating_sub(row.folded);
+                for r in &t.history {
+                    let opened = vsecs(r.opened_at);
+                    self.rounds.push(RoundRow {
+                        scenario: sc.name.clone(),
+                        variant: variant.label.clone(),
+                        workflow: i,
+                        round: r.round,
+                        opened_s: opened,
+                        close_s: r.closed_at.map(|c| vsecs(c) - opened),
+                        duration_s: r.ended_at.map(|e| vsecs(e) - opened),
+                        updates: r.updates.len(),
+                        folded: r.folded.len(),
+                        late: r.late.len(),
+                        samples: r.samples,
+                    });
+                }
+            }
+            self.trainings.push(row);
+        }
+        self
     }
 }
 
@@ -390,6 +588,160 @@ pub fn rows_csv(rows: &[Row]) -> String {
     out
 }
 
+/// The header of [`trainings_csv`].
+pub const TRAINING_COLUMNS: &[&str] = &[
+    "scenario",
+    "variant",
+    "sites",
+    "partition_fraction",
+    "seed",
+    "workflow",
+    "owner",
+    "state",
+    "late_policy",
+    "rounds",
+    "min_sites",
+    "training_sites",
+    "rounds_completed",
+    "round_mean_s",
+    "round_p50_s",
+    "round_p99_s",
+    "round_max_s",
+    "updates_mean",
+    "updates_min",
+    "samples_mean",
+    "late",
+    "folded",
+    "dropped",
+    "completion_s",
+    "reason",
+];
+
+/// The trainings of the runs as CSV (fixed formatting: equal runs give equal bytes).
+pub fn trainings_csv(rows: &[Row]) -> String {
+    let mut out = TRAINING_COLUMNS.join(",");
+    out.push('\n');
+    for t in rows.iter().flat_map(|r| &r.trainings) {
+        let _ = writeln!(
+            out,
+            "{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.2},{},{:.1},{},{},{},{:.3},{}",
+            t.scenario,
+            t.variant,
+            t.sites,
+            t.partition_fraction,
+            t.seed,
+            t.workflow,
+            t.owner,
+            t.state,
+            t.late_policy,
+            t.rounds,
+            t.min_sites,
+            t.training_sites,
+            t.rounds_completed,
+            t.round_mean_s,
+            t.round_p50_s,
+            t.round_p99_s,
+            t.round_max_s,
+            t.updates_mean,
+            t.updates_min,
+            t.samples_mean,
+            t.late,
+            t.folded,
+            t.dropped,
+            t.completion_s,
+            t.reason,
+        );
+    }
+    out
+}
+
+/// The header of [`rounds_csv`].
+pub const ROUND_COLUMNS: &[&str] = &[
+    "scenario",
+    "variant",
+    "workflow",
+    "round",
+    "opened_s",
+    "close_s",
+    "duration_s",
+    "updates",
+    "folded",
+    "late",
+    "samples",
+];
+
+/// Every round of every training as CSV.
+pub fn rounds_csv(rows: &[Row]) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
+    let mut out = ROUND_COLUMNS.join(",");
+    out.push('\n');
+    for r in rows.iter().flat_map(|r| &r.rounds) {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{:.3},{},{},{},{},{},{}",
+            r.scenario,
+            r.variant,
+            r.workflow,
+            r.round,
+            r.opened_s,
+            opt(r.close_s),
+            opt(r.duration_s),
+            r.updates,
+            r.folded,
+            r.late,
+            r.samples,
+        );
+    }
+    out
+}
+
+/// A summary table of the trainings for the terminal (empty without trainings).
+pub fn training_table(results: &[(Row, Perf)]) -> String {
+    let mut out = String::new();
+    if results.iter().all(|(r, _)| r.trainings.is_empty()) {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<28} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8}",
+        "training",
+        "state",
+        "quorum",
+        "rounds",
+        "mean s",
+        "p50 s",
+        "p99 s",
+        "upd/round",
+        "late",
+        "folded",
+        "dropped",
+        "events",
+        "wall s"
+    );
+    for (r, p) in results {
+        for t in &r.trainings {
+            let _ = writeln!(
+                out,
+                "{:<28} {:>9} {:>7} {:>10} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>6} {:>7} {:>7} {:>9} {:>8.2}",
+                format!("{} #{}", r.variant, t.workflow),
+                t.state,
+                format!("{}/{}", t.min_sites, t.training_sites),
+                format!("{}/{}", t.rounds_completed, t.rounds),
+                t.round_mean_s,
+                t.round_p50_s,
+                t.round_p99_s,
+                t.updates_mean,
+                t.late,
+                t.folded,
+                t.dropped,
+                r.events,
+                p.wall_s,
+            );
+        }
+    }
+    out
+}
+
 /// The header of [`perf_csv`].
 pub const PERF_COLUMNS: &[&str] = &[
     "scenario",
@@ -478,7 +830,8 @@ pub fn human_bytes(b: f64) -> String {
     }
 }
 
-/// Writes `<dir>/<name>.csv` and `<dir>/<name>-perf.csv`.
+/// Writes `<dir>/<name>.csv` and `<dir>/<name>-perf.csv`, and with trainings
+/// `<dir>/<name>-trainings.csv` and `<dir>/<name>-rounds.csv`.
 pub fn write_results(dir: &Path, name: &str, results: &[(Row, Perf)]) -> Result<(), SimError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
@@ -491,5 +844,11 @@ pub fn write_results(dir: &Path, name: &str, results: &[(Row, Perf)]) -> Result<
     std::fs::write(&csv, rows_csv(&rows)).map_err(io(&csv))?;
     let perf = dir.join(format!("{name}-perf.csv"));
     std::fs::write(&perf, perf_csv(&perfs)).map_err(io(&perf))?;
+    if rows.iter().any(|r| !r.trainings.is_empty()) {
+        let trainings = dir.join(format!("{name}-trainings.csv"));
+        std::fs::write(&trainings, trainings_csv(&rows)).map_err(io(&trainings))?;
+        let rounds = dir.join(format!("{name}-rounds.csv"));
+        std::fs::write(&rounds, rounds_csv(&rows)).map_err(io(&rounds))?;
+    }
     Ok(())
 }

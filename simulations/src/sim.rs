@@ -14,13 +14,18 @@
 //!   is `Replayed`; a message refused as expired is fed back to its sender as
 //!   [`Event::Refused`];
 //! - `StartJob`/`StopJob`: the executor, with the scenario's start delays, durations and
-//!   failures, reporting [`Event::Executor`];
+//!   failures (a training's stragglers run their train jobs for `straggler_job_s`), reporting
+//!   [`Event::Executor`];
 //! - `DeliverResult`: result bundles, streamed over the runner's uplink and the owner's
 //!   downlink (both shared first come, first served), retried with backoff until the owner
 //!   has them; the owner stores what [`Site::expects_result`] accepts and feeds
-//!   [`Event::ResultStored`];
+//!   [`Event::ResultStored`], with the sample count of a training's update
+//!   ([`Site::is_update`]: the items the runner advertises for the training's dataset, one
+//!   update in ten fewer), where the daemon reads the bundle's `samples` file;
 //! - `SetTimer`: a [`Event::TimerFired`] at that virtual time (a later timer with the same
-//!   value replaces it);
+//!   value replaces it): a lost-runner check (`Timer::RunnerCheck`) or a training's round
+//!   deadline (`Timer::RoundDeadline`); timers are volatile, the core re-arms them when it is
+//!   fed `Started` after a restart;
 //! - connections: a link breaks when a partition cuts it or a site crashes; the peers notice
 //!   after the ping timeout and redial with backoff after it heals (a restarted site dials at
 //!   once); each end feeds its core `PeerConnected`/`PeerDisconnected` when it notices;
@@ -45,9 +50,9 @@ use kaapana_federation::{
 };
 use kaapana_protocol::{
     BlobRef, CapabilityAd, CapabilityQuery, ContainerWork, DatasetSummary, ENVELOPE_OVERHEAD,
-    ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobSpec,
-    JobState, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
-    RunnerSelector, Sha256Digest, Timestamp, Work, WorkflowId, WorkflowManifest,
+    ExecutorKind, ExitStatus, Gpu, Header, ImageDigest, InstanceId, ItemToken, JobId, JobManifest,
+    JobSpec, JobState, NameScope, Pick, Processing, ResourceLimits, Resources, ResultManifest,
+    Rounds, RunnerSelector, Sha256Digest, Timestamp, Work, WorkflowId, WorkflowManifest,
 };
 use serde::Serialize;
 
@@ -85,6 +90,7 @@ const K_JOB: u64 = 5;
 const K_PARTITION: u64 = 6;
 const K_CRASH: u64 = 7;
 const K_POLL: u64 = 8;
+const K_STRAGGLER: u64 = 9;
 
 /// Why a run could not be carried out or failed.
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +425,8 @@ struct Volatile {
     down_free: Micros,
     /// The generation of the armed `RunnerCheck` timer per peer.
     timers: HashMap<u32, u64>,
+    /// The generation of the armed `RoundDeadline` timer per training.
+    round_timers: HashMap<WorkflowId, u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -484,6 +492,7 @@ enum Ev {
     ResultArrive { site: u32, job: JobId, inc: u32, attempt: u64, epoch: u32 },
     ResultAcked { site: u32, job: JobId, inc: u32, attempt: u64, epoch: u32 },
     RunnerCheck { site: u32, peer: u32, generation: u64, inc: u32 },
+    RoundDeadline { site: u32, workflow: WorkflowId, generation: u64, inc: u32 },
     Crash { site: u32 },
     Restart { site: u32 },
     PartitionStart { p: usize },
@@ -870,6 +879,11 @@ impl Sim {
         self.sites.get(meta.owner as usize)?.core.workflow(meta.id.as_ref()?)
     }
 
+    /// The configuration of workflow `i` of the run (in submission order).
+    pub fn workflow_config(&self, i: usize) -> Option<&WorkflowConfig> {
+        self.sc.workflow.get(self.wfs.get(i)?.cfg)
+    }
+
     /// The site index of an instance id.
     pub fn site_of(&self, id: &InstanceId) -> Option<u32> {
         self.index.get(id).copied()
@@ -986,6 +1000,16 @@ impl Sim {
                     st.v.timers.remove(&peer);
                     let id = self.sites[peer as usize].id;
                     self.feed(site, Event::TimerFired(Timer::RunnerCheck(id)));
+                }
+            }
+            Ev::RoundDeadline { site, workflow, generation, inc } => {
+                let st = &mut self.sites[site as usize];
+                if st.alive
+                    && st.inc == inc
+                    && st.v.round_timers.get(&workflow) == Some(&generation)
+                {
+                    st.v.round_timers.remove(&workflow);
+                    self.feed(site, Event::TimerFired(Timer::RoundDeadline(workflow)));
                 }
             }
             Ev::Crash { site } => self.crash(site),
@@ -1578,6 +1602,7 @@ impl Sim {
             pick,
         };
         let mut jobs = Vec::new();
+        let mut rounds = None;
         let name;
         match cfg.kind {
             WorkflowKind::Statistics => {
@@ -1630,6 +1655,32 @@ impl Sim {
                     vec!["train".to_owned()],
                 ));
             }
+            WorkflowKind::Training => {
+                name = "federated-training".to_owned();
+                let q = query(format!("{}-r0", cfg.dataset), Pick::All);
+                // The quorum as a fraction of the sites the query matches now.
+                let matching = self.sites[owner as usize]
+                    .core
+                    .candidates()
+                    .iter()
+                    .filter(|c| c.matches(&q))
+                    .count();
+                rounds = Some(Rounds {
+                    rounds: cfg.rounds,
+                    min_sites: cfg.min_sites.resolve(matching),
+                    round_deadline_secs: cfg.round_deadline_s.round() as u32,
+                    late: cfg.late.updates(),
+                    train: "train".to_owned(),
+                    aggregate: "aggregate".to_owned(),
+                    resume: None,
+                });
+                jobs.push(spec("train".to_owned(), RunnerSelector::Query(q), Vec::new()));
+                jobs.push(spec(
+                    "aggregate".to_owned(),
+                    RunnerSelector::Owner,
+                    vec!["train".to_owned()],
+                ));
+            }
         }
         WorkflowManifest {
             header: Header::new(ts(self.now()), LONG_LIFETIME),
@@ -1637,6 +1688,7 @@ impl Sim {
             owner: self.sites[owner as usize].id,
             name,
             jobs,
+            rounds,
         }
     }
 
@@ -1768,15 +1820,24 @@ impl Sim {
     }
 
     fn set_timer(&mut self, s: u32, timer: Timer, at: Timestamp) {
-        let Timer::RunnerCheck(peer) = timer else { return };
-        let Some(&p) = self.index.get(&peer) else { return };
+        let at = micros(at).max(self.now());
         self.next_timer += 1;
         let generation = self.next_timer;
         let site = &mut self.sites[s as usize];
-        site.v.timers.insert(p, generation);
         let inc = site.inc;
-        let at = micros(at).max(self.now());
-        self.queue.schedule(at, Ev::RunnerCheck { site: s, peer: p, generation, inc });
+        match timer {
+            Timer::RunnerCheck(peer) => {
+                let Some(&p) = self.index.get(&peer) else { return };
+                site.v.timers.insert(p, generation);
+                self.queue.schedule(at, Ev::RunnerCheck { site: s, peer: p, generation, inc });
+            }
+            Timer::RoundDeadline(workflow) => {
+                site.v.round_timers.insert(workflow, generation);
+                let ev = Ev::RoundDeadline { site: s, workflow, generation, inc };
+                self.queue.schedule(at, ev);
+            }
+            _ => {}
+        }
     }
 
     fn notice(&mut self, s: u32, notice: Notice) {
@@ -1786,6 +1847,9 @@ impl Sim {
                 if job.runner != self.sites[s as usize].id {
                     self.dispatched_at.insert(job.job_id, self.now());
                 }
+                if self.inv.enabled() {
+                    self.check_training_dispatch(s, &job);
+                }
             }
             Notice::WorkflowEnded { workflow, state, reason } => {
                 self.ended(s, workflow, state, reason);
@@ -1794,6 +1858,17 @@ impl Sim {
                 self.counters.transition_errors += 1;
             }
             _ => {}
+        }
+    }
+
+    /// The rounds of a training at owner `s` allow the dispatch of `job`.
+    fn check_training_dispatch(&mut self, s: u32, job: &JobManifest) {
+        let now = self.now();
+        let site = &self.sites[s as usize];
+        let Some(w) = site.core.workflow(&job.workflow_id) else { return };
+        if w.training.is_some() {
+            let stored = |id: &JobId| site.d.stored_results.contains_key(id);
+            self.inv.training_dispatch(now, ts(now), w, job, stored);
         }
     }
 
@@ -1813,8 +1888,13 @@ impl Sim {
         if state == WorkflowState::Finished
             && let Some(w) = w
         {
-            let all_done = w.jobs.iter().all(|j| j.is_done());
-            self.inv.finished_means_done(now, all_done);
+            if w.training.is_some() {
+                // Late jobs were dropped (failed): what must be done is what the rounds used.
+                self.inv.training_finished(now, w);
+            } else {
+                let all_done = w.jobs.iter().all(|j| j.is_done());
+                self.inv.finished_means_done(now, all_done);
+            }
         }
         let o = &mut self.wfs[i].outcome;
         if o.state.is_none() {
@@ -1884,6 +1964,9 @@ impl Sim {
                     c.aggregate_job_s.sample(&mut r)
                         + c.aggregate_per_input_ms / 1000.0 * inputs as f64
                 }
+                Some(c) if c.kind == WorkflowKind::Training && self.straggler(s, c) => {
+                    c.straggler_job_s.sample(&mut r)
+                }
                 Some(c) => c.site_job_s.sample(&mut r),
                 None => 1.0,
             }
@@ -1892,6 +1975,12 @@ impl Sim {
         self.sites[s as usize].containers.insert(job, Container { ends_at });
         self.feed(s, Event::Executor { job, outcome: Outcome::Started });
         self.queue.schedule(ends_at, Ev::ExecExit { site: s, job, inc });
+    }
+
+    /// Whether site `s` is one of a training's stragglers: drawn once per site, so that the
+    /// stragglers at a smaller fraction are among those at every larger one.
+    fn straggler(&self, s: u32, cfg: &WorkflowConfig) -> bool {
+        Rng::keyed(self.seed, &[K_STRAGGLER, u64::from(s)]).chance(cfg.straggler_fraction)
     }
 
     /// No job starts before every job of every step it reads from is done at the owner.
@@ -1920,6 +2009,15 @@ impl Sim {
                 if !j.is_done() && missing.is_none() {
                     missing = Some(format!("{} is {:?}", j.name, j.state));
                 }
+            }
+        }
+        // A training's steps read results that are not of a step they name: the model of the
+        // round before (train), the round's updates (aggregate).
+        for e in &step.external {
+            upstream += 1;
+            let done = w.job(&e.job_id).is_none_or(|j| j.is_done() && j.result == Some(e.bundle));
+            if !done && missing.is_none() {
+                missing = Some(format!("{} is not done with its result", e.job_name));
             }
         }
         for input in &m.inputs {
@@ -1987,8 +2085,16 @@ impl Sim {
             return;
         }
         site.d.stored_results.insert(result.job_id, result.bundle);
+        // A training's update: the daemon reads the bundle's `samples` file; here the job
+        // trained on the items its site advertises, one update in ten on fewer of them (some
+        // failed to load).
+        let samples = site.core.is_update(&result.job_id).then(|| {
+            let items = self.attrs[from as usize].items.max(1);
+            let mut r = self.job_rng(&result.job_id, 6);
+            if r.chance(0.1) { 1 + r.below(items) } else { items }
+        });
         self.record(TraceEvent::ResultStored { at: now, from, job: result.job_id });
-        self.feed(owner, Event::ResultStored { from: from_id, result });
+        self.feed(owner, Event::ResultStored { from: from_id, result, samples });
     }
 
     fn start_result(&mut self, s: u32, job: JobId) {

@@ -165,5 +165,14 @@ fn every_shipped_scenario_is_valid() {
         }
     }
     names.sort();
-    assert_eq!(names, ["baseline-noop", "baseline-polling", "ci-100", "partitions", "scale"]);
+    let expected = [
+        "baseline-noop",
+        "baseline-polling",
+        "ci-100",
+        "partitions",
+        "scale",
+        "training",
+        "training-partitions",
+    ];
+    assert_eq!(names, expected);
 }
