@@ -13,6 +13,15 @@
 //! per-site statistics at site-a. The demo then checks every site's and the merged
 //! statistics against what it wrote.
 //!
+//! Then the sites train a model together: site-a submits a training (a workflow with rounds,
+//! see [`crate::workflow_file`]) of `--training-rounds` rounds (default 10). In each round
+//! every site runs the job program `kaapana-fedavg train` on its own series (a logistic
+//! regression, from the round before's model) and site-a averages their updates
+//! (`kaapana-fedavg aggregate`, FedAvg). The demo prints each round as it completes, with the
+//! training loss the round's aggregate reports (read from its result bundle through site-a's
+//! API), a table and a plot of the loss per round, and checks that the training ran every
+//! round and that its loss went down.
+//!
 //! The work directory holds:
 //!
 //! ```text
@@ -22,9 +31,12 @@
 //! data/site-a/synthetic-ct/<series UID>/<n>.dcm   the DICOM files each PACS was loaded with
 //! pacs/site-a/                     each site's Orthanc (config, storage, log)
 //! site-a.pacs-password             the password each daemon reads to reach its PACS
-//! image/kaapana-demo.oci.tar       the job image: busybox and the static kaapana-stats
+//! image/kaapana-demo.oci.tar       the job image: busybox, the static kaapana-stats and
+//!                                  kaapana-fedavg
 //! federated-statistics.toml        the workflow file
 //! results/<job>/...                the unpacked result bundles (results/aggregate/merged.json)
+//! fedavg.toml                      the training's workflow file
+//! fedavg-loss.svg                  the plot of the training's loss per round
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +63,12 @@ use crate::cli::{CliError, Context as _, bail};
 
 /// The workflow's name, which every site's policy allows for the others.
 const WORKFLOW: &str = "federated-statistics";
+/// The training's name, which every site's policy allows too.
+const TRAINING: &str = "fedavg";
+/// The training's quorum: a round aggregates once this many sites delivered.
+const TRAINING_MIN_SITES: u32 = 2;
+/// Epochs of gradient descent each site runs per round.
+const TRAINING_EPOCHS: u32 = 10;
 /// The dataset's name at every site.
 const DATASET: &str = "synthetic-ct";
 /// The seed of the synthetic data.
@@ -71,6 +89,15 @@ const WORKFLOW_TIMEOUT: Duration = Duration::from_secs(180);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the job program is put in the job image.
 const STATS_IN_IMAGE: &str = "bin/kaapana-stats";
+/// Where the training's job program is put in the job image.
+const FEDAVG_IN_IMAGE: &str = "bin/kaapana-fedavg";
+/// The plot of the training's loss, in the work directory.
+const LOSS_PLOT: &str = "fedavg-loss.svg";
+
+/// How long a training of `rounds` rounds may take.
+fn training_timeout(rounds: u32) -> Duration {
+    Duration::from_secs(60 + 30 * u64::from(rounds))
+}
 
 /// A step of the demo, in bold.
 fn step(text: &str) {
@@ -108,19 +135,31 @@ fn failing_site(e: &CliError) -> Option<&str> {
     }
 }
 
-/// Runs the demo with `sites` sites; in `keep` (kept) or a temporary directory (removed).
+/// The statically linked job programs that go into the job image; `None`: the default.
+#[derive(Debug, Clone, Default)]
+pub struct JobPrograms {
+    /// `kaapana-stats` (default: where `scripts/demo` builds it, see
+    /// [`default_stats_program`]).
+    pub stats: Option<PathBuf>,
+    /// `kaapana-fedavg` (default: `kaapana-fedavg` in the folder of `kaapana-stats`).
+    pub fedavg: Option<PathBuf>,
+}
+
+/// Runs the demo with `sites` sites; in `keep` (kept) or a temporary directory (removed);
+/// the training has `training_rounds` rounds (0: no training).
 ///
 /// The sites' daemons are child processes of this program (`kaapana-node run`, through
-/// [`std::env::current_exe`]), so only the `kaapana-node` binary can run it. `stats_program`
-/// is the statically linked `kaapana-stats` for the job image (default: where
-/// `scripts/demo` builds it, see [`default_stats_program`]).
+/// [`std::env::current_exe`]), so only the `kaapana-node` binary can run it. `programs` are
+/// the statically linked job programs for the job image (`kaapana-fedavg` is needed only for
+/// a training).
 pub fn run(
     sites: usize,
     keep: Option<PathBuf>,
-    stats_program: Option<PathBuf>,
+    programs: JobPrograms,
+    training_rounds: u32,
 ) -> Result<(), CliError> {
     let started = Instant::now();
-    let stats_program = match stats_program {
+    let stats_program = match programs.stats {
         Some(p) => p,
         None => default_stats_program()?,
     };
@@ -131,6 +170,20 @@ pub fn run(
             stats_program.display()
         );
     }
+    let fedavg_program = if training_rounds == 0 {
+        None
+    } else {
+        let p = programs.fedavg.unwrap_or_else(|| stats_program.with_file_name("kaapana-fedavg"));
+        if !p.is_file() {
+            bail!(
+                "the job program {} is missing: ./scripts/demo builds it next to kaapana-stats \
+                 (kn_build_job_programs in scripts/common.sh), or pass --fedavg-program PATH \
+                 (or --training-rounds 0 to skip the training)",
+                p.display()
+            );
+        }
+        Some(p)
+    };
     if !Orthanc::installed() {
         bail!("{}", crate::orthanc::OrthancError::Missing);
     }
@@ -141,6 +194,8 @@ pub fn run(
         daemons: Daemons::default(),
         pacs: Vec::new(),
         stats_program,
+        fedavg_program,
+        training_rounds,
         next_port: 20_000 + (std::process::id() % 600) as u16 * 20,
         daemons_started: None,
     };
@@ -333,6 +388,10 @@ struct Demo {
     pacs: Vec<Orthanc>,
     /// The static job program that goes into the job image.
     stats_program: PathBuf,
+    /// The static training job program that goes into it too (`None`: no training).
+    fedavg_program: Option<PathBuf>,
+    /// The training's rounds (0: no training).
+    training_rounds: u32,
     /// The next loopback port to try.
     next_port: u16,
     /// When the daemons were started.
@@ -397,6 +456,11 @@ impl Demo {
         let (api, workflow) = self.submit(&digest)?;
         self.follow(&api, &workflow)?;
         self.check_results(&api, &workflow, &expected)?;
+        if self.training_rounds > 0 {
+            let training = self.submit_training(&api, &digest)?;
+            let rounds = self.follow_training(&api, &training)?;
+            self.report_training(&rounds)?;
+        }
 
         step("graceful shutdown (SIGTERM to every daemon)");
         self.daemons.stop_all()?;
@@ -442,14 +506,21 @@ impl Demo {
         if self.sites.len() >= 3 {
             self.forged_bundle_is_refused(&bundles, &fingerprints[0])?;
         }
+        let mut workflows = vec![WORKFLOW];
+        if self.training_rounds > 0 {
+            workflows.push(TRAINING);
+        }
         let policy = Policy {
-            allowed_workflows: AllowList::Only(BTreeSet::from([WORKFLOW.to_owned()])),
+            allowed_workflows: AllowList::Only(workflows.iter().map(|w| (*w).to_owned()).collect()),
             allowed_datasets: AllowList::Only(BTreeSet::from([DATASET.to_owned()])),
             execution: Execution::Automatic,
             share_logs: true,
         };
+        let allow: Vec<String> =
+            workflows.iter().map(|w| format!("--allow-workflow {w}")).collect();
         println!(
-            "policy for every peer: --allow-workflow {WORKFLOW} --allow-dataset {DATASET} --auto-execute --share-logs"
+            "policy for every peer: {} --allow-dataset {DATASET} --auto-execute --share-logs",
+            allow.join(" ")
         );
         for s in &self.sites {
             for (j, other) in self.sites.iter().enumerate() {
@@ -592,24 +663,36 @@ impl Demo {
         Ok(all)
     }
 
-    /// Builds the job image once: busybox and the static `kaapana-stats`.
+    /// Builds the job image once: busybox, the static `kaapana-stats` and (for a training)
+    /// the static `kaapana-fedavg`.
     fn build_image(&self) -> Result<PathBuf, CliError> {
-        step(
-            "the job image: a one-layer OCI image of the static busybox and the static kaapana-stats",
-        );
+        let mut programs = vec![(STATS_IN_IMAGE, &self.stats_program)];
+        if let Some(fedavg) = &self.fedavg_program {
+            programs.push((FEDAVG_IN_IMAGE, fedavg));
+        }
+        let names: Vec<String> = programs
+            .iter()
+            .map(|(p, _)| format!("the static {}", file_name(Path::new(p))))
+            .collect();
+        step(&format!(
+            "the job image: a one-layer OCI image of the static busybox and {}",
+            names.join(" and ")
+        ));
         let dir = self.root.join("image");
         fs::create_dir_all(&dir)?;
-        let extra = [busybox::ExtraFile {
-            path_in_image: STATS_IN_IMAGE.into(),
-            host: self.stats_program.clone(),
-            mode: 0o755,
-        }];
+        let extra: Vec<busybox::ExtraFile> = programs
+            .iter()
+            .map(|(in_image, host)| busybox::ExtraFile {
+                path_in_image: (*in_image).into(),
+                host: (*host).clone(),
+                mode: 0o755,
+            })
+            .collect();
         let (tar, digest) = busybox::build_image_with(&dir, "kaapana-demo", false, &extra)?;
-        println!(
-            "{} ({digest}), with /{STATS_IN_IMAGE} from {}",
-            tar.strip_prefix(&self.root).unwrap_or(&tar).display(),
-            self.stats_program.display()
-        );
+        println!("{} ({digest})", tar.strip_prefix(&self.root).unwrap_or(&tar).display());
+        for (in_image, host) in &programs {
+            println!("  /{in_image} from {}", host.display());
+        }
         Ok(tar)
     }
 
@@ -811,47 +894,47 @@ impl Demo {
         step("the jobs run where the data is; site-a follows their signed state changes");
         println!("$ kaapana-node workflow wait {}", w.workflow_id);
         let deadline = Instant::now() + WORKFLOW_TIMEOUT;
-        let outcome = follow_workflow_until(api, &w.workflow_id, Some(deadline));
-        if let Err(e) = outcome {
-            // The failing site: the runner of the first failed job, else the owner.
-            let now: Option<WorkflowView> =
-                api.get(&format!("/v1/workflows/{}", w.workflow_id)).ok();
-            if let Some(now) = &now {
-                println!("\n$ kaapana-node workflow show {}", w.workflow_id);
-                print_workflow(now);
-            }
-            // The failing site: the runner of the job that failed first (not one cancelled
-            // because of it), else the owner. Its job log comes back with the result when the
-            // runner shares logs, as every demo site does.
-            let failed: Vec<_> = now
-                .map(|v| v.jobs.into_iter().filter(|j| j.state.starts_with("failed")).collect())
-                .unwrap_or_default();
-            let first = failed
-                .iter()
-                .find(|j| {
-                    let why = j.reason.as_deref().unwrap_or_default();
-                    !why.contains("cancelled") && !why.starts_with("workflow ")
-                })
-                .or(failed.first());
-            let Some(job) = first else {
-                return Err(at_site(e, self.sites[0].name.clone()));
-            };
-            match api.get_text(&format!("/v1/jobs/{}/log", job.job_id)) {
-                Ok(log) => {
-                    let lines: Vec<&str> = log.lines().collect();
-                    println!(
-                        "\n--- the log of job {} at {} (its last 20 lines):",
-                        job.name, job.runner
-                    );
-                    for l in &lines[lines.len().saturating_sub(20)..] {
-                        println!("  {l}");
-                    }
-                }
-                Err(le) => println!("\n(the log of job {} is not available: {le})", job.name),
-            }
-            return Err(at_site(e, job.runner.clone()));
+        follow_workflow_until(api, &w.workflow_id, Some(deadline))
+            .map_err(|e| self.failed(api, &w.workflow_id, e))
+    }
+
+    /// `e`, an error following workflow `id`, as one at the site to blame: the runner of the
+    /// job that failed first (not one cancelled because of it), else the owner. Shows the
+    /// workflow and that job's log (it comes back with the result when the runner shares
+    /// logs, as every demo site does).
+    fn failed(&self, api: &ApiClient, id: &str, e: CliError) -> CliError {
+        let now: Option<WorkflowView> = api.get(&format!("/v1/workflows/{id}")).ok();
+        if let Some(now) = &now {
+            println!("\n$ kaapana-node workflow show {id}");
+            print_workflow(now);
         }
-        Ok(())
+        let failed: Vec<_> = now
+            .map(|v| v.jobs.into_iter().filter(|j| j.state.starts_with("failed")).collect())
+            .unwrap_or_default();
+        let first = failed
+            .iter()
+            .find(|j| {
+                let why = j.reason.as_deref().unwrap_or_default();
+                !why.contains("cancelled") && !why.starts_with("workflow ")
+            })
+            .or(failed.first());
+        let Some(job) = first else {
+            return at_site(e, self.sites[0].name.clone());
+        };
+        match api.get_text(&format!("/v1/jobs/{}/log", job.job_id)) {
+            Ok(log) => {
+                let lines: Vec<&str> = log.lines().collect();
+                println!(
+                    "\n--- the log of job {} at {} (its last 20 lines):",
+                    job.name, job.runner
+                );
+                for l in &lines[lines.len().saturating_sub(20)..] {
+                    println!("  {l}");
+                }
+            }
+            Err(le) => println!("\n(the log of job {} is not available: {le})", job.name),
+        }
+        at_site(e, job.runner.clone())
     }
 
     /// Unpacks the results, prints the merged statistics and checks them (and each site's).
@@ -919,6 +1002,403 @@ impl Demo {
         );
         Ok(())
     }
+
+    /// Writes the training's workflow file, prints it, submits it at site-a.
+    fn submit_training(
+        &self,
+        api: &ApiClient,
+        digest: &ImageDigest,
+    ) -> Result<WorkflowView, CliError> {
+        let n = self.training_rounds;
+        step(&format!(
+            "site-a submits a training: FedAvg of a logistic regression over {n} rounds, at every \
+             site with the dataset"
+        ));
+        let toml = training_file(digest, n);
+        let path = self.root.join(format!("{TRAINING}.toml"));
+        fs::write(&path, &toml).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}:\n", file_name(&path));
+        for l in toml.lines() {
+            println!("    {l}");
+        }
+        let owner = &self.sites[0];
+        println!("\n$ kaapana-node workflow submit {}   # at site-a", file_name(&path));
+        let w: WorkflowView = api
+            .post("/v1/workflows", &SubmitWorkflowRequest { toml })
+            .at_site(owner.name.clone())
+            .context("training submit")?;
+        let training = w
+            .training
+            .as_ref()
+            .context("site-a took the training's workflow file as one without rounds")
+            .at_site(owner.name.clone())?;
+        println!(
+            "Submitted training {} ({}): rounds {} to {} at {}, quorum {}, late updates {}",
+            w.name,
+            w.workflow_id,
+            training.first_round,
+            training.rounds,
+            training.sites.join(", "),
+            training.min_sites,
+            training.late
+        );
+        Ok(w)
+    }
+
+    /// Follows the training until it ends, printing each round as it completes; its rounds.
+    fn follow_training(&self, api: &ApiClient, w: &WorkflowView) -> Result<Vec<Round>, CliError> {
+        step(
+            "each round: every site trains the round before's model on its own series, \
+             site-a averages their updates (FedAvg)",
+        );
+        println!("$ kaapana-node workflow wait {}", w.workflow_id);
+        let owner = &self.sites[0].name;
+        let id = &w.workflow_id;
+        let started = Instant::now();
+        let deadline = started + training_timeout(self.training_rounds);
+        let mut rounds: Vec<Round> = Vec::new();
+        loop {
+            let view: WorkflowView =
+                api.get(&format!("/v1/workflows/{id}")).at_site(owner.clone())?;
+            let training = view
+                .training
+                .as_ref()
+                .context("the training's workflow view has no rounds")
+                .at_site(owner.clone())?;
+            let last = rounds.last().map_or(0, |r| r.round);
+            for r in training.history.iter().filter(|r| r.state == "done" && r.round > last) {
+                let round = read_round(api, &view, r)
+                    .with_context(|| format!("round {}", r.round))
+                    .at_site(owner.clone())?;
+                let late = if round.late.is_empty() {
+                    String::new()
+                } else {
+                    format!(", late: {}", round.late.join(", "))
+                };
+                println!(
+                    "  [{:>5.1}s] round {:>2}/{} done in {:.1} s: updates from {} ({} samples{late}); loss {:.5}",
+                    started.elapsed().as_secs_f64(),
+                    round.round,
+                    training.rounds,
+                    round.duration.as_secs_f64(),
+                    round.sites.join(", "),
+                    round.samples,
+                    round.loss
+                );
+                rounds.push(round);
+            }
+            if view.state != "running" {
+                let why = view.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                let secs = started.elapsed().as_secs_f64();
+                if view.state == "finished" {
+                    let per_round = secs / training.completed.max(1) as f64;
+                    println!(
+                        "Training {} finished: {} rounds in {secs:.1} s ({per_round:.1} s per round)",
+                        view.name, training.completed
+                    );
+                    return Ok(rounds);
+                }
+                println!("Training {} {}{why} after {secs:.1} s", view.name, view.state);
+                let e = CliError::Message(format!("training {id} {}{why}", view.state));
+                return Err(self.failed(api, id, e));
+            }
+            if Instant::now() > deadline {
+                let e = CliError::Message(format!(
+                    "training {id} still runs after {:.0} s ({}; {} of {} rounds done)",
+                    started.elapsed().as_secs_f64(),
+                    view.progress,
+                    rounds.len(),
+                    training.rounds
+                ));
+                return Err(self.failed(api, id, e));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Prints the loss per round as a table, plots it and checks the training: every round
+    /// ran and the loss went down.
+    fn report_training(&self, rounds: &[Round]) -> Result<(), CliError> {
+        step("the training loss per round (each round's aggregate: metrics.json)");
+        let max = rounds.iter().map(|r| r.loss).fold(0.0_f64, f64::max);
+        println!("    round  sites  samples   loss");
+        for r in rounds {
+            let bar = if max > 0.0 { (r.loss / max * 40.0).round() as usize } else { 0 };
+            println!(
+                "    {:>5}  {:>5}  {:>7}  {:.5}  {}",
+                r.round,
+                r.sites.len(),
+                r.samples,
+                r.loss,
+                "#".repeat(bar)
+            );
+        }
+        let plot = self.root.join(LOSS_PLOT);
+        fs::write(&plot, loss_plot(rounds, self.sites.len()))
+            .with_context(|| format!("cannot write {}", plot.display()))?;
+        println!("\nthe plot of the loss per round: {}", plot.display());
+
+        let n = self.training_rounds;
+        let numbers: Vec<u32> = rounds.iter().map(|r| r.round).collect();
+        if numbers != (1..=n).collect::<Vec<_>>() {
+            bail!("the training should have run rounds 1 to {n}; it ran {numbers:?}");
+        }
+        let (Some(first), Some(last)) = (rounds.first(), rounds.last()) else {
+            bail!("the training ran no rounds");
+        };
+        // With one round, its loss is compared with the untrained model's.
+        let (before, what) = if rounds.len() > 1 {
+            (first.loss, format!("round 1's loss {:.5}", first.loss))
+        } else {
+            let b = first.loss_before.context("round 1's metrics.json has no loss_before")?;
+            (b, format!("the untrained model's loss {b:.5}"))
+        };
+        if last.loss >= before {
+            bail!(
+                "the training's loss did not go down: round {}'s loss {:.5} is not below {what} \
+                 (losses by round: {})",
+                last.round,
+                last.loss,
+                rounds.iter().map(|r| format!("{:.5}", r.loss)).collect::<Vec<_>>().join(", ")
+            );
+        }
+        println!(
+            "the training ran all {n} rounds and its loss went down from {before:.5} to {:.5} ({:.0} % less)",
+            last.loss,
+            (1.0 - last.loss / before) * 100.0
+        );
+        Ok(())
+    }
+}
+
+/// A round of the training that made its model.
+#[derive(Debug, Clone)]
+struct Round {
+    round: u32,
+    /// From its opening to its model.
+    duration: Duration,
+    /// The sites whose updates it aggregated, by name.
+    sites: Vec<String>,
+    /// The sites that had not delivered when it closed.
+    late: Vec<String>,
+    /// The samples of its updates.
+    samples: u64,
+    /// The sample-weighted training loss of its updates (the aggregate's metrics.json).
+    loss: f64,
+    /// The same of the model it started from.
+    loss_before: Option<f64>,
+}
+
+/// Round `r` of the training `view`, with the loss its aggregate job's result bundle (fetched
+/// through the API) reports.
+fn read_round(
+    api: &ApiClient,
+    view: &WorkflowView,
+    r: &crate::api::views::RoundView,
+) -> Result<Round, CliError> {
+    let runner = |job: &String| {
+        view.jobs.iter().find(|j| &j.name == job).map_or_else(|| job.clone(), |j| j.runner.clone())
+    };
+    let mut sites: Vec<String> = r.updates.iter().map(runner).collect();
+    sites.sort();
+    let mut late: Vec<String> = r.late.iter().map(runner).collect();
+    late.sort();
+    let name = r.aggregate_job.as_deref().context("it has no aggregate job")?;
+    let job = view
+        .jobs
+        .iter()
+        .find(|j| j.name == name)
+        .with_context(|| format!("the workflow has no job {name}"))?;
+    let bundle = get_bytes(api, &format!("/v1/jobs/{}/result/bundle", job.job_id))
+        .with_context(|| format!("the result bundle of {name}"))?;
+    let metrics = file_in_tar(&bundle, "metrics.json")
+        .with_context(|| format!("the result bundle of {name}"))?
+        .with_context(|| format!("the result bundle of {name} has no metrics.json"))?;
+    let metrics: kaapana_dicom::fedavg::AggregateMetrics = serde_json::from_slice(&metrics)
+        .map_err(|e| CliError::Message(format!("{name}'s metrics.json: {e}")))?;
+    let loss = metrics.loss.with_context(|| {
+        format!("{name}'s metrics.json has no loss (an update came without metrics.json)")
+    })?;
+    Ok(Round {
+        round: r.round,
+        duration: Duration::from_millis(r.duration_ms.unwrap_or_default()),
+        sites,
+        late,
+        samples: r.samples,
+        loss,
+        loss_before: metrics.loss_before,
+    })
+}
+
+/// `GET path` of the daemon's API → its body.
+fn get_bytes(api: &ApiClient, path: &str) -> Result<Vec<u8>, CliError> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent();
+    let url = format!("{}{path}", api.base());
+    let failed = |e: ureq::Error| CliError::Message(format!("GET {url}: {e}"));
+    let mut response = agent
+        .get(&url)
+        .header("Authorization", format!("Bearer {}", api.token()))
+        .call()
+        .map_err(failed)?;
+    let status = response.status().as_u16();
+    let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().map_err(failed)?;
+    if status >= 400 {
+        let text = String::from_utf8_lossy(&body);
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| text.into_owned());
+        bail!("GET {url}: HTTP {status}: {message}");
+    }
+    Ok(body)
+}
+
+/// The file `name` at the top of the tar `bytes` (`name` or `./name`), if it has one.
+fn file_in_tar(bytes: &[u8], name: &str) -> Result<Option<Vec<u8>>, CliError> {
+    use std::io::Read as _;
+    let mut archive = tar::Archive::new(bytes);
+    for entry in archive.entries().context("not a tar")? {
+        let mut entry = entry.context("not a tar")?;
+        let path = entry.path().context("not a tar")?.into_owned();
+        let top: Vec<_> =
+            path.components().filter(|c| *c != std::path::Component::CurDir).collect();
+        if top.len() == 1 && top[0].as_os_str() == name {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).context("not a tar")?;
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// A line chart of the loss per round as SVG: rounds on the x axis, the loss on the y axis,
+/// with ticks, grid lines and labels.
+fn loss_plot(rounds: &[Round], sites: usize) -> String {
+    use std::fmt::Write as _;
+    const WIDTH: f64 = 640.0;
+    const HEIGHT: f64 = 400.0;
+    const LEFT: f64 = 72.0;
+    const RIGHT: f64 = 24.0;
+    const TOP: f64 = 48.0;
+    const BOTTOM: f64 = 56.0;
+    let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+    let losses: Vec<f64> = rounds.iter().map(|r| r.loss).collect();
+    let lo = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = losses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    let (y_lo, y_hi, y_step) = nice_range(lo, hi, 5);
+    let decimals = (-y_step.log10().floor()).max(0.0) as usize;
+    let first = rounds.first().map_or(1, |r| r.round);
+    let last = rounds.last().map_or(1, |r| r.round).max(first + 1);
+    let x = |round: u32| LEFT + f64::from(round - first) / f64::from(last - first) * plot_w;
+    let y = |loss: f64| TOP + (y_hi - loss) / (y_hi - y_lo) * plot_h;
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15" font-weight="bold">FedAvg training loss per round ({sites} sites)</text>"#,
+        LEFT + plot_w / 2.0
+    );
+    // The y axis: grid lines and labels.
+    let ticks = ((y_hi - y_lo) / y_step).round() as u32;
+    for i in 0..=ticks {
+        let tick = y_lo + f64::from(i) * y_step;
+        let ty = y(tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#e0e0e0"/>"##,
+            LEFT + plot_w
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{tick:.decimals$}</text>"#,
+            LEFT - 6.0,
+            ty + 4.0
+        );
+    }
+    // The x axis: a tick per round (every few rounds when there are many).
+    let every = (u32::try_from(rounds.len()).unwrap_or(u32::MAX) / 10).max(1);
+    for r in rounds.iter().filter(|r| (r.round - first).is_multiple_of(every)) {
+        let tx = x(r.round);
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{tx:.1}" y1="{:.1}" x2="{tx:.1}" y2="{:.1}" stroke="black"/>"#,
+            TOP + plot_h,
+            TOP + plot_h + 5.0
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            TOP + plot_h + 18.0,
+            r.round
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<path d="M {LEFT} {TOP} V {:.1} H {:.1}" fill="none" stroke="black"/>"#,
+        TOP + plot_h,
+        LEFT + plot_w
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">round</text>"#,
+        LEFT + plot_w / 2.0,
+        HEIGHT - 14.0
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">training loss (mean logistic loss, sample-weighted)</text>"#,
+        TOP + plot_h / 2.0,
+        TOP + plot_h / 2.0
+    );
+    // The line and its points.
+    let points: Vec<String> =
+        rounds.iter().map(|r| format!("{:.1},{:.1}", x(r.round), y(r.loss))).collect();
+    let _ = writeln!(
+        svg,
+        r##"<polyline points="{}" fill="none" stroke="#1f77b4" stroke-width="2"/>"##,
+        points.join(" ")
+    );
+    for r in rounds {
+        let _ = writeln!(
+            svg,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="#1f77b4"><title>round {}: loss {:.5}</title></circle>"##,
+            x(r.round),
+            y(r.loss),
+            r.round,
+            r.loss
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// An axis range from below `lo` to above `hi` in about `ticks` steps of 1, 2 or 5 times a
+/// power of ten: (start, end, step).
+fn nice_range(lo: f64, hi: f64, ticks: u32) -> (f64, f64, f64) {
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) * 0.1 };
+    let raw = span / f64::from(ticks.max(1));
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    let start = (lo / step).floor() * step;
+    let mut end = (hi / step).ceil() * step;
+    if end <= start {
+        end = start + step;
+    }
+    (start, end, step)
 }
 
 /// 24 random letters and digits.
@@ -1009,6 +1489,47 @@ memory = "64MiB"
     )
 }
 
+/// The training's workflow file: `rounds` rounds of FedAvg at every site with the dataset.
+fn training_file(digest: &ImageDigest, rounds: u32) -> String {
+    format!(
+        r#"# Federated learning: a logistic regression ("large lungs" from the HU bands of a CT
+# series) trained at every site on its own series, averaged at the owner (FedAvg) each round.
+name = "{TRAINING}"
+
+[rounds]
+rounds = {rounds}
+# a round aggregates once this many sites delivered ...
+min_sites = {TRAINING_MIN_SITES}
+# ... and waits at most this long for the others, whose late updates are dropped
+round_deadline = "2m"
+late = "drop"
+
+[[job]]
+name = "train"
+# every instance with the dataset: one job each per round, over all of its series (at
+# /input/<SeriesInstanceUID>/*.dcm), starting from the round before's model
+# (/input/aggregate-r<k-1>/model.json in round k; none in round 1)
+query = {{ dataset = "{DATASET}", pick = "all" }}
+image = "{digest}"
+# writes /output/model.json, /output/samples (its series) and /output/metrics.json
+command = ["/{FEDAVG_IN_IMAGE}", "train", "--data", "/input", "--epochs", "{TRAINING_EPOCHS}"]
+timeout = "2m"
+memory = "128MiB"
+
+[[job]]
+name = "aggregate"
+runner = "owner"
+# reads the round's updates at /input/train-r<k>-<n>/; writes the sample-weighted mean model
+# (the next round's) and /output/metrics.json (the loss of the round's updates)
+inputs = ["train"]
+image = "{digest}"
+command = ["/{FEDAVG_IN_IMAGE}", "aggregate"]
+timeout = "2m"
+memory = "64MiB"
+"#
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1018,6 +1539,59 @@ mod tests {
         let digest = ImageDigest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let text = workflow_file(&digest);
         crate::workflow_file::WorkflowFile::parse(&text).unwrap();
+        let text = training_file(&digest, 10);
+        crate::workflow_file::WorkflowFile::parse(&text).unwrap();
+    }
+
+    fn round(round: u32, loss: f64) -> Round {
+        Round {
+            round,
+            duration: Duration::from_secs(1),
+            sites: vec!["site-a".into(), "site-b".into()],
+            late: Vec::new(),
+            samples: 10,
+            loss,
+            loss_before: None,
+        }
+    }
+
+    #[test]
+    fn the_loss_plot_has_a_point_per_round_inside_its_axes() {
+        let rounds: Vec<Round> =
+            (1..=10).map(|r| round(r, 0.7 / (1.0 + f64::from(r) * 0.1))).collect();
+        let svg = loss_plot(&rounds, 3);
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        assert_eq!(svg.matches("<circle ").count(), 10);
+        let points = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let xy: Vec<(f64, f64)> = points
+            .split(' ')
+            .map(|p| {
+                let (x, y) = p.split_once(',').unwrap();
+                (x.parse().unwrap(), y.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(xy.len(), 10);
+        for w in xy.windows(2) {
+            assert!(w[0].0 < w[1].0, "x grows with the round: {xy:?}");
+            assert!(w[0].1 < w[1].1, "a lower loss is lower in the plot: {xy:?}");
+        }
+        for (x, y) in xy {
+            assert!((72.0..=616.0).contains(&x) && (48.0..=344.0).contains(&y), "{x},{y}");
+        }
+        // One round, equal losses: no division by zero.
+        let one = loss_plot(&[round(1, 0.5)], 3);
+        assert!(!one.contains("NaN") && !one.contains("inf"), "{one}");
+    }
+
+    #[test]
+    fn axis_ranges_are_round_numbers_around_the_data() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let (lo, hi, step) = nice_range(0.0, 1.0, 5);
+        assert!(close(lo, 0.0) && close(hi, 1.0) && close(step, 0.2), "{lo} {hi} {step}");
+        let (lo, hi, step) = nice_range(0.41, 0.69, 5);
+        assert!(close(lo, 0.4) && close(hi, 0.7) && close(step, 0.1), "{lo} {hi} {step}");
+        let (lo, hi, step) = nice_range(0.5, 0.5, 5);
+        assert!(lo <= 0.5 && hi > 0.5 && step > 0.0, "{lo} {hi} {step}");
     }
 
     #[test]

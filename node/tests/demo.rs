@@ -1,9 +1,11 @@
 //! `kaapana-node demo` end to end: three sites, each with its own daemon, containerd and PACS
 //! (a real Orthanc), run the federated statistics workflow over real DICOM. The test keeps the
 //! demo's work directory and checks the results against the DICOM files the demo generated,
-//! which it reads itself with dcmtk's `dcmdump` (every file must parse).
+//! which it reads itself with dcmtk's `dcmdump` (every file must parse). Then the sites train a
+//! model together (FedAvg over 10 rounds): the test checks that every round ran at all three
+//! sites over all their series, that the loss went down, and the plot the demo drew of it.
 //!
-//! Needs root, containerd, runc, busybox-static, orthanc, orthanc-dicomweb and dcmtk
+//! Needs root, containerd, runc, busybox-static, orthanc, orthanc-dicomweb, dcmtk and python3
 //! (`scripts/test` installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -162,6 +164,49 @@ fn progress(stdout: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The rounds of the demo's training (its default).
+const ROUNDS: u32 = 10;
+
+/// The rows of the demo's table of the loss per round: (round, sites, samples, loss).
+fn loss_table(stdout: &str) -> Vec<(u32, usize, u64, f64)> {
+    let header = ["round", "sites", "samples", "loss"];
+    let mut lines =
+        stdout.lines().skip_while(|l| l.split_whitespace().collect::<Vec<_>>() != header);
+    assert!(lines.next().is_some(), "no table of the loss per round:\n{stdout}");
+    lines
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            assert!(w.len() >= 4, "not a row of the loss table: {l:?}");
+            (
+                w[0].parse().unwrap(),
+                w[1].parse().unwrap(),
+                w[2].parse().unwrap(),
+                w[3].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `[ 12.3s] round  4/10 done in 1.2 s: updates from site-a, site-b, site-c (98 samples); loss
+/// 0.51234` lines of the demo's progress: (round, sites, loss).
+fn round_lines(stdout: &str) -> Vec<(u32, Vec<String>, f64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("s] round ")?.1;
+            let (round, rest) = rest.split_once('/')?;
+            let sites = rest.split_once("updates from ")?.1.split_once(" (")?.0;
+            let loss = rest.rsplit_once("loss ")?.1;
+            Some((
+                round.trim().parse().ok()?,
+                sites.split(", ").map(str::to_owned).collect(),
+                loss.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
 #[test]
 fn demo_runs_federated_statistics_at_three_sites_and_the_numbers_are_right() {
     let dir = common::test_dir();
@@ -218,8 +263,49 @@ fn demo_runs_federated_statistics_at_three_sites_and_the_numbers_are_right() {
     }
     assert!(stdout.contains("Workflow federated-statistics finished after"), "{stdout}");
     assert!(stdout.contains("merged statistics match the synthetic data"), "{stdout}");
+
+    // The training: every round, each at all three sites over all their series, printed as
+    // it completed, then in the table of the loss per round; the loss went down.
+    assert!(stdout.contains(&format!("Training fedavg finished: {ROUNDS} rounds")), "{stdout}");
+    let printed = round_lines(&stdout);
+    let table = loss_table(&stdout);
+    let all: Vec<u32> = (1..=ROUNDS).collect();
+    assert_eq!(printed.iter().map(|r| r.0).collect::<Vec<_>>(), all, "{stdout}");
+    assert_eq!(table.iter().map(|r| r.0).collect::<Vec<_>>(), all, "{stdout}");
+    let series: u64 = ["site-a", "site-b", "site-c"]
+        .iter()
+        .map(|s| std::fs::read_dir(work.join("data").join(s).join("synthetic-ct")).unwrap().count())
+        .sum::<usize>() as u64;
+    for ((round, sites, loss), (_, n, samples, table_loss)) in printed.iter().zip(&table) {
+        assert_eq!(sites, &["site-a", "site-b", "site-c"], "round {round}:\n{stdout}");
+        assert_eq!((*n, *samples), (3, series), "round {round}:\n{stdout}");
+        assert!((loss - table_loss).abs() < 1e-5, "round {round}: {loss} vs {table_loss}");
+        assert!(loss.is_finite() && *loss > 0.0, "round {round}: loss {loss}");
+    }
+    let losses: Vec<f64> = table.iter().map(|r| r.3).collect();
+    assert!(losses[losses.len() - 1] < losses[0], "the loss did not go down: {losses:?}");
+    assert!(stdout.contains("its loss went down"), "{stdout}");
+    // The plot: well-formed SVG (Python's XML parser reads it) with a point per round.
+    let plot = work.join("fedavg-loss.svg");
+    assert!(stdout.contains(&plot.display().to_string()), "{stdout}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert!(svg.contains(r#"xmlns="http://www.w3.org/2000/svg""#), "{svg}");
+    assert_eq!(svg.matches("<circle ").count(), ROUNDS as usize, "{svg}");
+    assert_eq!(svg.matches("<polyline ").count(), 1, "{svg}");
+    let script = "import sys, xml.etree.ElementTree as E\n\
+                  r = E.parse(sys.argv[1]).getroot()\n\
+                  print(r.tag, len(r.findall('.//{http://www.w3.org/2000/svg}circle')))";
+    let parsed = Command::new("python3").args(["-c", script]).arg(&plot).output().unwrap();
+    let err = String::from_utf8_lossy(&parsed.stderr);
+    assert!(parsed.status.success(), "{} is not well-formed XML: {err}", plot.display());
+    assert_eq!(
+        String::from_utf8_lossy(&parsed.stdout).trim(),
+        format!("{{http://www.w3.org/2000/svg}}svg {ROUNDS}")
+    );
     // Every site-stats job staged all of its site's series from the site's PACS (its log at
-    // the runner says so, series by series).
+    // the runner says so, series by series); then each round's train job staged them again
+    // (from the site's cache of its PACS) and trained on all of them.
     for site in ["site-a", "site-b", "site-c"] {
         let jobs = work.join(site).join("jobs");
         let logs: Vec<String> = std::fs::read_dir(&jobs)
@@ -227,14 +313,25 @@ fn demo_runs_federated_statistics_at_three_sites_and_the_numbers_are_right() {
             .map(|e| std::fs::read_to_string(e.unwrap().path().join("job.log")).unwrap_or_default())
             .filter(|l| l.contains("staged 1/"))
             .collect();
-        assert_eq!(logs.len(), 1, "{site}: one job staged from the PACS: {logs:#?}");
         let n =
             std::fs::read_dir(work.join("data").join(site).join("synthetic-ct")).unwrap().count();
+        let (trained, stats): (Vec<&String>, Vec<&String>) =
+            logs.iter().partition(|l| l.contains("trained on "));
+        assert_eq!(stats.len(), 1, "{site}: one statistics job staged from the PACS: {logs:#?}");
         assert!(
-            logs[0].contains(&format!("staged {n}/{n} series")) && logs[0].contains("from PACS"),
+            stats[0].contains(&format!("staged {n}/{n} series"))
+                && stats[0].contains(&format!("({n} from PACS, 0 from cache")),
             "{site}: {}",
-            logs[0]
+            stats[0]
         );
+        assert_eq!(trained.len(), ROUNDS as usize, "{site}: a train job per round: {logs:#?}");
+        for l in trained {
+            assert!(
+                l.contains(&format!("staged {n}/{n} series"))
+                    && l.contains(&format!("trained on {n} series of /input")),
+                "{site}: {l}"
+            );
+        }
     }
 
     // The synthetic DICOM, read back by the test with dcmdump: three sites with different

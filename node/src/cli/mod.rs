@@ -207,7 +207,9 @@ pub enum Command {
     Dataset(DatasetCommand),
     /// The demo: three sites on this machine (each its own data directory, daemon, containerd
     /// and synthetic dataset) register each other by certificate exchange and run a federated
-    /// statistics workflow; the merged result is checked against the data. Needs root.
+    /// statistics workflow; the merged result is checked against the data. Then they train a
+    /// model together (FedAvg over `--training-rounds` rounds), whose loss must go down. Needs
+    /// root.
     Demo {
         /// How many sites (site-a, site-b, ...).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=6))]
@@ -221,6 +223,14 @@ pub enum Command {
         /// beside this program's target folder.
         #[arg(long, value_name = "PATH", env = "KAAPANA_STATS_PROGRAM")]
         stats_program: Option<PathBuf>,
+        /// The statically linked `kaapana-fedavg` job program for the job image (scripts/demo
+        /// builds it); default: `kaapana-fedavg` in the folder of the `kaapana-stats` program.
+        #[arg(long, value_name = "PATH", env = "KAAPANA_FEDAVG_PROGRAM")]
+        fedavg_program: Option<PathBuf>,
+        /// Rounds of the FedAvg training after the statistics; 0 skips the training.
+        #[arg(long, value_name = "N", default_value_t = 10,
+              value_parser = clap::value_parser!(u32).range(0..=100))]
+        training_rounds: u32,
     },
 }
 
@@ -310,8 +320,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Instance(cmd) => instance_command(&dir, cmd)?,
         Command::Dataset(cmd) => dataset_command(&dir, cmd)?,
         Command::Workflow(cmd) => workflow_command(&dir, cmd)?,
-        Command::Demo { sites, keep, stats_program } => {
-            crate::demo::run(usize::from(sites), keep, stats_program)?
+        Command::Demo { sites, keep, stats_program, fedavg_program, training_rounds } => {
+            let programs =
+                crate::demo::JobPrograms { stats: stats_program, fedavg: fedavg_program };
+            crate::demo::run(usize::from(sites), keep, programs, training_rounds)?
         }
         Command::Job(cmd) => job_command(&dir, cmd)?,
         Command::Image(cmd) => {
