@@ -655,6 +655,7 @@ pub fn workflow_live(w: &WorkflowView, chart: Markup, csrf: &str) -> Markup {
             }
         }
         @if let Some(r) = &w.reason { p.alert.error #wf-reason { (r) } }
+        @if let Some(t) = &w.training { (training_rounds(t)) }
         section.card {
             h2 { "Jobs" }
             div.graph-box { (graph::workflow_graph(w)) }
@@ -685,6 +686,38 @@ pub fn workflow_live(w: &WorkflowView, chart: Markup, csrf: &str) -> Markup {
         section.card {
             h2 { "Jobs over time" }
             (chart)
+        }
+    }
+}
+
+/// A training's rounds: quorum, deadline and one row per round.
+fn training_rounds(t: &crate::api::TrainingView) -> Markup {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    html! {
+        section.card #rounds {
+            h2 { "Rounds" }
+            p.muted {
+                (t.completed) " of " (t.rounds.saturating_sub(t.first_round) + 1) " rounds done · quorum "
+                (t.min_sites) " of " (t.sites.len()) " sites (" (t.sites.join(", ")) ") · deadline "
+                (t.round_deadline_secs) " s · late updates: " (t.late) " · dataset " (t.dataset)
+            }
+            table.list {
+                thead { tr { th { "Round" } th { "State" } th { "Updates" } th { "Samples" } th { "Late" } th { "Duration" } th { "Model" } th { "Model sent by this instance" } } }
+                tbody {
+                    @for r in t.history.iter().rev() {
+                        tr data-round=(r.round) {
+                            td { (r.round) }
+                            td { (state_badge(&r.state)) }
+                            td { (r.updates.len()) @if !r.folded.is_empty() { " + " (r.folded.len()) " folded" } }
+                            td { (r.samples) }
+                            td { (r.late.len()) }
+                            td { @if let Some(ms) = r.duration_ms { (format!("{:.1} s", ms as f64 / 1000.0)) } }
+                            td { @if let Some(b) = r.model_bytes { (mb(b)) } }
+                            td { (mb(r.input_bytes_sent)) }
+                        }
+                    }
+                }
+            }
         }
     }
 }
