@@ -55,7 +55,7 @@
 //! [rounds]
 //! rounds = 10                    # the number of the last round
 //! min_sites = 2                  # the quorum: updates a round needs
-//! round_deadline = "2m"          # a round waits this long for slow sites once it has its quorum
+//! round_deadline = "2m"          # from its opening, a round waits this long for slow sites
 //! late = "drop"                  # or "fold": a late update joins the next round's aggregation
 //! # train = "train"              # the job trained at the sites (default "train")
 //! # aggregate = "aggregate"      # the job that aggregates at the owner (default "aggregate")
@@ -994,11 +994,22 @@ mod tests {
 
     /// The example of the module documentation, with its placeholder digests filled in.
     fn documented_example() -> String {
+        doc_example(0)
+    }
+
+    /// The `n`-th TOML example of the module docs, with digests filled in.
+    fn doc_example(n: usize) -> String {
         let source = include_str!("workflow_file.rs");
+        let start = source
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| *l == "//! ```toml")
+            .nth(n)
+            .map(|(i, _)| i)
+            .expect("the example");
         let mut lines = source
             .lines()
-            .skip_while(|l| *l != "//! ```toml")
-            .skip(1)
+            .skip(start + 1)
             .take_while(|l| *l != "//! ```")
             .map(|l| l.strip_prefix("//! ").unwrap_or(l.trim_start_matches("//!")))
             .collect::<Vec<_>>()
@@ -1045,6 +1056,57 @@ mod tests {
         for part in parts {
             assert!(message.contains(part), "expected {part:?} in: {message}");
         }
+    }
+
+    #[test]
+    fn the_documented_training_parses_to_rounds_and_its_errors_name_the_key() {
+        let text = doc_example(1);
+        let m = manifest(&text, &|_| None).unwrap();
+        let r = m.rounds.clone().unwrap();
+        assert_eq!((r.rounds, r.min_sites, r.round_deadline_secs), (10, 2, 120));
+        assert_eq!(
+            (r.late, r.train.as_str(), r.aggregate.as_str()),
+            (LateUpdates::Drop, "train", "aggregate")
+        );
+        assert_eq!(r.resume, None);
+        let with = |old: &str, new: &str| {
+            assert!(text.contains(old), "{old}");
+            text.replace(old, new)
+        };
+        let fold = with("late = \"drop\"", "late = \"fold\"");
+        assert_eq!(manifest(&fold, &|_| None).unwrap().rounds.unwrap().late, LateUpdates::Fold);
+        let e = parse_error(&with("rounds = 10 ", "rounds = 0 "));
+        assert_mentions(&e, &["`rounds.rounds`", "at least 1"]);
+        let e = parse_error(&with("late = \"drop\"", "late = \"keep\""));
+        assert_mentions(&e, &["late", "keep"]);
+        let e = parse_error(&with("round_deadline = \"2m\"", "round_deadline = \"2d\""));
+        assert_mentions(&e, &["`rounds.round_deadline`", "unknown unit `d`"]);
+        let e = parse_error(&with(
+            "# resume_from = { workflow = \"<workflow id>\", round = 6 }",
+            "resume_from = { workflow = \"nope\", round = 6 }",
+        ));
+        assert_mentions(&e, &["`rounds.resume_from.workflow`", "workflow list"]);
+        // A resumed training needs its model looked up.
+        let resumed = with(
+            "# resume_from = { workflow = \"<workflow id>\", round = 6 }",
+            &format!(
+                "resume_from = {{ workflow = \"{}\", round = 6 }}",
+                WorkflowId::from_bytes([3; 16])
+            ),
+        );
+        let file = WorkflowFile::parse(&resumed).unwrap();
+        assert_eq!(file.resume_from(), Some((WorkflowId::from_bytes([3; 16]), 6)));
+        let e = manifest(&resumed, &|_| None).unwrap_err().to_string();
+        assert_mentions(&e, &["`rounds.resume_from`", "not looked up"]);
+        // Rules between rounds and jobs come from the protocol, with the [rounds] line.
+        let three =
+            format!("{text}\n[[job]]\nname = \"extra\"\nrunner = \"owner\"\nimage = \"{D1}\"\n");
+        let e = manifest(&three, &|_| None).unwrap_err();
+        assert_mentions(&e.to_string(), &["`rounds`", "exactly two jobs"]);
+        let line = three.lines().position(|l| l == "[rounds]").unwrap() + 1;
+        assert_eq!(e.line_in(&three), Some(line));
+        let e = manifest(&with("inputs = [\"train\"]", "inputs = []"), &|_| None).unwrap_err();
+        assert_mentions(&e.to_string(), &["must take input from `train` only"]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! One site is killed while round 4 runs and comes back when round 7 opens: the training
 //! goes on with its quorum of 2, ends after exactly 10 rounds, and every round's model is the
 //! FedAvg of the updates the round aggregated, recomputed here from their bundles.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
