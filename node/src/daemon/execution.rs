@@ -65,72 +65,28 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         )
         .await;
     };
-    if let Some(c) = manifest.work.container()
-        && let Err(why) = ensure_image(state, executor.as_ref(), &c.image).await
-    {
-        return fail(state, job_id, why).await;
-    }
     let is_dag = manifest.work.dag_run().is_some();
     let dir = job_dir(state, &job_id);
-    // The dataset at /input: a folder dataset as it is (batch), or its one item at
-    // /input/<item>/ (single-file); a DICOMweb dataset's series fetched into the job's folder.
-    let (input, upstream) = match &manifest.dataset {
-        Some(d) => {
-            let resolved = state.datasets().resolve(&manifest.owner, &d.name, d.item.as_ref());
-            let staged = match resolved {
-                Ok(r) => stage(state, &dir, r).await,
-                Err(e) => Err(e),
-            };
-            let staged = staged.map_err(|e| {
-                // The details (series UIDs, the PACS's URL, files) stay at this site.
-                if let crate::datasets::DatasetError::Staging { detail, .. } = &e {
-                    tracing::warn!(job = %job_id, dataset = %d.name, %detail, "staging failed");
-                    state.event(
-                        EventKind::StagingFailed,
-                        Some(&manifest.owner),
-                        format!("job {job_id}, dataset {}: {detail}", d.name),
-                    );
-                }
-                e.to_string()
-            });
-            match staged {
-                Ok(JobData::Dataset(dir)) => (Some(dir), Vec::new()),
-                // A DAG run is told the item's folder as its input.
-                Ok(JobData::Item { folder, .. }) if is_dag => (Some(folder), Vec::new()),
-                Ok(JobData::Item { item, folder }) => (None, vec![(item, folder)]),
-                Err(e) => {
-                    let why = format!("dataset {} is not available at {}: {e}", d.name, state.name);
-                    return fail(state, job_id, why).await;
-                }
-            }
+    // The image check (a pull, if it is missing) and the job's data (staging, fetching and
+    // unpacking inputs) are independent: both run at once. The image's verdict comes first,
+    // as it did when it was checked first.
+    let image = async {
+        match manifest.work.container() {
+            Some(c) => ensure_image(state, executor.as_ref(), &c.image).await,
+            None => Ok(()),
         }
-        None => (None, Vec::new()),
     };
-    let output = dir.join("output");
-    if let Err(e) = std::fs::create_dir_all(&output) {
-        return fail(state, job_id, format!("cannot create {}: {e}", output.display())).await;
-    }
-    // Upstream results, unpacked from the blob store, at /input/<job name>/; a runner that is
-    // not the workflow's owner fetches those it does not hold from the owner first.
-    let mut upstream = upstream;
-    if !manifest.inputs.is_empty()
-        && manifest.owner != state.instance_id
-        && let Err(why) = fetch_inputs(state, &manifest).await
-    {
+    let (image, data) = tokio::join!(image, prepare_data(state, &manifest, &dir, is_dag));
+    if let Err(why) = image {
+        if data.is_ok() {
+            drop_staged_input(&dir).await;
+        }
         return fail(state, job_id, why).await;
     }
-    if !manifest.inputs.is_empty() {
-        let (inputs, into) = (manifest.inputs.clone(), dir.join("inputs"));
-        let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string());
-        let unpacked = tokio::task::spawn_blocking(move || unpack_inputs(&blobs?, &inputs, &into))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        match unpacked {
-            Ok(folders) => upstream.extend(folders),
-            Err(why) => return fail(state, job_id, why).await,
-        }
-    }
+    let (input, upstream) = match data {
+        Ok(data) => data,
+        Err(why) => return fail(state, job_id, why).await,
+    };
     // A container runs once it is started; a DAG run reports `running` when Airflow says so.
     if record.job.state != kaapana_protocol::JobState::Running && !is_dag {
         state.executor_event(job_id, Outcome::Started).await?;
@@ -167,6 +123,7 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
             })
         }
     };
+    let output = dir.join("output");
     let outcome = executor
         .run(JobRun {
             job_id,
@@ -184,6 +141,74 @@ async fn run(state: &Arc<NodeState>, job_id: JobId) -> Result<(), JobError> {
         Ok(o) => exited(state, job_id, o).await,
         Err(e) => fail(state, job_id, e.to_string()).await,
     }
+}
+
+/// The job's data, before its container starts: its dataset staged at `/input` (or its one
+/// item), `output/` created, and its upstream results fetched from the owner (at a runner
+/// that is not the owner) and unpacked. Returns the input folder and the upstream folders, or
+/// why the job cannot run.
+async fn prepare_data(
+    state: &Arc<NodeState>,
+    manifest: &kaapana_protocol::JobManifest,
+    dir: &std::path::Path,
+    is_dag: bool,
+) -> Result<(Option<PathBuf>, Vec<(String, PathBuf)>), String> {
+    // The dataset at /input: a folder dataset as it is (batch), or its one item at
+    // /input/<item>/ (single-file); a DICOMweb dataset's series fetched into the job's folder.
+    let (input, upstream) = match &manifest.dataset {
+        Some(d) => {
+            let resolved = state.datasets().resolve(&manifest.owner, &d.name, d.item.as_ref());
+            let staged = match resolved {
+                Ok(r) => stage(state, dir, r).await,
+                Err(e) => Err(e),
+            };
+            let staged = staged.map_err(|e| {
+                // The details (series UIDs, the PACS's URL, files) stay at this site.
+                if let crate::datasets::DatasetError::Staging { detail, .. } = &e {
+                    tracing::warn!(job = %manifest.job_id, dataset = %d.name, %detail, "staging failed");
+                    state.event(
+                        EventKind::StagingFailed,
+                        Some(&manifest.owner),
+                        format!("job {}, dataset {}: {detail}", manifest.job_id, d.name),
+                    );
+                }
+                e.to_string()
+            });
+            match staged {
+                Ok(JobData::Dataset(dir)) => (Some(dir), Vec::new()),
+                // A DAG run is told the item's folder as its input.
+                Ok(JobData::Item { folder, .. }) if is_dag => (Some(folder), Vec::new()),
+                Ok(JobData::Item { item, folder }) => (None, vec![(item, folder)]),
+                Err(e) => {
+                    return Err(format!(
+                        "dataset {} is not available at {}: {e}",
+                        d.name, state.name
+                    ));
+                }
+            }
+        }
+        None => (None, Vec::new()),
+    };
+    let output = dir.join("output");
+    if let Err(e) = std::fs::create_dir_all(&output) {
+        return Err(format!("cannot create {}: {e}", output.display()));
+    }
+    // Upstream results, unpacked from the blob store, at /input/<job name>/; a runner that is
+    // not the workflow's owner fetches those it does not hold from the owner first.
+    let mut upstream = upstream;
+    if !manifest.inputs.is_empty() && manifest.owner != state.instance_id {
+        fetch_inputs(state, manifest).await?;
+    }
+    if !manifest.inputs.is_empty() {
+        let (inputs, into) = (manifest.inputs.clone(), dir.join("inputs"));
+        let blobs = BlobStore::in_data_dir(&state.files.dir).map_err(|e| e.to_string());
+        let unpacked = tokio::task::spawn_blocking(move || unpack_inputs(&blobs?, &inputs, &into))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        upstream.extend(unpacked?);
+    }
+    Ok((input, upstream))
 }
 
 /// The last component of `path` as text.
