@@ -21,6 +21,8 @@ kn_require_packages() {
     # util-linux's `nsenter`) and cut links or drop packets with nftables.
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    # The NAT tests capture what a relay forwards (to show it cannot read it) with tcpdump.
+    command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || missing+=(tcpdump)
     # The Airflow tests stop `airflow standalone`'s process group with pgrep.
     command -v pgrep >/dev/null 2>&1 || missing+=(procps)
     # The PACS tests run Debian's Orthanc with its DICOMweb plugin; they read the DICOM files

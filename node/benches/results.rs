@@ -161,7 +161,8 @@ fn raw_libp2p_stream(size: u64) -> Duration {
         for _ in 0..2 {
             let id = kaapana_certs::Identity::generate().unwrap();
             let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-            let (swarm_loop, net) = SwarmLoop::new(build_swarm(id.libp2p_keypair()).unwrap(), tx);
+            let (swarm_loop, net) =
+                SwarmLoop::new(build_swarm(id.libp2p_keypair(), &Default::default()).unwrap(), tx);
             tokio::spawn(swarm_loop.run(cancel.clone()));
             tokio::spawn(async move { while rx.recv().await.is_some() {} });
             nets.push(net);

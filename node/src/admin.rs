@@ -268,7 +268,7 @@ impl NodeFiles {
 /// `instance export`: this instance's exchange bundle (PEM text) and its fingerprint.
 pub fn export_bundle(dir: &DataDir, now: Timestamp) -> Result<(String, Fingerprint), AdminError> {
     let node = NodeFiles::open(dir)?;
-    let addrs = node.config.network.advertised().to_vec();
+    let addrs = node.config.network.bundle_addrs();
     node.bundle(&node.identity()?, addrs, now)
 }
 

@@ -229,11 +229,40 @@ pub struct NetworkConfig {
     /// Addresses written into exported bundles for peers to dial; empty = `listen`.
     #[serde(default)]
     pub advertise: Vec<String>,
+    /// Relays to reserve a slot at, e.g. `/ip4/203.0.113.7/tcp/7400/p2p/12D3KooW...` (a
+    /// registered instance's address ending in its peer id): peers that cannot dial this node
+    /// (behind NAT or a firewall that lets only outbound connections out) reach it through
+    /// them. Their circuit addresses go into the bundles this node exports.
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// Relay circuits between registered instances (never for anyone else). `kaapana-node
+    /// relay` runs a node that does only this.
+    #[serde(default)]
+    pub relay_service: bool,
+    /// Upgrade a relayed connection to a direct one by hole punching (DCUtR), when both
+    /// sides' routers allow it.
+    #[serde(default = "yes")]
+    pub hole_punching: bool,
+    /// Ask registered peers whether this node is reachable from outside (AutoNAT); an
+    /// address they confirm goes into the bundles the daemon exports.
+    #[serde(default = "yes")]
+    pub autonat: bool,
+}
+
+const fn yes() -> bool {
+    true
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        Self { listen: default_listen(), advertise: Vec::new() }
+        Self {
+            listen: default_listen(),
+            advertise: Vec::new(),
+            relays: Vec::new(),
+            relay_service: false,
+            hole_punching: true,
+            autonat: true,
+        }
     }
 }
 
@@ -245,6 +274,19 @@ impl NetworkConfig {
     /// The addresses peers should dial.
     pub fn advertised(&self) -> &[String] {
         if self.advertise.is_empty() { &self.listen } else { &self.advertise }
+    }
+
+    /// The circuit addresses through the configured relays (`<relay>/p2p-circuit`), which
+    /// go into exported bundles besides the direct ones.
+    pub fn relayed(&self) -> Vec<String> {
+        self.relays.iter().map(|r| format!("{}/p2p-circuit", r.trim_end_matches('/'))).collect()
+    }
+
+    /// The addresses an exported bundle names: the advertised ones, then the relayed ones.
+    pub fn bundle_addrs(&self) -> Vec<String> {
+        let mut addrs = self.advertised().to_vec();
+        addrs.extend(self.relayed());
+        addrs
     }
 }
 
@@ -326,6 +368,17 @@ listen = [{listen}]
 # Addresses written into exported bundles for peers to dial; empty means `listen`.
 # Set this when peers must use another address (a public name, a NAT mapping).
 advertise = [{advertise}]
+# Behind NAT or a firewall that lets only outbound connections out: relays (registered
+# instances, e.g. a consortium's `kaapana-node relay`) to reserve a slot at, each as
+# "/ip4/<address>/tcp/<port>/p2p/<its instance id>"; peers then reach this instance through
+# them, and exported bundles name the circuit addresses.
+relays = [{relays}]
+# Relay circuits between the instances registered here (never for anyone else).
+relay_service = {relay_service}
+# Upgrade relayed connections to direct ones by hole punching (DCUtR).
+hole_punching = {hole_punching}
+# Ask registered peers whether this instance is reachable from outside (AutoNAT).
+autonat = {autonat}
 
 [api]
 # The local HTTP API (CLI, dashboard, /metrics). Keep it on loopback: it is protected only by
@@ -434,6 +487,10 @@ pacs_cache_bytes = {pacs_cache}
                 None => String::new(),
             },
             pull_from = list(&self.executor.pull_from),
+            relays = list(&self.network.relays),
+            relay_service = self.network.relay_service,
+            hole_punching = self.network.hole_punching,
+            autonat = self.network.autonat,
             insecure = self.executor.insecure_registry,
             containerd = match &self.executor.containerd_address {
                 Some(p) => format!("containerd_address = {:?}", p.display().to_string()),
@@ -451,6 +508,10 @@ mod tests {
     fn commented_file_parses_back() {
         let mut c = Config::new("site-a");
         c.network.advertise = vec!["/ip4/10.0.0.1/tcp/7400".into()];
+        c.network.relays = vec!["/ip4/10.0.0.2/tcp/7400/p2p/12D3KooWAbc".into()];
+        c.network.relay_service = true;
+        c.network.hole_punching = false;
+        c.network.autonat = false;
         c.trust.federation_ca = Some(PathBuf::from("/etc/ca.crt"));
         let text = c.to_commented_toml();
         assert_eq!(Config::parse(&text, Path::new("x")).unwrap(), c);

@@ -83,6 +83,13 @@ pub enum EventKind {
     ResultIncomplete,
     /// `result_rejected`.
     ResultRejected,
+    /// `relay`: a reservation at a relay accepted or lost, a stranger's reservation or circuit
+    /// refused by the relay service.
+    Relay,
+    /// `hole_punch`: a relayed connection became direct, or could not.
+    HolePunch,
+    /// `reachability`: AutoNAT's verdict on whether this node is reachable from outside.
+    Reachability,
 }
 
 impl EventKind {
@@ -118,6 +125,9 @@ impl EventKind {
             Self::InputServed => "input_served",
             Self::ResultSent => "result_sent",
             Self::ResultRetry => "result_retry",
+            Self::Relay => "relay",
+            Self::HolePunch => "hole_punch",
+            Self::Reachability => "reachability",
             Self::ResultFailed => "result_failed",
             Self::ResultRefused => "result_refused",
             Self::ResultReceived => "result_received",

@@ -88,6 +88,18 @@ pub struct Metrics {
     pub input_bytes_sent: Counter,
     /// Bytes of input bundles this instance fetched from owners (as a runner).
     pub input_bytes_fetched: Counter,
+    /// Reservations and circuits the relay service refused (`what` = `reservation` or
+    /// `circuit`): the asker is not registered here.
+    pub relay_refused: Family<WhatLabel, Counter>,
+    /// Registered instances connected only through a relay.
+    pub peers_relayed: Gauge,
+}
+
+/// A `what` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabel {
+    /// What.
+    pub what: String,
 }
 
 impl Metrics {
@@ -160,6 +172,21 @@ impl Metrics {
             "Bytes of input bundles fetched from workflows' owners as a runner",
             input_bytes_fetched.clone(),
         );
+        let relay_refused = Family::<WhatLabel, Counter>::default();
+        registry.register(
+            "relay_refused",
+            "Relay reservations and circuits refused because the asker is not registered here",
+            relay_refused.clone(),
+        );
+        for what in ["reservation", "circuit"] {
+            let _ = relay_refused.get_or_create(&WhatLabel { what: what.to_owned() });
+        }
+        let peers_relayed = Gauge::default();
+        registry.register(
+            "peers_relayed",
+            "Registered instances connected only through a relay",
+            peers_relayed.clone(),
+        );
         for reason in kaapana_protocol::RejectReason::ALL {
             let _ = rejections.get_or_create(&ReasonLabel { reason: reason.label().to_owned() });
         }
@@ -176,6 +203,8 @@ impl Metrics {
             peer_rejections,
             input_bytes_sent,
             input_bytes_fetched,
+            relay_refused,
+            peers_relayed,
         }
     }
 

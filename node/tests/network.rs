@@ -36,7 +36,8 @@ fn three_registered_instances_connect_and_see_each_others_capabilities() {
             assert!(caps.cpu_millis >= 1000, "{caps:?}");
             assert!(caps.memory_bytes > 0, "{caps:?}");
             assert_eq!(caps.allowed_workflows, vec!["any".to_owned()]);
-            assert_eq!(view.status, "connected");
+            assert_eq!(view.status, "connected, direct");
+            assert_eq!(view.path.as_deref(), Some("direct"));
             assert!(view.rtt_ms.is_some() || view.last_seen.is_some());
         }
         let list = d.api().instances().unwrap();

@@ -116,7 +116,10 @@ impl InstanceView {
         let Some(s) = status else { return Self::offline(inst, outbox_depth) };
         let connected = s.connections > 0;
         let status_text = if connected {
-            "connected".to_owned()
+            match s.path {
+                Some(crate::net::Path::Relayed) => "connected, relayed".to_owned(),
+                _ => "connected, direct".to_owned(),
+            }
         } else {
             match &s.last_error {
                 Some(e) => format!("not connected: {e}"),
@@ -125,6 +128,7 @@ impl InstanceView {
         };
         Self {
             connected: Some(connected),
+            path: s.path.filter(|_| connected).map(|p| p.to_string()),
             status: status_text,
             last_seen: s.last_seen.map(|t| t.to_string()),
             rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),

@@ -48,7 +48,10 @@ pub struct InstanceView {
     pub policy: Policy,
     /// Whether a connection is up (`None` when no daemon runs).
     pub connected: Option<bool>,
-    /// `connected`, or why not.
+    /// `direct` or `relayed` while connected.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `connected, direct`, `connected, relayed`, or why not connected.
     pub status: String,
     /// When it was last heard from.
     pub last_seen: Option<String>,
@@ -129,6 +132,7 @@ impl InstanceView {
             certificate_not_after: inst.certificate_not_after.to_string(),
             policy: inst.policy.clone(),
             connected: None,
+            path: None,
             status: "unknown: the daemon is not running".to_owned(),
             last_seen: None,
             rtt_ms: None,

@@ -181,6 +181,12 @@ pub enum Command {
     /// Run the node daemon: the peer-to-peer network with the registered instances, the
     /// outbox, and the local HTTP API. Stops gracefully on SIGINT or SIGTERM.
     Run,
+    /// Run a relay-only node (e.g. a consortium's, on a public address): the daemon with its
+    /// relay service on (`network.relay_service`) and no executor. It relays circuits between
+    /// the instances registered with it, and only them; the traffic it forwards is TLS between
+    /// the two instances, which it cannot read. Register it at the sites like any instance,
+    /// and name it in their `network.relays`.
+    Relay,
     /// Show this instance's name, id, certificate fingerprint and validity.
     Info,
     /// Register other instances by certificate exchange, list and remove them.
@@ -287,13 +293,18 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 "Next: `kaapana-node instance export --out {name}.bundle` and send it to the other sites."
             );
         }
-        Command::Run => {
+        Command::Run | Command::Relay => {
+            let relay_only = matches!(cli.command, Command::Relay);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("kaapana-node")
                 .build()?;
             runtime.block_on(async {
-                let daemon = crate::daemon::Daemon::start(&dir).await?;
+                let daemon = if relay_only {
+                    crate::daemon::Daemon::start_relay(&dir).await?
+                } else {
+                    crate::daemon::Daemon::start(&dir).await?
+                };
                 println!(
                     "kaapana-node {} running; API on {}; dashboard at http://{}/ (log in with the api-token file); stop with Ctrl-C",
                     daemon.state().name,

@@ -36,7 +36,7 @@ pub use driver::{JobError, RequestError, WorkflowError};
 use crate::admin::{AdminError, NodeFiles};
 use crate::data_dir::DataDir;
 use crate::metrics::Metrics;
-use crate::net::{self, FedFrame, NetEvent, NetworkHandle, SwarmLoop};
+use crate::net::{self, FedFrame, NatEvent, NetEvent, NetworkHandle, SwarmLoop};
 use crate::store::{Store, StoreError, WriteOp};
 
 /// How long a capability ad is valid; it is refreshed well before.
@@ -117,6 +117,8 @@ pub struct PeerStatus {
     pub heard_on_connection: bool,
     /// Failed dials since the last connection (for backoff).
     pub failures: u32,
+    /// How it is connected (`None`: not connected).
+    pub path: Option<net::Path>,
 }
 
 /// State shared by the daemon's tasks and the API.
@@ -300,6 +302,12 @@ impl NodeState {
 
     fn peer_mut<R>(&self, id: &InstanceId, f: impl FnOnce(&mut PeerStatus) -> R) -> R {
         f(lock(&self.peers).entry(*id).or_default())
+    }
+
+    /// Keeps the gauge of relayed peers as a peer's path goes from `was` to `now`.
+    fn count_relayed(&self, was: Option<net::Path>, now: Option<net::Path>) {
+        let relayed = |p: Option<net::Path>| i64::from(p == Some(net::Path::Relayed));
+        self.metrics.peers_relayed.inc_by(relayed(now) - relayed(was));
     }
 
     pub(crate) fn name_of(&self, id: &InstanceId) -> String {
@@ -663,11 +671,23 @@ impl NodeState {
     }
 
     /// This instance's exchange bundle: the configured advertised addresses, or else the
-    /// addresses the swarm actually listens on.
+    /// addresses the swarm actually listens on and those confirmed from outside (AutoNAT, a
+    /// relay's reservation); then the circuit addresses through the configured relays.
     pub async fn bundle(&self) -> Result<String, AdminError> {
-        let advertise = &self.files.config.network.advertise;
-        let addrs =
-            if advertise.is_empty() { self.listen_addrs().await } else { advertise.clone() };
+        let network = &self.files.config.network;
+        let mut addrs = if network.advertise.is_empty() {
+            self.listen_addrs().await
+        } else {
+            network.advertise.clone()
+        };
+        for r in network.relayed() {
+            // A reservation's confirmed address is the same circuit with `/p2p/<us>`.
+            if !addrs.iter().any(|a| a.starts_with(&r)) {
+                addrs.push(r);
+            }
+        }
+        // A bundle names at most 32 addresses (`InstanceBundleInfo`).
+        addrs.truncate(32);
         self.files.bundle(&self.identity, addrs, now()).map(|(text, _)| text)
     }
 
@@ -826,10 +846,24 @@ async fn start_executor(
 impl Daemon {
     /// Starts the daemon for the instance in `dir`: network, outbox workers and API.
     pub async fn start(dir: &DataDir) -> Result<Self, DaemonError> {
+        Self::start_as(dir, false).await
+    }
+
+    /// Starts a relay-only node (`kaapana-node relay`): the daemon with its relay service on
+    /// and no executor, whatever its configuration says.
+    pub async fn start_relay(dir: &DataDir) -> Result<Self, DaemonError> {
+        Self::start_as(dir, true).await
+    }
+
+    async fn start_as(dir: &DataDir, relay_only: bool) -> Result<Self, DaemonError> {
         // libp2p brings aws-lc-rs and kube brings ring: pick one provider for the process, or
         // the first plain rustls config panics.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let files = NodeFiles::open(dir)?;
+        let mut files = NodeFiles::open(dir)?;
+        if relay_only {
+            files.config.network.relay_service = true;
+            files.config.executor.kind = crate::config::ExecutorKindSetting::None;
+        }
         let identity = files.identity()?;
         let store = files.store()?;
         let registry = store.load_registry()?;
@@ -855,7 +889,14 @@ impl Daemon {
             }
         }
 
-        let swarm = net::build_swarm(identity.libp2p_keypair())?;
+        let network = &files.config.network;
+        let options = net::NetOptions {
+            relay_service: network.relay_service,
+            hole_punching: network.hole_punching,
+            autonat: network.autonat,
+            relays: net::NetOptions::parse_relays(&network.relays)?,
+        };
+        let swarm = net::build_swarm(identity.libp2p_keypair(), &options)?;
         let (events_tx, events_rx) = mpsc::channel(4096);
         let (swarm_loop, net) = SwarmLoop::new(swarm, events_tx);
         let cancel = CancellationToken::new();
@@ -1056,8 +1097,13 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
     let now = now();
     match ev {
         NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
-        NetEvent::Connected { peer, addr, inbound, connections } => {
+        NetEvent::Connected { peer, addr, inbound, connections, path } => {
             let id = InstanceId::from_peer_id(peer);
+            let was = state.peer_mut(&id, |p| p.path.replace(path));
+            state.count_relayed(was, Some(path));
+            if connections > 1 && was != Some(path) {
+                state.event(EventKind::PeerConnected, Some(&id), format!("now {path}: {addr}"));
+            }
             state.peer_mut(&id, |p| {
                 p.connections = connections;
                 p.last_seen = Some(now);
@@ -1074,7 +1120,7 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 state.event(
                     EventKind::PeerConnected,
                     Some(&id),
-                    format!("{} {addr}", if inbound { "from" } else { "to" }),
+                    format!("{path}, {} {addr}", if inbound { "from" } else { "to" }),
                 );
                 let s = Arc::clone(state);
                 tokio::spawn(async move { s.push_capabilities(id).await });
@@ -1082,8 +1128,10 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 state.tell_site(FedEvent::PeerConnected { peer: id }).await;
             }
         }
-        NetEvent::Disconnected { peer, remaining, cause } => {
+        NetEvent::Disconnected { peer, remaining, path, cause } => {
             let id = InstanceId::from_peer_id(peer);
+            let was = state.peer_mut(&id, |p| std::mem::replace(&mut p.path, path));
+            state.count_relayed(was, path);
             let registered = state.registry().is_registered(&id);
             let refused = state.peer_mut(&id, |p| {
                 p.connections = remaining;
@@ -1148,6 +1196,43 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 let response = inbound::handle(&s, id, frame).await;
                 let _ = s.net.respond(channel, response).await;
             });
+        }
+        NetEvent::Nat { peer, what } => {
+            let id = peer.map(InstanceId::from_peer_id);
+            let name = id.as_ref().map(|i| state.name_of(i)).unwrap_or_default();
+            let (kind, text) = match what {
+                NatEvent::Reserved { renewal: false } => {
+                    (EventKind::Relay, format!("reserved a slot at relay {name}"))
+                }
+                NatEvent::Reserved { renewal: true } => return,
+                NatEvent::ReservationLost { reason } => (
+                    EventKind::Relay,
+                    format!("the reservation at relay {name} ended ({reason}); asking again"),
+                ),
+                NatEvent::RelayRefused { what } => {
+                    state
+                        .metrics
+                        .relay_refused
+                        .get_or_create(&crate::metrics::WhatLabel { what: what.to_owned() })
+                        .inc();
+                    (EventKind::Relay, format!("refused a {what} to an unregistered peer"))
+                }
+                NatEvent::HolePunched => {
+                    (EventKind::HolePunch, "the connection is direct now".to_owned())
+                }
+                NatEvent::HolePunchFailed { reason } => (
+                    EventKind::HolePunch,
+                    format!("hole punching failed, the connection stays relayed: {reason}"),
+                ),
+                NatEvent::Reachability(verdict) => {
+                    (EventKind::Reachability, format!("reachable from outside: {verdict}"))
+                }
+            };
+            tracing::info!(peer = %name, "{text}");
+            match id {
+                Some(id) => state.event(kind, Some(&id), text),
+                None => state.events.push(now, kind, None, text),
+            }
         }
         NetEvent::Rtt { peer, rtt } => {
             let id = InstanceId::from_peer_id(peer);

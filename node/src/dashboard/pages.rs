@@ -197,6 +197,7 @@ fn connection(i: &InstanceView, now_ms: u64) -> Markup {
         span class=(if up { "conn up" } else { "conn down" }) title=(i.status) {
             (if up { "connected" } else { "not connected" })
         }
+        @if let Some(path) = i.path.as_deref().filter(|_| up) { " " small.muted { "(" (path) ")" } }
         @if !up && i.status != "not connected yet" && i.status != "not connected" {
             br; small.muted { (i.status.trim_start_matches("not connected: ")) }
         }

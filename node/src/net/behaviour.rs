@@ -3,7 +3,8 @@
 
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, ping, request_response};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{autonat, connection_limits, dcutr, identify, ping, relay, request_response};
 
 use super::FedCodec;
 
@@ -19,6 +20,18 @@ pub struct Behaviour {
     pub(super) ping: ping::Behaviour,
     /// Raw streams (`/kaapana/results/1`); after the gates, like every protocol.
     pub(super) stream: libp2p_stream::Behaviour,
+    /// Observed addresses (what a peer sees this node's connection come from: behind NAT,
+    /// the router's mapping), which hole punching and AutoNAT start from.
+    pub(super) identify: identify::Behaviour,
+    /// Circuits through relays this node reserved a slot at (`network.relays`), inbound and
+    /// outbound.
+    pub(super) relay_client: relay::client::Behaviour,
+    /// Relaying for registered instances (`network.relay_service`, `kaapana-node relay`).
+    pub(super) relay: Toggle<relay::Behaviour>,
+    /// Upgrading a relayed connection to a direct one (`network.hole_punching`).
+    pub(super) dcutr: Toggle<dcutr::Behaviour>,
+    /// Whether this node is reachable from outside, asked of its peers (`network.autonat`).
+    pub(super) autonat: Toggle<autonat::Behaviour>,
 }
 
 impl std::fmt::Debug for Behaviour {

@@ -15,17 +15,24 @@ pub mod inputs;
 mod pending;
 pub mod results;
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kaapana_protocol::{FED_PROTOCOL, FedResponse};
 use libp2p::allow_block_list;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, ping};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, ping,
+    relay,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -72,8 +79,98 @@ pub enum NetError {
 /// registered instances (other addresses) still get through.
 const MAX_PENDING_PER_IP: u32 = 8;
 
+/// How the swarm takes part in relaying, hole punching and NAT detection (`[network]`).
+#[derive(Debug, Clone, Default)]
+pub struct NetOptions {
+    /// Relay circuits between registered instances (`network.relay_service`; always for
+    /// `kaapana-node relay`).
+    pub relay_service: bool,
+    /// Upgrade relayed connections to direct ones by hole punching (DCUtR).
+    pub hole_punching: bool,
+    /// Ask peers whether this node is reachable from outside (AutoNAT); a confirmed address
+    /// goes into the bundle this node exports.
+    pub autonat: bool,
+    /// Relays (registered instances) to reserve a slot at, each ending in `/p2p/<its id>`:
+    /// peers reach this node through them when they cannot dial it directly.
+    pub relays: Vec<Multiaddr>,
+}
+
+impl NetOptions {
+    /// Parses `network.relays`: every address must end in `/p2p/<peer id>`.
+    pub fn parse_relays(relays: &[String]) -> Result<Vec<Multiaddr>, NetError> {
+        relays
+            .iter()
+            .map(|text| {
+                let bad = |detail: String| NetError::BadAddress { addr: text.clone(), detail };
+                let addr: Multiaddr = text.parse().map_err(|e: libp2p::multiaddr::Error| bad(e.to_string()))?;
+                match addr.iter().last() {
+                    Some(Protocol::P2p(_)) => Ok(addr),
+                    _ => Err(bad(
+                        "a relay's address must end in /p2p/<its instance id as a peer id> (see `kaapana-node instance list` at the relay)".to_owned(),
+                    )),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The peer id at the end of a relay's address.
+fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Whether `addr` goes through a relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Which peers the relay service serves (the registered instances) and what it refused.
+#[derive(Debug, Default)]
+pub struct RelayGate {
+    registered: RwLock<HashSet<PeerId>>,
+    /// Reservations refused: the asker is not registered here.
+    pub reservations_refused: AtomicU64,
+    /// Circuits refused: the source is not registered here.
+    pub circuits_refused: AtomicU64,
+}
+
+impl RelayGate {
+    fn admits(&self, peer: &PeerId) -> bool {
+        self.registered.read().map(|r| r.contains(peer)).unwrap_or(false)
+    }
+
+    fn set(&self, peer: PeerId, registered: bool) {
+        if let Ok(mut r) = self.registered.write() {
+            if registered {
+                r.insert(peer);
+            } else {
+                r.remove(&peer);
+            }
+        }
+    }
+}
+
+/// A built swarm and what its loop needs besides.
+#[allow(missing_debug_implementations)]
+pub struct NetSwarm {
+    swarm: Swarm<Behaviour>,
+    gate: Arc<RelayGate>,
+    relays: Vec<Multiaddr>,
+}
+
+/// How long a relayed circuit may last and carry (between registered instances: as long as
+/// the connection is needed; a result or a model may be large).
+const CIRCUIT_MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+const CIRCUIT_MAX_BYTES: u64 = 1 << 40;
+
 /// Builds the swarm for `keypair`.
-pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour>, NetError> {
+pub fn build_swarm(
+    keypair: libp2p::identity::Keypair,
+    options: &NetOptions,
+) -> Result<NetSwarm, NetError> {
     let fed = request_response::Behaviour::with_codec(
         FedCodec,
         [(StreamProtocol::new(FED_PROTOCOL), ProtocolSupport::Full)],
@@ -86,6 +183,59 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
         .with_max_pending_outgoing(Some(256))
         .with_max_established_per_peer(Some(4))
         .with_max_established_incoming(Some(2048));
+    let gate = Arc::new(RelayGate::default());
+    let local = keypair.public().to_peer_id();
+    let relay_server = options.relay_service.then(|| {
+        // Only registered instances may reserve a slot or open a circuit (strangers cannot
+        // even connect: the allow list closes their connection first; this also holds for a
+        // peer removed while connected).
+        let (g1, g2) = (Arc::clone(&gate), Arc::clone(&gate));
+        let config = relay::Config {
+            max_reservations: 1024,
+            max_reservations_per_peer: 4,
+            max_circuits: 1024,
+            max_circuits_per_peer: 64,
+            max_circuit_duration: CIRCUIT_MAX_DURATION,
+            max_circuit_bytes: CIRCUIT_MAX_BYTES,
+            reservation_rate_limiters: vec![Box::new(
+                move |peer: PeerId, _: &Multiaddr, _: Instant| {
+                    let ok = g1.admits(&peer);
+                    if !ok {
+                        g1.reservations_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ok
+                },
+            )],
+            circuit_src_rate_limiters: vec![Box::new(
+                move |peer: PeerId, _: &Multiaddr, _: Instant| {
+                    let ok = g2.admits(&peer);
+                    if !ok {
+                        g2.circuits_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ok
+                },
+            )],
+            ..relay::Config::default()
+        };
+        let mut r = relay::Behaviour::new(local, config);
+        // Serve without waiting for a confirmed public address (a consortium's relay is
+        // reachable by configuration, and registered peers dial it by its bundle).
+        r.set_status(Some(relay::Status::Enable));
+        r
+    });
+    let autonat = options.autonat.then(|| {
+        autonat::Behaviour::new(
+            local,
+            autonat::Config {
+                // Site networks and the tests' namespaces use private addresses.
+                only_global_ips: false,
+                boot_delay: Duration::from_secs(5),
+                retry_interval: Duration::from_secs(30),
+                ..autonat::Config::default()
+            },
+        )
+    });
+    let hole_punching = options.hole_punching;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -95,7 +245,11 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
         )
         .map_err(|e| NetError::Transport { what: "TCP/TLS", detail: e.to_string() })?
         .with_quic()
-        .with_behaviour(|_| Behaviour {
+        // Over a circuit, the two instances run TLS 1.3 end to end: the relay forwards bytes
+        // it cannot read.
+        .with_relay_client(libp2p::tls::Config::new, libp2p::yamux::Config::default)
+        .map_err(|e| NetError::Transport { what: "relay", detail: e.to_string() })?
+        .with_behaviour(|key, relay_client| Behaviour {
             pending: pending::PendingPerIp::new(MAX_PENDING_PER_IP),
             allowed: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
@@ -106,12 +260,39 @@ pub fn build_swarm(keypair: libp2p::identity::Keypair) -> Result<Swarm<Behaviour
                     .with_timeout(Duration::from_secs(10)),
             ),
             stream: libp2p_stream::Behaviour::new(),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/kaapana/id/1".to_owned(), key.public())
+                    .with_agent_version(format!("kaapana-node/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            relay_client,
+            relay: relay_server.into(),
+            dcutr: hole_punching.then(|| dcutr::Behaviour::new(key.public().to_peer_id())).into(),
+            autonat: autonat.into(),
         })
         .map_err(|e| NetError::Transport { what: "behaviour", detail: e.to_string() })?
         // Registered peers stay connected; strangers never get this far.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
         .build();
-    Ok(swarm)
+    Ok(NetSwarm { swarm, gate, relays: options.relays.clone() })
+}
+
+/// How a peer is connected: directly, or only through a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// At least one direct connection.
+    Direct,
+    /// Only relayed connections.
+    Relayed,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+        })
+    }
 }
 
 /// What the swarm reports to the node.
@@ -129,6 +310,8 @@ pub enum NetEvent {
         inbound: bool,
         /// Connections to this peer now.
         connections: u32,
+        /// How the peer is connected now.
+        path: Path,
     },
     /// A connection closed.
     Disconnected {
@@ -136,8 +319,17 @@ pub enum NetEvent {
         peer: PeerId,
         /// Connections to this peer left.
         remaining: u32,
+        /// How the peer is connected now (`None`: not at all).
+        path: Option<Path>,
         /// Why, if known.
         cause: Option<String>,
+    },
+    /// Something about relays, hole punching or reachability, for the event log.
+    Nat {
+        /// The peer it concerns (a relay, a peer punched to), if any.
+        peer: Option<PeerId>,
+        /// What happened.
+        what: NatEvent,
     },
     /// A connection was refused by gating (stranger, or limits).
     Denied {
@@ -173,6 +365,35 @@ pub enum NetEvent {
     },
 }
 
+/// Relays, hole punching and reachability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatEvent {
+    /// A relay accepted (or renewed) this node's reservation: peers can reach it through it.
+    Reserved {
+        /// Whether it renewed one.
+        renewal: bool,
+    },
+    /// The reservation at a relay ended (the connection to it closed); it is asked again.
+    ReservationLost {
+        /// Why.
+        reason: String,
+    },
+    /// The relay service refused a stranger's reservation or circuit.
+    RelayRefused {
+        /// `reservation` or `circuit`.
+        what: &'static str,
+    },
+    /// A relayed connection became direct.
+    HolePunched,
+    /// Hole punching failed; the relayed connection stays.
+    HolePunchFailed {
+        /// Why.
+        reason: String,
+    },
+    /// AutoNAT's verdict changed: `public <address>`, `private` or `unknown`.
+    Reachability(String),
+}
+
 /// Why a request to a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -198,6 +419,7 @@ enum NetCommand {
     Send(PeerId, FedFrame, oneshot::Sender<Result<FedResponse, SendError>>),
     Respond(ResponseChannel<FedResponse>, FedResponse),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Paths(oneshot::Sender<HashMap<PeerId, Path>>),
 }
 
 /// The client of the [`SwarmLoop`].
@@ -277,10 +499,18 @@ impl NetworkHandle {
         self.command(NetCommand::Respond(channel, response)).await
     }
 
-    /// The addresses the swarm listens on.
+    /// The addresses the swarm listens on, and those confirmed from outside: a relay's
+    /// circuit address once it accepted a reservation, an address AutoNAT confirmed.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (tx, rx) = oneshot::channel();
         self.command(NetCommand::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// How each connected peer is connected.
+    pub async fn paths(&self) -> Result<HashMap<PeerId, Path>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(NetCommand::Paths(tx)).await?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 }
@@ -293,29 +523,119 @@ pub struct SwarmLoop {
     events: mpsc::Sender<NetEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<FedResponse, SendError>>>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    gate: Arc<RelayGate>,
+    /// Each peer's connections, and whether each is relayed.
+    connections: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    relays: Vec<Relay>,
+    /// Refusals already reported.
+    refused: (u64, u64),
 }
 
+/// A relay this node keeps a reservation at.
+struct Relay {
+    addr: Multiaddr,
+    peer: PeerId,
+    listener: Option<ListenerId>,
+    /// When to ask again, and the backoff after that.
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// How often reservations and refusals are looked after.
+const RELAY_TICK: Duration = Duration::from_secs(1);
+const RELAY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 impl SwarmLoop {
-    /// Wraps `swarm`; events go to `events`.
-    pub fn new(swarm: Swarm<Behaviour>, events: mpsc::Sender<NetEvent>) -> (Self, NetworkHandle) {
+    /// Wraps `net`; events go to `events`.
+    pub fn new(net: NetSwarm, events: mpsc::Sender<NetEvent>) -> (Self, NetworkHandle) {
+        let NetSwarm { swarm, gate, relays } = net;
         let (tx, commands) = mpsc::channel(1024);
         let handle = NetworkHandle {
             tx,
             local_peer: *swarm.local_peer_id(),
             stream: swarm.behaviour().stream.new_control(),
         };
-        let me =
-            Self { swarm, commands, events, pending: HashMap::new(), addresses: HashMap::new() };
+        let now = Instant::now();
+        let relays = relays
+            .into_iter()
+            .filter_map(|addr| {
+                let peer = relay_peer(&addr)?;
+                Some(Relay { addr, peer, listener: None, retry_at: now, backoff: RELAY_TICK })
+            })
+            .collect();
+        let me = Self {
+            swarm,
+            commands,
+            events,
+            pending: HashMap::new(),
+            addresses: HashMap::new(),
+            gate,
+            connections: HashMap::new(),
+            relays,
+            refused: (0, 0),
+        };
         (me, handle)
+    }
+
+    /// How `peer` is connected now.
+    fn path(&self, peer: &PeerId) -> Option<Path> {
+        let conns = self.connections.get(peer)?;
+        if conns.is_empty() {
+            None
+        } else if conns.values().any(|relayed| !relayed) {
+            Some(Path::Direct)
+        } else {
+            Some(Path::Relayed)
+        }
+    }
+
+    /// Asks the relays without a reservation again (with backoff), and reports the relay
+    /// service's refusals.
+    fn tend_relays(&mut self) {
+        let now = Instant::now();
+        for r in &mut self.relays {
+            if r.listener.is_some() || now < r.retry_at {
+                continue;
+            }
+            r.retry_at = now + r.backoff;
+            r.backoff = (r.backoff * 2).min(RELAY_MAX_BACKOFF);
+            // Reserving at a relay that is not registered would be refused by the allow list.
+            if !self.swarm.behaviour().allowed.allowed_peers().contains(&r.peer) {
+                continue;
+            }
+            match self.swarm.listen_on(r.addr.clone().with(Protocol::P2pCircuit)) {
+                Ok(id) => r.listener = Some(id),
+                Err(e) => {
+                    tracing::warn!(relay = %r.addr, error = %e, "cannot reserve at the relay")
+                }
+            }
+        }
+        let refused = (
+            self.gate.reservations_refused.load(Ordering::Relaxed),
+            self.gate.circuits_refused.load(Ordering::Relaxed),
+        );
+        for (what, new, old) in
+            [("reservation", refused.0, self.refused.0), ("circuit", refused.1, self.refused.1)]
+        {
+            for _ in old..new {
+                let _ = self
+                    .events
+                    .try_send(NetEvent::Nat { peer: None, what: NatEvent::RelayRefused { what } });
+            }
+        }
+        self.refused = refused;
     }
 
     /// Runs until `cancel` fires, then closes every connection.
     pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(RELAY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                _ = tick.tick() => self.tend_relays(),
                 Some(ev) = self.swarm.next() => {
                     if let Some(out) = self.on_swarm_event(ev)
                         && self.events.send(out).await.is_err()
@@ -345,6 +665,7 @@ impl SwarmLoop {
             }
             NetCommand::Allow(peer, addrs) => {
                 b.allowed.allow_peer(peer);
+                self.gate.set(peer, true);
                 for a in &addrs {
                     self.swarm.add_peer_address(peer, a.clone());
                 }
@@ -353,6 +674,7 @@ impl SwarmLoop {
             NetCommand::Disallow(peer) => {
                 // disallow_peer closes the live connections too.
                 b.allowed.disallow_peer(peer);
+                self.gate.set(peer, false);
                 self.addresses.remove(&peer);
             }
             NetCommand::Dial(peer) => {
@@ -383,7 +705,18 @@ impl SwarmLoop {
                 let _ = b.fed.send_response(channel, response);
             }
             NetCommand::ListenAddrs(reply) => {
-                let _ = reply.send(self.swarm.listeners().cloned().collect());
+                let mut addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                for a in self.swarm.external_addresses() {
+                    if !addrs.contains(a) {
+                        addrs.push(a.clone());
+                    }
+                }
+                let _ = reply.send(addrs);
+            }
+            NetCommand::Paths(reply) => {
+                let paths =
+                    self.connections.keys().filter_map(|p| Some((*p, self.path(p)?))).collect();
+                let _ = reply.send(paths);
             }
         }
     }
@@ -395,26 +728,72 @@ impl SwarmLoop {
                 tracing::error!(%error, "listener failed");
                 None
             }
-            SwarmEvent::ListenerClosed { addresses, reason: Err(error), .. } => {
-                tracing::error!(?addresses, %error, "listener closed");
+            SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                if let Some(r) = self.relays.iter_mut().find(|r| r.listener == Some(listener_id)) {
+                    // The connection to the relay closed (or it refused): ask again later.
+                    r.listener = None;
+                    let reason = match reason {
+                        Ok(()) => "the connection to the relay closed".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::info!(relay = %r.addr, %reason, "reservation at the relay ended");
+                    let peer = Some(r.peer);
+                    return Some(NetEvent::Nat {
+                        peer,
+                        what: NatEvent::ReservationLost { reason },
+                    });
+                }
+                if let Err(error) = reason {
+                    tracing::error!(?addresses, %error, "listener closed");
+                }
                 None
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let relayed = endpoint.is_relayed();
                 let (addr, inbound) = match endpoint {
                     ConnectedPoint::Dialer { address, .. } => (address, false),
                     ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr, true),
                 };
+                let conns = self.connections.entry(peer_id).or_default();
+                conns.insert(connection_id, relayed);
+                if !relayed {
+                    // A direct connection replaces the relayed ones: what they carry (a result
+                    // transfer resumes where it stopped, requests are retried from the outbox)
+                    // moves to it, and the relay is relieved.
+                    let stale: Vec<ConnectionId> =
+                        conns.iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect();
+                    for c in stale {
+                        self.swarm.close_connection(c);
+                    }
+                }
+                let path = self.path(&peer_id).unwrap_or(Path::Direct);
                 Some(NetEvent::Connected {
                     peer: peer_id,
                     addr,
                     inbound,
                     connections: num_established.get(),
+                    path,
                 })
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id, connection_id, num_established, cause, ..
+            } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                    if conns.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
                 Some(NetEvent::Disconnected {
                     peer: peer_id,
                     remaining: num_established,
+                    path: self.path(&peer_id),
                     cause: cause.map(|c| c.to_string()),
                 })
             }
@@ -429,6 +808,46 @@ impl SwarmLoop {
                 Some(NetEvent::DialFailed { peer: peer_id, error: error.to_string() })
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fed(ev)) => self.on_fed_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal, .. },
+            )) => {
+                if let Some(r) = self.relays.iter_mut().find(|r| r.peer == relay_peer_id) {
+                    r.backoff = RELAY_TICK;
+                }
+                Some(NetEvent::Nat {
+                    peer: Some(relay_peer_id),
+                    what: NatEvent::Reserved { renewal },
+                })
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => {
+                let what = match result {
+                    Ok(_) => NatEvent::HolePunched,
+                    Err(e) => NatEvent::HolePunchFailed { reason: e.to_string() },
+                };
+                Some(NetEvent::Nat { peer: Some(remote_peer_id), what })
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                let verdict = match new {
+                    autonat::NatStatus::Public(addr) => format!("public {addr}"),
+                    autonat::NatStatus::Private => "private".to_owned(),
+                    autonat::NatStatus::Unknown => "unknown".to_owned(),
+                };
+                Some(NetEvent::Nat { peer: None, what: NatEvent::Reachability(verdict) })
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                tracing::debug!(peer = %peer_id, observed = %info.observed_addr, "identified");
+                None
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,

@@ -22,7 +22,7 @@ pub fn kaapana_node() -> Command {
     c
 }
 
-fn node_binary() -> PathBuf {
+pub fn node_binary() -> PathBuf {
     if let Some(path) = option_env!("CARGO_BIN_EXE_kaapana-node") {
         return PathBuf::from(path);
     }
@@ -271,8 +271,13 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
+    /// Where the test reaches the API (behind NAT: the router's forward, not the address the
+    /// daemon wrote).
     fn api_addr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("api-address")).unwrap()
+        match &self.api {
+            Some(api) => api.base().trim_start_matches("http://").to_owned(),
+            None => std::fs::read_to_string(self.dir.join("api-address")).unwrap(),
+        }
     }
 
     /// Events after `after`, waiting up to `wait` for the first.
@@ -463,7 +468,9 @@ impl TestPeer {
         let log = Arc::new(PeerLog::default());
         let cancel = tokio_util::sync::CancellationToken::new();
         let net = rt.block_on(async {
-            let swarm = kaapana_node::net::build_swarm(identity.libp2p_keypair()).unwrap();
+            let swarm =
+                kaapana_node::net::build_swarm(identity.libp2p_keypair(), &Default::default())
+                    .unwrap();
             let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
             let (swarm_loop, net) = SwarmLoop::new(swarm, tx);
             tokio::spawn(swarm_loop.run(cancel.clone()));
@@ -482,7 +489,7 @@ impl TestPeer {
                             format!("request {peer} {n}")
                         }
                         NetEvent::Connected { peer, .. } => format!("connected {peer}"),
-                        NetEvent::Disconnected { peer, remaining, cause } => {
+                        NetEvent::Disconnected { peer, remaining, cause, .. } => {
                             format!("disconnected {peer} {remaining} {cause:?}")
                         }
                         other => format!("{other:?}"),
@@ -606,7 +613,7 @@ impl Site {
         advertise: Option<&str>,
     ) -> Self {
         let site = Self::new(root, name);
-        let (listen, api) = (net.p2p_addr(k), net.api_addr(k));
+        let (listen, api) = (net.p2p_addr(k), net.api_listen(k));
         let mut args = vec!["init", "--name", name, "--listen", &listen, "--api-listen", &api];
         if let Some(a) = advertise {
             args.extend_from_slice(&["--advertise", a]);
@@ -614,6 +621,56 @@ impl Site {
         site.ok(&args);
         site.set_executor(None);
         site
+    }
+
+    /// [`Site::init_netns`] listening on TCP and QUIC (what hole punching through NAT
+    /// routers needs), with `relays` (see `network.relays`) and hole punching on or off.
+    pub fn init_netns_nat(
+        root: &Path,
+        name: &str,
+        net: &netns::Net,
+        k: usize,
+        relays: &[String],
+        hole_punching: bool,
+    ) -> Self {
+        let site = Self::new(root, name);
+        let (tcp, quic, api) = (net.p2p_addr(k), net.quic_addr(k), net.api_listen(k));
+        site.ok(&[
+            "init",
+            "--name",
+            name,
+            "--listen",
+            &tcp,
+            "--listen",
+            &quic,
+            "--api-listen",
+            &api,
+        ]);
+        site.set_executor(None);
+        let list = relays.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ");
+        site.set_network("relays", &format!("[{list}]"));
+        site.set_network("hole_punching", &hole_punching.to_string());
+        site
+    }
+
+    /// Sets `key = value` (TOML) in the `[network]` section of the site's config.toml.
+    pub fn set_network(&self, key: &str, value: &str) {
+        let path = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (start, rest) = text.split_at(text.find("[network]").unwrap());
+        let end = rest[1..].find("\n[").map_or(rest.len(), |i| i + 1);
+        let section: String = rest[..end]
+            .lines()
+            .map(|l| {
+                if l.split('=').next().is_some_and(|k| k.trim() == key) {
+                    format!("{key} = {value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        assert!(section.contains(&format!("{key} = {value}")), "no key {key} in [network]");
+        std::fs::write(&path, format!("{start}{section}{}", &rest[end..])).unwrap();
     }
 
     /// Sets `[workflows] runner_lost_after_secs`.
@@ -633,18 +690,33 @@ impl Site {
     /// it runs. The process is the daemon itself (`nsenter` execs it), so [`Daemon::pid`],
     /// [`Daemon::pause`] and [`Daemon::kill`] act on it.
     pub fn start_netns(&self, net: &netns::Net, k: usize) -> Daemon {
+        self.start_netns_as(net, k, "run")
+    }
+
+    /// [`Site::start_netns`] with `kaapana-node SUBCOMMAND` (`run` or `relay`). Behind NAT,
+    /// the test reaches the API through the router's forward.
+    pub fn start_netns_as(&self, net: &netns::Net, k: usize, subcommand: &str) -> Daemon {
         let mut cmd = net.command(k, node_binary());
         cmd.env_remove("KAAPANA_NODE_DATA_DIR").env("NO_COLOR", "1");
-        self.spawn_daemon(cmd, Duration::from_secs(60))
+        let mut d = self.spawn_daemon_as(cmd, subcommand, Duration::from_secs(60));
+        if net.is_natted(k) {
+            let token = std::fs::read_to_string(self.dir.join("api-token")).unwrap();
+            d.api = Some(ApiClient::new(&net.api_addr(k), token.trim()));
+        }
+        d
     }
 
     /// Runs `cmd run --data-dir DIR` as the daemon (stderr appended to `DIR/daemon.log`) and
     /// waits up to `timeout` for its API address.
-    fn spawn_daemon(&self, mut cmd: Command, timeout: Duration) -> Daemon {
+    fn spawn_daemon(&self, cmd: Command, timeout: Duration) -> Daemon {
+        self.spawn_daemon_as(cmd, "run", timeout)
+    }
+
+    fn spawn_daemon_as(&self, mut cmd: Command, subcommand: &str, timeout: Duration) -> Daemon {
         let log = self.dir.join("daemon.log");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = cmd
-            .arg("run")
+            .arg(subcommand)
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "info,kaapana_node=debug")

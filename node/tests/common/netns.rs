@@ -113,6 +113,8 @@ pub struct Net {
     prefix: String,
     subnet: String,
     nodes: usize,
+    /// Which nodes sit behind a NAT router of their own (index = node).
+    natted: Vec<bool>,
     faults: Mutex<Vec<Faults>>,
     relays: Mutex<Vec<Relay>>,
     registry_file: PathBuf,
@@ -122,7 +124,14 @@ impl Net {
     /// Builds the network with nodes `1..=n` (at most 200). Panics with the failing command
     /// if the machine cannot (not root, no iproute2).
     pub fn new(n: usize) -> Self {
+        Self::with_nat(n, &[])
+    }
+
+    /// [`Net::new`], with the nodes in `natted` each behind a NAT router of its own (see
+    /// [`Net::router_ns`]): they can dial out, nobody can dial in.
+    pub fn with_nat(n: usize, natted: &[usize]) -> Self {
         assert!((1..=200).contains(&n), "1 to 200 nodes");
+        assert!(natted.iter().all(|k| (1..=n).contains(k)), "no such node in {natted:?}");
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         sweep_dead();
         let pid = std::process::id();
@@ -151,6 +160,7 @@ impl Net {
             prefix,
             subnet,
             nodes: n,
+            natted: (0..=n).map(|k| natted.contains(&k)).collect(),
             faults: Mutex::new(vec![Faults::default(); n + 1]),
             relays: Mutex::new(Vec::new()),
             registry_file,
@@ -167,6 +177,10 @@ impl Net {
         run("ip", &["-n", &br, "link", "add", "br0", "type", "bridge"]);
         run("ip", &["-n", &br, "link", "set", "br0", "up"]);
         for k in 1..=self.nodes {
+            if self.natted[k] {
+                self.build_natted(k);
+                continue;
+            }
             let ns = self.ns(k);
             let (inner, outer) = (format!("{}n{k}", self.prefix), format!("{}b{k}", self.prefix));
             run("ip", &["netns", "add", &ns]);
@@ -195,10 +209,108 @@ impl Net {
         }
     }
 
+    /// Node `k` behind its router: the router's namespace holds `wan0` on the bridge (with
+    /// the node's public address, [`Net::ip`]) and `lan0` (192.168.k.1/24) towards the node's
+    /// `eth0` (192.168.k.2/24, default route via the router). The router masquerades what
+    /// leaves through `wan0` (a real NAT: conntrack keeps the source port when it can),
+    /// forwards back only what belongs to connections from inside, and drops (silently, as
+    /// NATs do) whatever else arrives, except the test's API calls, forwarded to the node's
+    /// API port.
+    fn build_natted(&self, k: usize) {
+        let (br, gw, ns) = (self.bridge_ns(), self.router_ns(k), self.ns(k));
+        let p = &self.prefix;
+        run("ip", &["netns", "add", &gw]);
+        run("ip", &["-n", &gw, "link", "set", "lo", "up"]);
+        run("ip", &["netns", "add", &ns]);
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        let (wan, outer) = (format!("{p}w{k}"), format!("{p}b{k}"));
+        run("ip", &["link", "add", &wan, "type", "veth", "peer", "name", &outer]);
+        run("ip", &["link", "set", &wan, "netns", &gw]);
+        run("ip", &["link", "set", &outer, "netns", &br]);
+        run("ip", &["-n", &gw, "link", "set", &wan, "name", "wan0"]);
+        run("ip", &["-n", &gw, "addr", "add", &format!("{}/24", self.ip(k)), "dev", "wan0"]);
+        run("ip", &["-n", &gw, "link", "set", "wan0", "up"]);
+        run("ip", &["-n", &br, "link", "set", &outer, "master", "br0", "up"]);
+        let (inner, lan) = (format!("{p}n{k}"), format!("{p}l{k}"));
+        run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &lan]);
+        run("ip", &["link", "set", &inner, "netns", &ns]);
+        run("ip", &["link", "set", &lan, "netns", &gw]);
+        run("ip", &["-n", &ns, "link", "set", &inner, "name", "eth0"]);
+        run("ip", &["-n", &ns, "addr", "add", &format!("{}/24", self.lan_ip(k)), "dev", "eth0"]);
+        run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+        run("ip", &["-n", &ns, "route", "add", "default", "via", &format!("192.168.{k}.1")]);
+        run("ip", &["-n", &gw, "link", "set", &lan, "name", "lan0"]);
+        run("ip", &["-n", &gw, "addr", "add", &format!("192.168.{k}.1/24"), "dev", "lan0"]);
+        run("ip", &["-n", &gw, "link", "set", "lan0", "up"]);
+        run("ip", &["netns", "exec", &gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        let (host, node) = (self.host_ip(), self.lan_ip(k));
+        let rules = [
+            "table ip knnat {".to_owned(),
+            "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;".into(),
+            format!(
+                "    iifname \"wan0\" ip saddr {host} tcp dport {API_PORT} dnat to {node}:{API_PORT}"
+            ),
+            "  }".into(),
+            "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;".into(),
+            "    oifname \"wan0\" counter masquerade comment \"nat\"".into(),
+            "  }".into(),
+            "  chain forward { type filter hook forward priority filter; policy drop;".into(),
+            "    ct state established,related accept".into(),
+            "    iifname \"lan0\" oifname \"wan0\" accept".into(),
+            format!(
+                "    iifname \"wan0\" ip daddr {node} ip saddr {host} tcp dport {API_PORT} accept"
+            ),
+            "  }".into(),
+            "  chain input { type filter hook input priority filter; policy drop;".into(),
+            "    iif \"lo\" accept".into(),
+            "    ct state established,related accept".into(),
+            "    iifname \"lan0\" accept".into(),
+            "  }".into(),
+            "}".into(),
+        ]
+        .join("\n");
+        run_with_input("ip", &["netns", "exec", &gw, "nft", "-f", "-"], Some(&rules));
+    }
+
+    /// Whether node `k` sits behind a NAT router.
+    pub fn is_natted(&self, k: usize) -> bool {
+        self.natted[k]
+    }
+
+    /// The namespace of node `k`'s NAT router.
+    pub fn router_ns(&self, k: usize) -> String {
+        assert!(self.natted[k], "node {k} has no router");
+        format!("{}-g{k}", self.prefix)
+    }
+
+    /// Node `k`'s own address: behind NAT, its LAN address; else [`Net::ip`].
+    pub fn lan_ip(&self, k: usize) -> String {
+        if self.natted[k] { format!("192.168.{k}.2") } else { self.ip(k) }
+    }
+
+    /// The QUIC listen address of node `k` (UDP, on its own address).
+    pub fn quic_addr(&self, k: usize) -> String {
+        format!("/ip4/{}/udp/{P2P_PORT}/quic-v1", self.lan_ip(k))
+    }
+
+    /// Where node `k`'s API listens (its own address).
+    pub fn api_listen(&self, k: usize) -> String {
+        format!("{}:{API_PORT}", self.lan_ip(k))
+    }
+
+    /// Runs `nft` in namespace `ns` (the test's own namespaces only) and returns its output.
+    pub fn nft_in(&self, ns: &str, args: &[&str]) -> String {
+        assert!(ns.starts_with(&format!("{}-", self.prefix)), "not this test's namespace: {ns}");
+        let mut all = vec!["netns", "exec", ns, "nft"];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
     /// Whether the host reaches node `k` (a TCP connect to a closed port is refused: that is
-    /// an answer).
+    /// an answer). Behind NAT, through the router's forward of the API port.
     fn reachable(&self, k: usize) -> bool {
-        let addr: SocketAddr = format!("{}:9", self.ip(k)).parse().unwrap();
+        let port = if self.natted[k] { API_PORT } else { 9 };
+        let addr: SocketAddr = format!("{}:{port}", self.ip(k)).parse().unwrap();
         match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             Ok(_) => true,
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
@@ -229,7 +341,7 @@ impl Net {
         format!("{}h", self.prefix)
     }
 
-    /// Node `k`'s address.
+    /// Node `k`'s address on the test subnet (behind NAT: its router's public address).
     pub fn ip(&self, k: usize) -> String {
         format!("{}.{k}", self.subnet)
     }
@@ -239,12 +351,12 @@ impl Net {
         format!("{}.254", self.subnet)
     }
 
-    /// Node `k`'s libp2p listen address.
+    /// Node `k`'s libp2p listen address (TCP, on its own address).
     pub fn p2p_addr(&self, k: usize) -> String {
-        format!("/ip4/{}/tcp/{P2P_PORT}", self.ip(k))
+        format!("/ip4/{}/tcp/{P2P_PORT}", self.lan_ip(k))
     }
 
-    /// Node `k`'s API address.
+    /// Where the test reaches node `k`'s API (behind NAT: the router's forward).
     pub fn api_addr(&self, k: usize) -> String {
         format!("{}:{API_PORT}", self.ip(k))
     }
