@@ -19,221 +19,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::Duration;
-
-use common::containerd::TestContainerd;
-use common::netns::{Net, P2P_PORT};
-use common::{Daemon, Site};
-
-const T: Duration = Duration::from_secs(120);
-/// The bytes of the result the NATed runner sends back.
-const RESULT_BYTES: u64 = 4_000_000;
-
-/// The three sites: 0 = the relay (public), 1 = site-a, 2 = site-b (each behind its NAT).
-struct NatFed {
-    daemons: Vec<Option<Daemon>>,
-    sites: Vec<Site>,
-    _ctd: TestContainerd,
-    _rt: tokio::runtime::Runtime,
-    image: String,
-    tmp: tempfile::TempDir,
-    net: Net,
-    relay_only: bool,
-}
-
-/// The relay's address as `network.relays` names it.
-fn relay_addr(net: &Net, relay: &Site) -> String {
-    format!("/ip4/{}/tcp/{P2P_PORT}/p2p/{}", net.ip(1), relay.instance_id())
-}
-
-impl NatFed {
-    /// The federation, every pair registered both ways; `relay_only`: the relay is a
-    /// `kaapana-node relay` (no executor), else a full site that also relays.
-    fn new(hole_punching: bool, relay_only: bool) -> Self {
-        let net = Net::with_nat(3, &[2, 3]);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let ctd = rt.block_on(TestContainerd::start());
-        let tmp = common::test_dir();
-        let root = tmp.path();
-        let relay = Site::init_netns_nat(root, "relay", &net, 1, &[], hole_punching);
-        relay.set_network("relay_service", "true");
-        let via = [relay_addr(&net, &relay)];
-        let a = Site::init_netns_nat(root, "site-a", &net, 2, &via, hole_punching);
-        let b = Site::init_netns_nat(root, "site-b", &net, 3, &via, hole_punching);
-        let sites = vec![relay, a, b];
-        let bundles: Vec<PathBuf> = sites.iter().map(|s| s.export(root)).collect();
-        for (i, s) in sites.iter().enumerate() {
-            for (j, other) in sites.iter().enumerate() {
-                if i != j {
-                    s.register(other, &bundles[j]);
-                }
-            }
-        }
-        for (i, s) in sites.iter().enumerate() {
-            if !(relay_only && i == 0) {
-                s.set_executor(Some(ctd.containerd().socket()));
-            }
-        }
-        let image = common::containerd::build_busybox_image(root, "busybox", false);
-        sites[1].ok(&["image", "import", image.tar.to_str().unwrap()]);
-        Self {
-            daemons: vec![None, None, None],
-            sites,
-            _ctd: ctd,
-            _rt: rt,
-            image: image.digest.to_string(),
-            tmp,
-            net,
-            relay_only,
-        }
-    }
-
-    fn start(&mut self, i: usize) {
-        let sub = if i == 0 && self.relay_only { "relay" } else { "run" };
-        self.daemons[i] = Some(self.sites[i].start_netns_as(&self.net, i + 1, sub));
-    }
-
-    fn d(&self, i: usize) -> &Daemon {
-        self.daemons[i].as_ref().unwrap()
-    }
-
-    /// How site `i` sees site `j` connected: `Some("direct")`, `Some("relayed")` or `None`.
-    fn path(&self, i: usize, j: usize) -> Option<String> {
-        self.d(i).instance(&self.sites[j].name).and_then(|v| v.path)
-    }
-
-    /// Waits until site-a and site-b see each other connected by `path`.
-    fn wait_path(&self, path: &str) {
-        for (i, j) in [(1, 2), (2, 1)] {
-            self.d(i).wait_until(&format!("{} {path}", self.sites[j].name), T, |_| {
-                self.path(i, j).as_deref() == Some(path)
-            });
-        }
-    }
-
-    fn path_in(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    /// Submits at site-a: a job at site-b writing `marker` (plain text) and 4 MB of random
-    /// bytes, `others` more jobs (at the relay site when it runs jobs), and a sum at site-a
-    /// reading them all. Returns the workflow id.
-    fn submit(&self, name: &str, marker: &str, sleep_s: u32) -> String {
-        let mut toml = format!(
-            r#"name = "{name}"
-[[job]]
-name = "far"
-runner = "site-b"
-image = "{image}"
-command = ["sh", "-c", "echo run >> /output/runs; sleep {sleep_s}; for i in $(seq 200); do echo {marker}; done > /output/marker.txt; head -c {RESULT_BYTES} /dev/urandom > /output/blob"]
-timeout = "2m"
-"#,
-            image = self.image
-        );
-        let mut inputs = vec!["\"far\"".to_owned()];
-        if !self.relay_only {
-            toml.push_str(&format!(
-                "[[job]]\nname = \"public\"\nrunner = \"relay\"\nimage = \"{}\"\ncommand = [\"sh\", \"-c\", \"echo run >> /output/runs; echo relay-site > /output/who\"]\ntimeout = \"2m\"\n",
-                self.image
-            ));
-            inputs.push("\"public\"".to_owned());
-        }
-        toml.push_str(&format!(
-            "[[job]]\nname = \"sum\"\nrunner = \"owner\"\ninputs = [{}]\nimage = \"{}\"\ncommand = [\"sh\", \"-c\", \"echo run >> /output/runs; wc -c < /input/far/blob > /output/far-bytes; cat /input/*/who > /output/who 2>/dev/null; true\"]\ntimeout = \"2m\"\n",
-            inputs.join(", "),
-            self.image
-        ));
-        self.d(1).submit_workflow(&toml).workflow_id
-    }
-
-    /// Checks the finished workflow `id`: every job ran once, the sum read all 4 MB. Returns
-    /// the folder its results were fetched into.
-    fn check_finished(&self, id: &str) -> PathBuf {
-        let w = self.d(1).wait_workflow(id, "finished", T);
-        for j in &w.jobs {
-            let i = self.sites.iter().position(|s| s.name == j.runner).unwrap();
-            let runs = self.sites[i].dir.join("jobs").join(&j.job_id).join("output").join("runs");
-            let runs = std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count());
-            assert_eq!((j.attempt, runs), (0, 1), "job {} ran once: {j:#?}", j.name);
-        }
-        let out = self.path_in(&format!("result-{id}"));
-        // The CLI reaches the daemon's API from inside site-a's namespace.
-        let status = self
-            .net
-            .command(2, common::node_binary())
-            .arg("--data-dir")
-            .arg(&self.sites[1].dir)
-            .args(["workflow", "result", id, "--out"])
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "workflow result {id}");
-        let far = std::fs::read_to_string(out.join("sum/far-bytes")).unwrap();
-        assert_eq!(far.trim(), RESULT_BYTES.to_string());
-        out
-    }
-
-    /// Counts, at the relay, the bytes arriving from site-b's router.
-    fn count_from_b(&self) {
-        let rules = format!(
-            "table inet kncount {{\n  chain input {{ type filter hook prerouting priority -300; policy accept;\n    iifname \"eth0\" ip saddr {} counter comment \"from-b\"\n  }}\n}}\n",
-            self.net.ip(3)
-        );
-        let ns = self.net.ns(1);
-        self.net.nft_in(&ns, &["-f", &write_tmp(&self.path_in("count.nft"), &rules)]);
-    }
-
-    /// The bytes counted by [`NatFed::count_from_b`] so far.
-    fn bytes_from_b(&self) -> u64 {
-        let ns = self.net.ns(1);
-        let rules = self.net.nft_in(&ns, &["list", "table", "inet", "kncount"]);
-        rules
-            .split("bytes ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no counter in {rules}"))
-    }
-}
-
-fn write_tmp(path: &Path, text: &str) -> String {
-    std::fs::write(path, text).unwrap();
-    path.to_str().unwrap().to_owned()
-}
-
-/// tcpdump on the relay's `eth0`, writing every packet to `file`; stopped (and flushed) by
-/// [`stop_capture`].
-fn capture(net: &Net, file: &Path) -> Child {
-    let child = net
-        .command(1, "tcpdump")
-        .args(["-i", "eth0", "-U", "-s", "0", "-w"])
-        .arg(file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump (scripts/test installs it)");
-    // tcpdump says on stderr when it listens; wait for that line.
-    let mut child = child;
-    let stderr = child.stderr.take().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line).unwrap();
-    assert!(line.contains("listening on"), "tcpdump: {line}");
-    child
-}
-
-fn stop_capture(mut child: Child) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().unwrap();
-}
-
-fn count(haystack: &[u8], needle: &[u8]) -> usize {
-    haystack.windows(needle.len()).filter(|w| *w == needle).count()
-}
+use common::Site;
+use common::nat::{NatFed, RESULT_BYTES, T, capture, count, relay_addr, stop_capture};
+use common::netns::Net;
 
 #[test]
 fn two_sites_behind_nat_work_together_through_a_relay_then_directly_after_hole_punching() {
@@ -313,4 +101,96 @@ fn two_sites_behind_nat_work_together_through_a_relay_then_directly_after_hole_p
         through_relay < RESULT_BYTES / 4,
         "{through_relay} bytes from site-b crossed the relay although the connection is direct"
     );
+}
+
+#[test]
+fn the_relay_killed_mid_workflow_the_workflow_finishes_once_it_is_back_with_nothing_lost_or_run_twice()
+ {
+    // A relay-only node (`kaapana-node relay`: no executor) between the two NATed sites.
+    let mut f = NatFed::new(false, true);
+    for i in 0..3 {
+        f.start(i);
+    }
+    f.wait_path("relayed");
+    let id = f.submit("relay-killed", "relay-killed-marker", 4);
+    f.d(1).wait_until("the far job running", T, |d| {
+        d.workflow(&id).jobs.iter().any(|j| j.name == "far" && j.state == "running")
+    });
+    f.daemons[0].take().unwrap().kill();
+    for (i, j) in [(1, 2), (2, 1)] {
+        f.d(i).wait_until(&format!("{} gone", f.sites[j].name), T, |_| f.path(i, j).is_none());
+    }
+    assert_eq!(f.d(1).workflow(&id).state, "running");
+    f.start(0);
+    f.wait_path("relayed");
+    f.check_finished(&id);
+    for i in [1, 2] {
+        let events = f.d(i).event_details(0, "relay");
+        let reserved = events.iter().filter(|e| e.contains("reserved a slot")).count();
+        assert!(reserved >= 2, "{}: reserved again after the restart: {events:?}", f.sites[i].name);
+        assert!(events.iter().any(|e| e.contains("ended")), "{events:?}");
+    }
+}
+
+#[test]
+fn a_stranger_gets_no_reservation_and_the_relay_does_not_reach_a_site_that_did_not_register_the_asker()
+ {
+    let net = Net::with_nat(4, &[2, 3, 4]);
+    let tmp = common::test_dir();
+    let root = tmp.path();
+    let relay = Site::init_netns_nat(root, "relay", &net, 1, &[], false);
+    let via = [relay_addr(&net, &relay)];
+    let a = Site::init_netns_nat(root, "site-a", &net, 2, &via, false);
+    let c = Site::init_netns_nat(root, "site-c", &net, 3, &via, false);
+    let stranger = Site::init_netns_nat(root, "stranger", &net, 4, &via, false);
+    let bundle = |s: &Site| s.export(root);
+    let (br, ba, bc) = (bundle(&relay), bundle(&a), bundle(&c));
+    // The relay and site-a, the relay and site-c: registered both ways. site-c registers
+    // site-a, but site-a does not register site-c. The stranger registers the relay, which
+    // does not know it.
+    for (s, other, b) in
+        [(&relay, &a, &ba), (&relay, &c, &bc), (&a, &relay, &br), (&c, &relay, &br)]
+    {
+        s.register(other, b);
+    }
+    c.register(&a, &ba);
+    stranger.register(&relay, &br);
+
+    let dr = relay.start_netns_as(&net, 1, "relay");
+    let da = a.start_netns(&net, 2);
+    da.wait_until("a reservation", T, |d| {
+        d.event_details(0, "relay").iter().any(|e| e.contains("reserved a slot"))
+    });
+    let denied_before = dr.metric("kaapana_node_connections_denied_total");
+    let a_denied_before = da.metric("kaapana_node_connections_denied_total");
+    let ds = stranger.start_netns(&net, 4);
+    let dc = c.start_netns(&net, 3);
+    dc.wait_until("site-c's reservation", T, |d| {
+        d.event_details(0, "relay").iter().any(|e| e.contains("reserved a slot"))
+    });
+    // The stranger's connection to the relay is refused (and counted) before any protocol:
+    // it gets no reservation, so nobody could reach it through the relay.
+    let stranger_id = stranger.instance_id();
+    dr.wait_until("the stranger refused", T, |d| {
+        d.event_details(0, "connection_denied").iter().any(|e| e.contains(&stranger_id))
+    });
+    assert!(dr.metric("kaapana_node_connections_denied_total") > denied_before);
+    ds.wait_until("the stranger told why", T, |d| {
+        d.instance("relay").is_some_and(|v| v.connected == Some(false) && v.status.contains("not"))
+    });
+    // site-c asks the relay for a circuit to site-a (registered at the relay both): site-a
+    // refuses the relayed connection, because it did not register site-c.
+    let c_id = c.instance_id();
+    da.wait_until("site-c refused through the relay", T, |d| {
+        d.event_details(0, "connection_denied").iter().any(|e| e.contains(&c_id))
+    });
+    assert!(da.metric("kaapana_node_connections_denied_total") > a_denied_before);
+    dc.wait_until("site-c told why", T, |d| {
+        d.instance("site-a").is_some_and(|v| {
+            v.connected == Some(false) && v.status.contains("not registered there")
+        })
+    });
+    assert!(ds.event_details(0, "relay").iter().all(|e| !e.contains("reserved a slot")));
+    assert_eq!(da.instance("relay").unwrap().path.as_deref(), Some("direct"));
+    assert!(da.instances().iter().all(|v| v.name != "site-c"));
 }

@@ -895,6 +895,16 @@ impl Daemon {
             hole_punching: network.hole_punching,
             autonat: network.autonat,
             relays: net::NetOptions::parse_relays(&network.relays)?,
+            external: network
+                .advertise
+                .iter()
+                .map(|a| {
+                    a.parse().map_err(|e: libp2p::multiaddr::Error| net::NetError::BadAddress {
+                        addr: a.clone(),
+                        detail: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         let swarm = net::build_swarm(identity.libp2p_keypair(), &options)?;
         let (events_tx, events_rx) = mpsc::channel(4096);
@@ -974,6 +984,16 @@ impl Daemon {
             files,
         });
 
+        // The registered instances are admitted before the node listens: a relay must know
+        // whom it serves when the first reservation request arrives (dialing them waits for
+        // the listeners, below, so that TCP dials reuse the listening port, which hole
+        // punching needs).
+        let registered: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
+        for inst in &registered {
+            let addrs =
+                inst.listen_addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()).collect();
+            net.allow(inst.instance_id.peer_id(), addrs).await?;
+        }
         for addr in &state.files.config.network.listen {
             let parsed: Multiaddr = addr.parse().map_err(|e: libp2p::multiaddr::Error| {
                 net::NetError::BadAddress { addr: addr.clone(), detail: e.to_string() }
@@ -1000,7 +1020,6 @@ impl Daemon {
             net.stream_control(),
             cancel.clone(),
         ));
-        let registered: Vec<RegisteredInstance> = state.registry().iter().cloned().collect();
         for inst in &registered {
             state.admit(inst).await;
         }
@@ -1201,13 +1220,16 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
             let id = peer.map(InstanceId::from_peer_id);
             let name = id.as_ref().map(|i| state.name_of(i)).unwrap_or_default();
             let (kind, text) = match what {
-                NatEvent::Reserved { renewal: false } => {
+                NatEvent::Reserved => {
                     (EventKind::Relay, format!("reserved a slot at relay {name}"))
                 }
-                NatEvent::Reserved { renewal: true } => return,
-                NatEvent::ReservationLost { reason } => (
+                NatEvent::ReservationLost { reason, had: true } => (
                     EventKind::Relay,
                     format!("the reservation at relay {name} ended ({reason}); asking again"),
+                ),
+                NatEvent::ReservationLost { reason, had: false } => (
+                    EventKind::Relay,
+                    format!("relay {name} gave no reservation ({reason}); asking again"),
                 ),
                 NatEvent::RelayRefused { what } => {
                     state

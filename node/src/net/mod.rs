@@ -93,6 +93,9 @@ pub struct NetOptions {
     /// Relays (registered instances) to reserve a slot at, each ending in `/p2p/<its id>`:
     /// peers reach this node through them when they cannot dial it directly.
     pub relays: Vec<Multiaddr>,
+    /// The addresses this node is reachable at (`network.advertise`); empty: its listen
+    /// addresses. A relay hands them out with every reservation.
+    pub external: Vec<Multiaddr>,
 }
 
 impl NetOptions {
@@ -112,6 +115,17 @@ impl NetOptions {
             })
             .collect()
     }
+}
+
+/// An error with its sources: `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 /// The peer id at the end of a relay's address.
@@ -159,6 +173,8 @@ pub struct NetSwarm {
     swarm: Swarm<Behaviour>,
     gate: Arc<RelayGate>,
     relays: Vec<Multiaddr>,
+    /// With the relay service: the addresses to hand out, `None` = the listen addresses.
+    relay_external: Option<Vec<Multiaddr>>,
 }
 
 /// How long a relayed circuit may last and carry (between registered instances: as long as
@@ -273,7 +289,8 @@ pub fn build_swarm(
         // Registered peers stay connected; strangers never get this far.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
         .build();
-    Ok(NetSwarm { swarm, gate, relays: options.relays.clone() })
+    let relay_external = options.relay_service.then(|| options.external.clone());
+    Ok(NetSwarm { swarm, gate, relays: options.relays.clone(), relay_external })
 }
 
 /// How a peer is connected: directly, or only through a relay.
@@ -368,15 +385,15 @@ pub enum NetEvent {
 /// Relays, hole punching and reachability.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NatEvent {
-    /// A relay accepted (or renewed) this node's reservation: peers can reach it through it.
-    Reserved {
-        /// Whether it renewed one.
-        renewal: bool,
-    },
-    /// The reservation at a relay ended (the connection to it closed); it is asked again.
+    /// A relay accepted this node's reservation: peers can reach it through it.
+    Reserved,
+    /// The reservation at a relay ended (the connection to it closed), or the relay did not
+    /// give one; it is asked again.
     ReservationLost {
         /// Why.
         reason: String,
+        /// Whether there was a reservation.
+        had: bool,
     },
     /// The relay service refused a stranger's reservation or circuit.
     RelayRefused {
@@ -529,6 +546,8 @@ pub struct SwarmLoop {
     relays: Vec<Relay>,
     /// Refusals already reported.
     refused: (u64, u64),
+    /// A relay without advertised addresses: its listen addresses are its external ones.
+    external_from_listeners: bool,
 }
 
 /// A relay this node keeps a reservation at.
@@ -536,6 +555,8 @@ struct Relay {
     addr: Multiaddr,
     peer: PeerId,
     listener: Option<ListenerId>,
+    /// Whether the relay accepted the listener's reservation.
+    reserved: bool,
     /// When to ask again, and the backoff after that.
     retry_at: Instant,
     backoff: Duration,
@@ -548,7 +569,19 @@ const RELAY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 impl SwarmLoop {
     /// Wraps `net`; events go to `events`.
     pub fn new(net: NetSwarm, events: mpsc::Sender<NetEvent>) -> (Self, NetworkHandle) {
-        let NetSwarm { swarm, gate, relays } = net;
+        let NetSwarm { mut swarm, gate, relays, relay_external } = net;
+        // A relay's reservations carry its addresses (the client refuses one without): the
+        // advertised ones, or else every address it listens on (see `NewListenAddr`).
+        let external_from_listeners = match relay_external {
+            Some(addrs) if !addrs.is_empty() => {
+                for a in addrs {
+                    swarm.add_external_address(a);
+                }
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
         let (tx, commands) = mpsc::channel(1024);
         let handle = NetworkHandle {
             tx,
@@ -560,7 +593,14 @@ impl SwarmLoop {
             .into_iter()
             .filter_map(|addr| {
                 let peer = relay_peer(&addr)?;
-                Some(Relay { addr, peer, listener: None, retry_at: now, backoff: RELAY_TICK })
+                Some(Relay {
+                    addr,
+                    peer,
+                    listener: None,
+                    reserved: false,
+                    retry_at: now,
+                    backoff: RELAY_TICK,
+                })
             })
             .collect();
         let me = Self {
@@ -573,6 +613,7 @@ impl SwarmLoop {
             connections: HashMap::new(),
             relays,
             refused: (0, 0),
+            external_from_listeners,
         };
         (me, handle)
     }
@@ -723,7 +764,12 @@ impl SwarmLoop {
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) -> Option<NetEvent> {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => Some(NetEvent::Listening(address)),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if self.external_from_listeners && !is_relayed(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                Some(NetEvent::Listening(address))
+            }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::error!(%error, "listener failed");
                 None
@@ -732,15 +778,16 @@ impl SwarmLoop {
                 if let Some(r) = self.relays.iter_mut().find(|r| r.listener == Some(listener_id)) {
                     // The connection to the relay closed (or it refused): ask again later.
                     r.listener = None;
+                    let had = std::mem::replace(&mut r.reserved, false);
                     let reason = match reason {
                         Ok(()) => "the connection to the relay closed".to_owned(),
-                        Err(e) => e.to_string(),
+                        Err(e) => error_chain(&e),
                     };
                     tracing::info!(relay = %r.addr, %reason, "reservation at the relay ended");
                     let peer = Some(r.peer);
                     return Some(NetEvent::Nat {
                         peer,
-                        what: NatEvent::ReservationLost { reason },
+                        what: NatEvent::ReservationLost { reason, had },
                     });
                 }
                 if let Err(error) = reason {
@@ -771,6 +818,18 @@ impl SwarmLoop {
                     for c in stale {
                         self.swarm.close_connection(c);
                     }
+                }
+                // A relay we hold no reservation at is back: ask it now, not after backoff.
+                let mut ask = false;
+                for r in
+                    self.relays.iter_mut().filter(|r| r.peer == peer_id && r.listener.is_none())
+                {
+                    r.retry_at = Instant::now();
+                    r.backoff = RELAY_TICK;
+                    ask = true;
+                }
+                if ask {
+                    self.tend_relays();
                 }
                 let path = self.path(&peer_id).unwrap_or(Path::Direct);
                 Some(NetEvent::Connected {
@@ -809,15 +868,16 @@ impl SwarmLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fed(ev)) => self.on_fed_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
-                relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal, .. },
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
             )) => {
-                if let Some(r) = self.relays.iter_mut().find(|r| r.peer == relay_peer_id) {
-                    r.backoff = RELAY_TICK;
+                // Reported once per listener: renewals (and a repeated accept on a second
+                // connection to the relay) are not news.
+                let r = self.relays.iter_mut().find(|r| r.peer == relay_peer_id)?;
+                r.backoff = RELAY_TICK;
+                if std::mem::replace(&mut r.reserved, true) {
+                    return None;
                 }
-                Some(NetEvent::Nat {
-                    peer: Some(relay_peer_id),
-                    what: NatEvent::Reserved { renewal },
-                })
+                Some(NetEvent::Nat { peer: Some(relay_peer_id), what: NatEvent::Reserved })
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,

@@ -6,6 +6,7 @@ pub mod airflow;
 pub mod browser;
 pub mod containerd;
 pub mod model;
+pub mod nat;
 pub mod netns;
 pub mod orthanc;
 pub mod training;
