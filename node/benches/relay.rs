@@ -5,9 +5,9 @@
 //! site-a first through the relay (hole punching off), then, after both restart with hole
 //! punching on, over the direct connection DCUtR made.
 //!
-//! The figure per transfer is the result path at the runner: from the job's end (its runner
-//! record's `finished_at`) to the `result_sent` event, i.e. packing and signing the bundle,
-//! sending it, and the owner verifying and storing it before it acknowledges.
+//! The figure per transfer is the result path: from the job's end at the runner (its runner
+//! record's `finished_at`) to the owner's `result_received` event for the stored bundle, i.e.
+//! packing and signing the bundle, sending it, and the owner verifying and storing it.
 //!
 //! `cargo bench -p kaapana-node --bench relay` (add `-- MB N` for N transfers of MB
 //! megabytes; default 100 MB, 3 each). Needs root (namespaces), containerd, runc, nftables.
@@ -44,11 +44,16 @@ memory = "256MiB"
     let jobs: JobsView = b.api().get("/v1/jobs").unwrap();
     let ended = jobs.running_here.iter().find(|j| &j.job_id == job).unwrap();
     let ended = millis(ended.finished_at.as_deref().unwrap());
-    let sent = b
+    let sent = f
+        .d(1)
         .events(0, Duration::ZERO)
         .into_iter()
-        .find(|e| e.kind == "result_sent" && e.detail.contains(job.as_str()))
-        .unwrap()
+        .find(|e| {
+            e.kind == "result_received"
+                && e.detail.contains(job.as_str())
+                && e.detail.contains(" bundle ")
+        })
+        .unwrap_or_else(|| panic!("no result_received event for {job}"))
         .at_ms;
     (sent.saturating_sub(ended)) as f64 / 1000.0
 }

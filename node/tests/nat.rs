@@ -46,6 +46,13 @@ fn two_sites_behind_nat_work_together_through_a_relay_then_directly_after_hole_p
             "{relay_events:?}"
         );
     }
+    // AutoNAT: the relay site learns from its peers' dial-backs that it is reachable, the
+    // NATed sites that they are not.
+    for (i, verdict) in [(0, "public /ip4/"), (1, "private"), (2, "private")] {
+        f.d(i).wait_until(&format!("reachability {verdict}"), T, |d| {
+            d.event_details(0, "reachability").iter().any(|e| e.contains(verdict))
+        });
+    }
     // The bundles name the relay's circuit.
     let bundle = std::fs::read_to_string(f.tmp.path().join("site-b.bundle")).unwrap();
     assert!(!bundle.is_empty());

@@ -562,6 +562,9 @@ struct Relay {
     backoff: Duration,
 }
 
+/// The most addresses kept per peer (its bundle's and those it announced).
+const MAX_PEER_ADDRS: usize = 64;
+
 /// How often reservations and refusals are looked after.
 const RELAY_TICK: Duration = Duration::from_secs(1);
 const RELAY_MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -906,6 +909,19 @@ impl SwarmLoop {
                 ..
             })) => {
                 tracing::debug!(peer = %peer_id, observed = %info.observed_addr, "identified");
+                // A registered peer's own addresses (its listeners, a relay circuit, what
+                // AutoNAT confirmed) join those of its bundle for redialing it.
+                if let Some(known) = self.addresses.get_mut(&peer_id) {
+                    for a in info.listen_addrs {
+                        if known.len() >= MAX_PEER_ADDRS {
+                            break;
+                        }
+                        if !known.contains(&a) {
+                            self.swarm.add_peer_address(peer_id, a.clone());
+                            known.push(a);
+                        }
+                    }
+                }
                 None
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
