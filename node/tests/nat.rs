@@ -4,9 +4,9 @@
 //! instances registered with it (`network.relay_service`). Jobs run on a real containerd.
 //!
 //! - Without hole punching, site-a and site-b reach each other only through the relay: a
-//!   3-site workflow completes, its 4 MB result crossing the relay (its nftables counter shows
-//!   the bytes) as TLS it cannot read (a capture at the relay has none of the job's marker,
-//!   which the result carries in plain text).
+//!   3-site workflow completes, site-a's 1 MB model (an input) and site-b's 4 MB result
+//!   crossing the relay (its nftables counter shows the bytes) as TLS it cannot read (a
+//!   capture at the relay has none of the jobs' marker, which both carry in plain text).
 //! - With hole punching, the relayed connection becomes direct (DCUtR through both NATs) and
 //!   the workflow's result goes direct: the relay carries almost none of its bytes.
 //! - A stranger cannot reserve a slot at the relay, and a registered instance cannot use the
@@ -72,8 +72,11 @@ fn two_sites_behind_nat_work_together_through_a_relay_then_directly_after_hole_p
     assert!(relayed > RESULT_BYTES, "the relay got {relayed} bytes from site-b");
     // ... which could not read it: the marker is in the result in plain text, not in what the
     // relay forwarded.
-    let plain = std::fs::read(out.join("far/marker.txt")).unwrap();
-    assert_eq!(count(&plain, marker.as_bytes()), 200);
+    // (site-a's model went the other way through the relay, with the marker too.)
+    for file in ["far/marker.txt", "model/model.txt"] {
+        let plain = std::fs::read(out.join(file)).unwrap();
+        assert_eq!(count(&plain, marker.as_bytes()), 200, "{file}");
+    }
     let captured = std::fs::read(&pcap).unwrap();
     assert!(captured.len() as u64 > 2 * RESULT_BYTES, "captured {} bytes", captured.len());
     assert_eq!(count(&captured, marker.as_bytes()), 0, "the relay saw the marker in clear");

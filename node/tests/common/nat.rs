@@ -13,6 +13,8 @@ use super::{Daemon, Site};
 pub const T: Duration = Duration::from_secs(120);
 /// The bytes of the result the NATed runner sends back.
 pub const RESULT_BYTES: u64 = 4_000_000;
+/// The bytes of the model the owner's job makes, which the NATed runner fetches as an input.
+pub const MODEL_BYTES: u64 = 1_000_000;
 
 /// The three sites: 0 = the relay (public), 1 = site-a, 2 = site-b (each behind its NAT).
 pub struct NatFed {
@@ -100,17 +102,25 @@ impl NatFed {
         self.tmp.path().join(name)
     }
 
-    /// Submits at site-a: a job at site-b writing `marker` (plain text) and 4 MB of random
-    /// bytes, `others` more jobs (at the relay site when it runs jobs), and a sum at site-a
-    /// reading them all. Returns the workflow id.
+    /// Submits at site-a: a "model" job at site-a (1 MB, and `marker` in plain text); a job
+    /// at site-b that reads the model (fetched from site-a) and writes `marker` and 4 MB of
+    /// random bytes; one at the relay site when it runs jobs; and a sum at site-a reading
+    /// them. Returns the workflow id.
     pub fn submit(&self, name: &str, marker: &str, sleep_s: u32) -> String {
         let mut toml = format!(
             r#"name = "{name}"
 [[job]]
+name = "model"
+runner = "owner"
+image = "{image}"
+command = ["sh", "-c", "echo run >> /output/runs; for i in $(seq 200); do echo {marker}; done > /output/model.txt; head -c {MODEL_BYTES} /dev/urandom > /output/model.bin"]
+timeout = "2m"
+[[job]]
 name = "far"
 runner = "site-b"
+inputs = ["model"]
 image = "{image}"
-command = ["sh", "-c", "echo run >> /output/runs; sleep {sleep_s}; for i in $(seq 200); do echo {marker}; done > /output/marker.txt; head -c {RESULT_BYTES} /dev/urandom > /output/blob"]
+command = ["sh", "-c", "echo run >> /output/runs; sleep {sleep_s}; wc -c < /input/model/model.bin > /output/model-bytes; for i in $(seq 200); do echo {marker}; done > /output/marker.txt; head -c {RESULT_BYTES} /dev/urandom > /output/blob"]
 timeout = "2m"
 "#,
             image = self.image
@@ -156,6 +166,9 @@ timeout = "2m"
         assert!(status.success(), "workflow result {id}");
         let far = std::fs::read_to_string(out.join("sum/far-bytes")).unwrap();
         assert_eq!(far.trim(), RESULT_BYTES.to_string());
+        // site-b fetched the owner's model (an input, as a training's model is) whole.
+        let model = std::fs::read_to_string(out.join("far/model-bytes")).unwrap();
+        assert_eq!(model.trim(), MODEL_BYTES.to_string());
         out
     }
 
