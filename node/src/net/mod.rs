@@ -973,3 +973,33 @@ impl SwarmLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_addresses_must_name_the_relay_and_say_why_not() {
+        let id = PeerId::random();
+        let good = format!("/ip4/203.0.113.7/tcp/7400/p2p/{id}");
+        let parsed = NetOptions::parse_relays(std::slice::from_ref(&good)).unwrap();
+        assert_eq!(relay_peer(&parsed[0]), Some(id));
+        let e = NetOptions::parse_relays(&["/ip4/203.0.113.7/tcp/7400".to_owned()]).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("/ip4/203.0.113.7/tcp/7400") && text.contains("/p2p/"), "{text}");
+        let e = NetOptions::parse_relays(&["not an address".to_owned()]).unwrap_err();
+        assert!(e.to_string().contains("not an address"), "{e}");
+        let circuit: Multiaddr = format!("{good}/p2p-circuit").parse().unwrap();
+        assert!(is_relayed(&circuit) && !is_relayed(&parsed[0]));
+    }
+
+    #[test]
+    fn the_relay_gate_admits_registered_peers_only() {
+        let gate = RelayGate::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        gate.set(a, true);
+        assert!(gate.admits(&a) && !gate.admits(&b));
+        gate.set(a, false);
+        assert!(!gate.admits(&a));
+    }
+}
