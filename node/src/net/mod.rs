@@ -548,7 +548,14 @@ pub struct SwarmLoop {
     refused: (u64, u64),
     /// A relay without advertised addresses: its listen addresses are its external ones.
     external_from_listeners: bool,
+    /// Peers whose hole punching failed: (attempts so far, when to try again).
+    punch_again: HashMap<PeerId, (u32, Instant)>,
 }
+
+/// How often a failed hole punch is tried again (each time on a fresh relayed connection),
+/// and the first wait, doubled after each attempt.
+const PUNCH_ATTEMPTS: u32 = 5;
+const PUNCH_RETRY: Duration = Duration::from_secs(5);
 
 /// A relay this node keeps a reservation at.
 struct Relay {
@@ -617,6 +624,7 @@ impl SwarmLoop {
             relays,
             refused: (0, 0),
             external_from_listeners,
+            punch_again: HashMap::new(),
         };
         (me, handle)
     }
@@ -637,6 +645,31 @@ impl SwarmLoop {
     /// service's refusals.
     fn tend_relays(&mut self) {
         let now = Instant::now();
+        // A failed hole punch is tried again on a fresh relayed connection: DCUtR runs once
+        // per relayed connection, so the stale one is closed (the node redials at once; what
+        // it carried resumes or is retried from the outbox).
+        let due: Vec<PeerId> =
+            self.punch_again.iter().filter(|(_, (_, at))| *at <= now).map(|(p, _)| *p).collect();
+        for peer in due {
+            let relayed: Vec<ConnectionId> = match self.path(&peer) {
+                Some(Path::Relayed) => {
+                    self.connections[&peer].iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect()
+                }
+                // Direct meanwhile, or gone: nothing to do.
+                _ => {
+                    self.punch_again.remove(&peer);
+                    continue;
+                }
+            };
+            if let Some(entry) = self.punch_again.get_mut(&peer) {
+                entry.1 = now + PUNCH_RETRY * 2u32.pow(entry.0.min(6));
+            }
+            tracing::info!(%peer, "closing the relayed connection to try hole punching again");
+            for c in relayed {
+                self.swarm.close_connection(c);
+            }
+        }
+
         for r in &mut self.relays {
             if r.listener.is_some() || now < r.retry_at {
                 continue;
@@ -887,8 +920,27 @@ impl SwarmLoop {
                 result,
             })) => {
                 let what = match result {
-                    Ok(_) => NatEvent::HolePunched,
-                    Err(e) => NatEvent::HolePunchFailed { reason: e.to_string() },
+                    Ok(_) => {
+                        self.punch_again.remove(&remote_peer_id);
+                        NatEvent::HolePunched
+                    }
+                    Err(e) => {
+                        let now = Instant::now();
+                        let entry = self.punch_again.entry(remote_peer_id).or_insert((0, now));
+                        entry.0 += 1;
+                        let attempts = entry.0;
+                        if attempts >= PUNCH_ATTEMPTS {
+                            self.punch_again.remove(&remote_peer_id);
+                        } else {
+                            entry.1 = now + PUNCH_RETRY * 2u32.pow(attempts - 1);
+                        }
+                        let again = if attempts < PUNCH_ATTEMPTS {
+                            format!("; trying again ({attempts} of {PUNCH_ATTEMPTS})")
+                        } else {
+                            format!("; gave up after {PUNCH_ATTEMPTS} attempts")
+                        };
+                        NatEvent::HolePunchFailed { reason: format!("{}{again}", error_chain(&e)) }
+                    }
                 };
                 Some(NetEvent::Nat { peer: Some(remote_peer_id), what })
             }
