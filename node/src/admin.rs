@@ -16,9 +16,10 @@ use kaapana_certs::{
 use kaapana_federation::{InstanceRef, Policy, RegisteredInstance, RegistryError};
 use kaapana_protocol::{InstanceId, Timestamp};
 
+use crate::audit::{AuditKind, AuditRecord};
 use crate::config::{Config, ConfigError};
 use crate::data_dir::DataDir;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, WriteOp};
 
 /// Why an administrative command failed.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +248,11 @@ impl NodeFiles {
         Ok(Store::open(&self.dir.store_path())?)
     }
 
+    /// Opens the store with the instance key, so that it can append to the audit log.
+    pub fn audited_store(&self) -> Result<Store, AdminError> {
+        Ok(Store::open_audited(&self.dir.store_path(), self.identity()?)?)
+    }
+
     /// This instance's exchange bundle with these dial addresses, and its fingerprint.
     pub fn bundle(
         &self,
@@ -323,10 +329,13 @@ pub fn add_instance(
 ) -> Result<RegisteredInstance, AdminError> {
     let node = NodeFiles::open(dir)?;
     let instance = verify_bundle(&node, bundle_text, policy, expect_fingerprint, now)?;
-    let store = node.store()?;
+    let store = node.audited_store()?;
     let mut registry = store.load_registry()?;
     registry.add(instance.clone())?;
-    store.put_instance(&instance)?;
+    store.write(vec![
+        WriteOp::PutInstance(Box::new(instance.clone())),
+        WriteOp::Audit(audit_added(&instance)),
+    ])?;
     Ok(instance)
 }
 
@@ -348,11 +357,41 @@ pub fn remove_instance(
     which: &InstanceRef,
 ) -> Result<RegisteredInstance, AdminError> {
     let node = NodeFiles::open(dir)?;
-    let store = node.store()?;
+    let store = node.audited_store()?;
     let mut registry = store.load_registry()?;
     let removed = registry.remove(which)?;
-    store.remove_instance(&removed.instance_id)?;
+    store.write(vec![
+        WriteOp::RemoveInstance(removed.instance_id),
+        WriteOp::Audit(audit_removed(&removed)),
+    ])?;
     Ok(removed)
+}
+
+/// The audit record of registering `inst`.
+pub(crate) fn audit_added(inst: &RegisteredInstance) -> AuditRecord {
+    AuditRecord::now(
+        AuditKind::InstanceAdded,
+        inst.instance_id,
+        format!(
+            "{} fingerprint {}; {}",
+            inst.name,
+            Fingerprint(inst.fingerprint),
+            policy_text(&inst.policy)
+        ),
+    )
+}
+
+/// The audit record of unregistering `inst`.
+pub(crate) fn audit_removed(inst: &RegisteredInstance) -> AuditRecord {
+    AuditRecord::now(AuditKind::InstanceRemoved, inst.instance_id, inst.name.clone())
+}
+
+/// A policy in one line, for the event and audit logs.
+pub(crate) fn policy_text(policy: &Policy) -> String {
+    format!(
+        "workflows {}, datasets {}, execution {}, share logs {}",
+        policy.allowed_workflows, policy.allowed_datasets, policy.execution, policy.share_logs
+    )
 }
 
 /// `ca create`: a new federation CA in `out` (`ca.key`, mode 0600, and `ca.crt`).

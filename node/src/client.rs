@@ -150,6 +150,20 @@ impl ApiClient {
         self.finish(r)
     }
 
+    /// `PUT path` with a JSON body → JSON.
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let r = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(r)
+    }
+
     /// `DELETE path` → JSON.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self

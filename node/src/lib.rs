@@ -1,7 +1,8 @@
 //! The kaapana-node daemon and CLI: everything that does I/O for one Kaapana instance.
 //!
 //! This crate owns the data directory ([`data_dir`]), the configuration ([`config`]), the
-//! store ([`store`], redb behind a small typed API), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the site's PACS over DICOMweb ([`pacs`]), the administrative commands
+//! store ([`store`], redb behind a small typed API) with its signed, hash-chained audit log
+//! ([`audit`]), workflow files ([`workflow_file`]), the site's datasets ([`datasets`]), the site's PACS over DICOMweb ([`pacs`]), the administrative commands
 //! ([`admin`]), the peer-to-peer network ([`net`], libp2p), the daemon ([`daemon`]) with its
 //! local HTTP API ([`api`]: routes, and [`api::views`], the JSON bodies the CLI shares;
 //! [`client`]), the dashboard pages served beside it ([`dashboard`]) and metrics ([`metrics`],
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod blobs;
 pub mod cli;
 pub mod client;

@@ -25,6 +25,16 @@
 //!
 //! # Adding a table
 //!
+//! # Audit log
+//!
+//! The `audit.v1` table holds the hash-chained, signed audit log ([`crate::audit`]). A
+//! [`WriteOp::Audit`] seals its entry after the table's last one inside the same write
+//! transaction as the ops before it in the request, so an action and its audit entry are
+//! committed together or not at all. Sealing needs the instance key: open the store with
+//! [`Store::open_audited`] to append; [`Store::open`] can read and verify the log only.
+//!
+//! # Adding a table
+//!
 //! Define its `TableDefinition` next to the others, open it in `Tables::open` (which also
 //! creates it when the store is opened), add [`WriteOp`] variants and apply them in
 //! `Tables::apply`, and add read methods to [`Store`]. Values with a schema get a version
@@ -36,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use kaapana_certs::Identity;
 use kaapana_federation::{RegisteredInstance, Registry};
 use kaapana_protocol::{InstanceId, JobId, ManifestId, Timestamp, WorkflowId};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -85,6 +96,9 @@ const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workf
 const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
     TableDefinition::new("workflow_manifests.v3");
 
+/// The audit log: sequence number (from 1) → a sealed entry (see [`crate::audit`]).
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit.v1");
+
 /// The schema version byte in front of each value of the instances table.
 const INSTANCE_SCHEMA_V1: u8 = 1;
 
@@ -125,6 +139,9 @@ pub enum StoreError {
     /// redb failed (I/O error, full disk, ...).
     #[error("the store failed: {0}; check the disk and the file's permissions")]
     Backend(String),
+    /// An audit entry could not be sealed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The writer thread has stopped, so no write can be made durable.
     #[error("the store's writer thread has stopped; restart kaapana-node")]
     WriterGone,
@@ -201,6 +218,10 @@ pub enum WriteOp {
         /// The signed `WorkflowManifest` envelope.
         envelope: Vec<u8>,
     },
+    /// Appends an entry to the audit log, sealed (numbered, linked to the last entry and
+    /// signed) in this transaction. Needs a store opened with [`Store::open_audited`]. Answers
+    /// [`WriteOutcome::Audited`].
+    Audit(crate::audit::AuditRecord),
 }
 
 /// A workflow this node owns: its state and the owner's record of each of its jobs, as the
@@ -380,6 +401,8 @@ pub enum WriteOutcome {
     Removed(Option<Box<RegisteredInstance>>),
     /// How many entries were removed.
     Pruned(usize),
+    /// The sequence number of the new audit entry.
+    Audited(u64),
 }
 
 /// A write request on its way to the writer thread.
@@ -427,6 +450,16 @@ impl Store {
     /// Fails with [`StoreError::Locked`] if another process (or another `Store` in this one)
     /// has it open. After a crash the open repairs the file, which may take a moment.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens the store as [`Store::open`] does, with the instance key that signs the audit
+    /// entries it appends ([`WriteOp::Audit`]).
+    pub fn open_audited(path: &Path, key: Identity) -> Result<Self, StoreError> {
+        Self::open_with(path, Some(Arc::new(key)))
+    }
+
+    fn open_with(path: &Path, key: Option<Arc<Identity>>) -> Result<Self, StoreError> {
         let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -442,7 +475,7 @@ impl Store {
         })?;
         // Create the tables, so that read transactions find them all.
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
-        Tables::open(&txn).map_err(|e| open_err(e.into()))?;
+        Tables::open(&txn, None).map_err(|e| open_err(e.into()))?;
         migrate_datasets(&txn).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
 
@@ -451,7 +484,7 @@ impl Store {
         let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run_writer(&writer_db, queue))
+            .spawn(move || run_writer(&writer_db, key.as_deref(), queue))
             .map_err(|e| open_err(e.into()))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -594,6 +627,41 @@ impl Store {
         let txn = self.inner.db.begin_read().map_err(backend)?;
         let table = txn.open_table(META).map_err(backend)?;
         Ok(table.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Up to `limit` audit entries (sequence number, stored value) with a sequence number
+    /// above `after`, in order, from one snapshot. Decode them with
+    /// [`crate::audit::StoredEntry::decode`].
+    pub fn audit_entries(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(AUDIT).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.range(after.saturating_add(1)..).map_err(backend)?.take(limit) {
+            let (seq, value) = entry.map_err(backend)?;
+            out.push((seq.value(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Verifies the whole audit log, as of one snapshot (a read transaction: appends made
+    /// meanwhile are not seen), against `public_key` (this instance's Ed25519 key). The outer
+    /// error is a store failure; the inner one names the first entry that breaks the chain.
+    pub fn verify_audit(
+        &self,
+        public_key: &[u8; 32],
+    ) -> Result<Result<crate::audit::ChainSummary, crate::audit::AuditError>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(AUDIT).map_err(backend)?;
+        let mut entries = Vec::new();
+        for entry in table.iter().map_err(backend)? {
+            let (seq, value) = entry.map_err(backend)?;
+            entries.push((seq.value(), value.value().to_vec()));
+        }
+        Ok(crate::audit::verify_chain(entries, public_key))
     }
 
     /// Up to `limit` inbox records with a sequence number above `after`, in order.
@@ -791,7 +859,7 @@ fn decode_instance(key: &[u8], value: &[u8]) -> Result<RegisteredInstance, Store
 }
 
 /// The writer thread: group commit until every [`Store`] handle is gone.
-fn run_writer(db: &Database, mut queue: mpsc::Receiver<Request>) {
+fn run_writer(db: &Database, key: Option<&Identity>, mut queue: mpsc::Receiver<Request>) {
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -800,15 +868,15 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        commit_batch(db, batch);
+        commit_batch(db, key, batch);
     }
 }
 
 /// Commits `batch` in one transaction and answers each request. If that fails, retries each
 /// request in its own transaction, so that only the failing ones fail.
-fn commit_batch(db: &Database, batch: Vec<Request>) {
+fn commit_batch(db: &Database, key: Option<&Identity>, batch: Vec<Request>) {
     let ops: Vec<&[WriteOp]> = batch.iter().map(|r| r.ops.as_slice()).collect();
-    match apply_and_commit(db, &ops) {
+    match apply_and_commit(db, key, &ops) {
         Ok(outcomes) => {
             for (request, outcome) in batch.into_iter().zip(outcomes) {
                 // A caller that stopped waiting still had its write committed.
@@ -827,10 +895,11 @@ fn commit_batch(db: &Database, batch: Vec<Request>) {
                 "group commit failed; retrying each request on its own"
             );
             for request in batch {
-                let result =
-                    apply_and_commit(db, &[request.ops.as_slice()]).and_then(|mut outcomes| {
+                let result = apply_and_commit(db, key, &[request.ops.as_slice()]).and_then(
+                    |mut outcomes| {
                         outcomes.pop().ok_or(StoreError::Backend("no outcome for a request".into()))
-                    });
+                    },
+                );
                 let _ = request.reply.send(result);
             }
         }
@@ -840,12 +909,13 @@ fn commit_batch(db: &Database, batch: Vec<Request>) {
 /// Applies every request's ops in one write transaction and commits it (durably).
 fn apply_and_commit(
     db: &Database,
+    key: Option<&Identity>,
     requests: &[&[WriteOp]],
 ) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
     let txn = db.begin_write().map_err(backend)?;
     let mut outcomes = Vec::with_capacity(requests.len());
     {
-        let mut tables = Tables::open(&txn)?;
+        let mut tables = Tables::open(&txn, key)?;
         for ops in requests {
             let mut answers = Vec::with_capacity(ops.len());
             for op in *ops {
@@ -874,11 +944,16 @@ struct Tables<'txn> {
     workflow_manifests: Table<'txn, &'static [u8; 16], &'static [u8]>,
     datasets: Table<'txn, &'static str, &'static [u8]>,
     workflows: Table<'txn, &'static [u8; 16], &'static [u8]>,
+    audit: Table<'txn, u64, &'static [u8]>,
+    /// Signs audit entries (`None`: appending fails with [`AuditError::NoKey`]).
+    ///
+    /// [`AuditError::NoKey`]: crate::audit::AuditError::NoKey
+    key: Option<&'txn Identity>,
 }
 
 impl<'txn> Tables<'txn> {
     /// Opens (creating if needed) every table.
-    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+    fn open(txn: &'txn WriteTransaction, key: Option<&'txn Identity>) -> Result<Self, StoreError> {
         Ok(Self {
             instances: txn.open_table(INSTANCES).map_err(backend)?,
             seen: txn.open_table(SEEN).map_err(backend)?,
@@ -892,6 +967,8 @@ impl<'txn> Tables<'txn> {
             workflow_manifests: txn.open_table(WORKFLOW_MANIFESTS).map_err(backend)?,
             datasets: txn.open_table(DATASETS).map_err(backend)?,
             workflows: txn.open_table(WORKFLOWS).map_err(backend)?,
+            audit: txn.open_table(AUDIT).map_err(backend)?,
+            key,
         })
     }
 
@@ -1008,6 +1085,15 @@ impl<'txn> Tables<'txn> {
                 let key = workflow.as_bytes();
                 self.workflow_manifests.insert(key, envelope.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
+            }
+            WriteOp::Audit(record) => {
+                let key = self.key.ok_or(crate::audit::AuditError::NoKey)?;
+                let last = self.audit.last().map_err(backend)?;
+                let last = last.map(|(k, v)| (k.value(), v.value().to_vec()));
+                let last = last.as_ref().map(|(k, v)| (*k, v.as_slice()));
+                let (seq, value) = crate::audit::seal(last, record, key.signing_key())?;
+                self.audit.insert(seq, value.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Audited(seq))
             }
         }
     }
@@ -1145,7 +1231,7 @@ mod tests {
             Request { ops, reply }
         })
         .collect();
-        commit_batch(&store.inner.db, batch);
+        commit_batch(&store.inner.db, None, batch);
         let results: Vec<_> = answers.into_iter().map(|a| a.blocking_recv().unwrap()).collect();
         assert_eq!(results[0].as_ref().unwrap(), &vec![WriteOutcome::Done]);
         assert!(matches!(results[1], Err(StoreError::Corrupt { .. })), "{:?}", results[1]);
@@ -1215,6 +1301,48 @@ mod tests {
             ]
         );
         assert!(store.instances().unwrap().is_empty());
+    }
+
+    #[test]
+    fn audit_entries_commit_with_their_change_and_chain_across_reopens() {
+        use crate::audit::{AuditError, AuditKind, AuditRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let identity = Identity::generate().unwrap();
+        let public = identity.public_key();
+        let key_file = dir.path().join("key.pem");
+        identity.save(&key_file).unwrap();
+        let record = |n: u16| AuditRecord::now(AuditKind::InstanceAdded, id(n), format!("n{n}"));
+        {
+            let store = Store::open_audited(&path, identity).unwrap();
+            let out = store
+                .write(vec![WriteOp::PutInstance(Box::new(inst(1))), WriteOp::Audit(record(1))])
+                .unwrap();
+            assert_eq!(out[1], WriteOutcome::Audited(1));
+            store.write(vec![WriteOp::Audit(record(2))]).unwrap();
+        }
+        // Without the key: reading and verifying work, appending fails and takes the request's
+        // other ops with it.
+        let store = Store::open(&path).unwrap();
+        let e = store
+            .write(vec![WriteOp::PutInstance(Box::new(inst(3))), WriteOp::Audit(record(3))])
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Audit(AuditError::NoKey)), "{e}");
+        assert!(store.instance(&id(3)).unwrap().is_none());
+        assert!(store.instance(&id(1)).unwrap().is_some());
+        let summary = store.verify_audit(&public).unwrap().unwrap();
+        assert_eq!((summary.entries, summary.last_seq), (2, 2));
+        let listed = store.audit_entries(1, 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(crate::audit::AuditEntryView::of(listed[0].0, &listed[0].1).detail, "n2");
+        drop(store);
+        // Reopened with the key: the chain continues at 3.
+        let store = Store::open_audited(&path, Identity::load(&key_file).unwrap()).unwrap();
+        assert_eq!(
+            store.write(vec![WriteOp::Audit(record(4))]).unwrap(),
+            [WriteOutcome::Audited(3)]
+        );
+        assert_eq!(store.verify_audit(&public).unwrap().unwrap().entries, 3);
     }
 
     #[test]

@@ -162,6 +162,8 @@ pub async fn serve(
         .route("/instances/{which}/policy", axum::routing::put(set_policy))
         .route("/messages", post(send_message))
         .route("/inbox", get(inbox))
+        .route("/audit", get(audit_list))
+        .route("/audit/verify", get(audit_verify))
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}/approve", post(approve_job))
         .route("/jobs/{id}/reject", post(reject_job))
@@ -575,6 +577,31 @@ async fn send_message(
     let id = signed.id().to_string();
     state.enqueue(peer, vec![AnySigned::from(signed)]).await.map_err(AdminError::from)?;
     Ok((StatusCode::ACCEPTED, Json(SendResponse { id })))
+}
+
+/// `GET /v1/audit?after=N&limit=M`: audit entries after `N`, in order (not verified).
+async fn audit_list(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<AfterQuery>,
+) -> ApiResult<Json<Vec<crate::audit::AuditEntryView>>> {
+    let limit = q.limit.unwrap_or(1000).min(10_000);
+    let entries = state.store.audit_entries(q.after, limit).map_err(AdminError::from)?;
+    Ok(Json(entries.iter().map(|(seq, v)| crate::audit::AuditEntryView::of(*seq, v)).collect()))
+}
+
+/// `GET /v1/audit/verify`: verifies the whole audit log as of one snapshot of the store.
+async fn audit_verify(
+    State(state): State<Arc<NodeState>>,
+) -> ApiResult<Json<crate::audit::VerifyReport>> {
+    let key = state.instance_id.ed25519_public_key().ok_or_else(|| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "this instance's id holds no Ed25519 key")
+    })?;
+    let store = state.store.clone();
+    let result = tokio::task::spawn_blocking(move || store.verify_audit(&key))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(AdminError::from)?;
+    Ok(Json(result.into()))
 }
 
 async fn inbox(

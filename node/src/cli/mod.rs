@@ -24,12 +24,14 @@ use crate::datasets::DatasetError;
 use crate::executor::ExecError;
 use crate::store::StoreError;
 
+pub mod audit;
 pub mod dataset;
 pub mod image;
 pub mod instance;
 pub mod job;
 pub mod workflow;
 
+pub use audit::AuditCommand;
 pub use dataset::DatasetCommand;
 pub use image::ImageCommand;
 pub use instance::{InstanceCommand, PolicyArgs};
@@ -211,6 +213,10 @@ pub enum Command {
     /// Peers see names, item counts and sizes, never contents or item identifiers.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// This instance's audit log: every registration, policy change, job decision, job start
+    /// and result sent or stored, hash-chained and signed with the instance key.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// The demo: three sites on this machine (each its own data directory, daemon, containerd
     /// and synthetic dataset) register each other by certificate exchange and run a federated
     /// statistics workflow; the merged result is checked against the data. Then they train a
@@ -330,6 +336,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Instance(cmd) => instance_command(&dir, cmd)?,
         Command::Dataset(cmd) => dataset_command(&dir, cmd)?,
+        Command::Audit(cmd) => audit::audit_command(&dir, cmd)?,
         Command::Workflow(cmd) => workflow_command(&dir, cmd)?,
         Command::Demo { sites, keep, stats_program, fedavg_program, training_rounds } => {
             let programs =

@@ -28,6 +28,7 @@ use kaapana_protocol::{InstanceId, JobId, ResultManifest, Signed, Timestamp, Wor
 use tokio::sync::mpsc;
 
 use super::{EventKind, NodeState, lock, now};
+use crate::audit::{AuditKind, AuditRecord};
 use crate::store::{StoreError, WriteOp};
 
 /// Why a job operation failed.
@@ -112,8 +113,21 @@ impl NodeState {
         events: Vec<Event>,
         with: Vec<WriteOp>,
     ) -> Result<Vec<SiteError>, StoreError> {
+        self.feed_audited(events, with, None).await
+    }
+
+    /// [`NodeState::feed`], and `audit` appended to the audit log in the same commit when the
+    /// core refused none of the events.
+    async fn feed_audited(
+        self: &Arc<Self>,
+        events: Vec<Event>,
+        with: Vec<WriteOp>,
+        audit: Option<AuditRecord>,
+    ) -> Result<Vec<SiteError>, StoreError> {
         if events.is_empty() && lock(&self.unwritten).is_empty() {
             // Nothing for the core: a plain write, grouped with concurrent ones.
+            let mut with = with;
+            with.extend(audit.map(WriteOp::Audit));
             if !with.is_empty() {
                 self.store.write_async(with).await?;
             }
@@ -134,6 +148,11 @@ impl NodeState {
         let (mut messages, effects, refused) = self.split(commands);
         ops.append(&mut records);
         ops.append(&mut messages);
+        if refused.is_empty()
+            && let Some(record) = audit
+        {
+            ops.push(WriteOp::Audit(record));
+        }
         if !ops.is_empty()
             && let Err(e) = self.store.write_async(ops.clone()).await
         {
@@ -154,7 +173,18 @@ impl NodeState {
         event: Event,
         with: Vec<WriteOp>,
     ) -> Result<(), RequestError> {
-        let refused = self.feed(vec![event], with).await?;
+        self.request_audited(event, with, None).await
+    }
+
+    /// [`NodeState::request`], with `audit` appended to the audit log in the same commit if
+    /// the core does not refuse the request.
+    pub(crate) async fn request_audited(
+        self: &Arc<Self>,
+        event: Event,
+        with: Vec<WriteOp>,
+        audit: Option<AuditRecord>,
+    ) -> Result<(), RequestError> {
+        let refused = self.feed_audited(vec![event], with, audit).await?;
         refused.into_iter().next().map_or(Ok(()), |e| Err(RequestError::Refused(e)))
     }
 
@@ -287,7 +317,10 @@ impl NodeState {
         job: JobId,
         outcome: Outcome,
     ) -> Result<(), JobError> {
-        Ok(self.request(Event::Executor { job, outcome }, Vec::new()).await?)
+        // A start is audited with the state change that records it.
+        let audit = matches!(outcome, Outcome::Started)
+            .then(|| AuditRecord::now(AuditKind::JobStarted, job, self.job_text(&job)));
+        Ok(self.request_audited(Event::Executor { job, outcome }, Vec::new(), audit).await?)
     }
 
     /// A job manifest its runner refused for good (expired while it waited, or otherwise):
@@ -323,6 +356,18 @@ impl NodeState {
     ) -> Result<(), StoreError> {
         let record =
             WriteOp::PutResult { job: result.job_id, envelope: signed.as_bytes().to_vec() };
+        let part = if bundle_part { "result bundle" } else { "result log" };
+        let audit = WriteOp::Audit(AuditRecord::now(
+            AuditKind::ResultStored,
+            result.job_id,
+            format!(
+                "{part} from {} (workflow {}), bundle sha256:{}, manifest {}",
+                self.name_of(&from),
+                result.workflow_id,
+                result.bundle.digest.hex(),
+                signed.id()
+            ),
+        ));
         let events = if bundle_part {
             let samples = if self.site().is_update(&result.job_id) {
                 let blobs = crate::blobs::BlobStore::in_data_dir(&self.files.dir);
@@ -337,7 +382,7 @@ impl NodeState {
         } else {
             Vec::new()
         };
-        self.feed(events, vec![record]).await.map(drop)
+        self.feed(events, vec![record, audit]).await.map(drop)
     }
 }
 

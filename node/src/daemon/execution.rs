@@ -471,12 +471,14 @@ async fn deliver_result(
         let _ = std::fs::write(dir.join("result.sent"), b"");
         return Ok(());
     }
-    send_until_stored(state, job.owner, &signed, &bundle_path, log.map(|_| log_path)).await
+    send_until_stored(state, job.job_id, job.owner, &signed, &bundle_path, log.map(|_| log_path))
+        .await
 }
 
 /// Sends a signed result's parts, retrying with backoff while the owner is away.
 async fn send_until_stored(
     state: &Arc<NodeState>,
+    job_id: JobId,
     owner: kaapana_protocol::InstanceId,
     signed: &Signed<ResultManifest>,
     bundle: &std::path::Path,
@@ -521,6 +523,18 @@ async fn send_until_stored(
         }
     }
     let _ = std::fs::write(bundle.with_file_name("result.sent"), b"");
+    // Nothing of the store changes when the owner confirms: the audit entry is a commit of
+    // its own, right after.
+    let detail = format!(
+        "to {}: {}, manifest {}",
+        state.name_of(&owner),
+        state.job_text(&job_id),
+        signed.id()
+    );
+    let audit = crate::audit::AuditRecord::now(crate::audit::AuditKind::ResultSent, job_id, detail);
+    if let Err(e) = state.store.write_async(vec![crate::store::WriteOp::Audit(audit)]).await {
+        tracing::error!(error = %e, "cannot append the result's delivery to the audit log");
+    }
     state.event(EventKind::ResultSent, Some(&owner), format!("job {}", signed.id()));
     Ok(())
 }
@@ -575,7 +589,7 @@ pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::R
     };
     let log =
         signed.verify_stored().ok().and_then(|v| v.payload().log).map(|_| dir.join("job.log"));
-    let (s, owner) = (Arc::clone(state), job.owner);
+    let (s, owner, job_id) = (Arc::clone(state), job.owner, job.job_id);
     tokio::spawn(async move {
         let sent = if owner == s.instance_id {
             match signed.verify_stored() {
@@ -589,7 +603,7 @@ pub(crate) fn resend_results(state: &Arc<NodeState>, job: &kaapana_federation::R
                 Err(e) => Err(e.to_string()),
             }
         } else {
-            send_until_stored(&s, owner, &signed, &bundle, log).await
+            send_until_stored(&s, job_id, owner, &signed, &bundle, log).await
         };
         if let Err(e) = sent {
             tracing::warn!(error = %e, "result not resent");

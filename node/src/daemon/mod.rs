@@ -34,6 +34,7 @@ pub use crate::events::{Event, EventKind, EventLog};
 pub use driver::{JobError, RequestError, WorkflowError};
 
 use crate::admin::{AdminError, NodeFiles};
+use crate::audit::{AuditKind, AuditRecord};
 use crate::data_dir::DataDir;
 use crate::metrics::Metrics;
 use crate::net::{self, FedFrame, NatEvent, NetEvent, NetworkHandle, SwarmLoop};
@@ -540,12 +541,31 @@ impl NodeState {
         job: kaapana_protocol::JobId,
         approve: Result<(), String>,
     ) -> Result<kaapana_federation::RunnerJob, JobError> {
-        let event = match approve {
-            Ok(()) => FedEvent::Approve { job },
-            Err(reason) => FedEvent::Reject { job, reason },
+        let (event, audit) = match approve {
+            Ok(()) => (
+                FedEvent::Approve { job },
+                AuditRecord::now(AuditKind::JobApproved, job, self.job_text(&job)),
+            ),
+            Err(reason) => {
+                let detail = format!("{}; reason: {reason}", self.job_text(&job));
+                let audit = AuditRecord::now(AuditKind::JobRejected, job, detail);
+                (FedEvent::Reject { job, reason }, audit)
+            }
         };
-        self.request(event, Vec::new()).await?;
+        // The audit entry is committed with the decision, and only if the core took it.
+        self.request_audited(event, Vec::new(), Some(audit)).await?;
         self.site().runner_job(&job).map(|r| r.job.clone()).ok_or(JobError::NotFound(job))
+    }
+
+    /// A job this node runs, in one line for the audit log: its name, workflow and owner.
+    pub(crate) fn job_text(&self, job: &kaapana_protocol::JobId) -> String {
+        match self.site().runner_job(job) {
+            Some(r) => format!(
+                "{} (attempt {}) of workflow {} from {}",
+                r.job.job_name, r.job.attempt, r.job.workflow_id, r.job.owner_name
+            ),
+            None => format!("job {job}"),
+        }
     }
 
     /// Signs `payload` with this instance's key.
@@ -562,7 +582,8 @@ impl NodeState {
         inst: RegisteredInstance,
     ) -> Result<(), AdminError> {
         self.registry().clone().add(inst.clone())?;
-        self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
+        let audit = WriteOp::Audit(crate::admin::audit_added(&inst));
+        self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone())), audit]).await?;
         self.registry().add(inst.clone())?;
         self.tell_site(FedEvent::InstanceRegistered(Box::new(inst.clone()))).await;
         self.metrics.instances_registered.inc();
@@ -585,20 +606,18 @@ impl NodeState {
             .resolve(which)
             .cloned()
             .ok_or_else(|| AdminError::BadArgument(format!("no registered instance {which}")))?;
-        self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone()))]).await?;
+        let policy = crate::admin::policy_text(&inst.policy);
+        let audit = AuditRecord::now(
+            AuditKind::PolicyChanged,
+            inst.instance_id,
+            format!("{}: {policy}", inst.name),
+        );
+        self.store
+            .write_async(vec![WriteOp::PutInstance(Box::new(inst.clone())), WriteOp::Audit(audit)])
+            .await?;
         self.registry().update_policy(which, inst.policy.clone())?;
         self.tell_site(FedEvent::InstanceRegistered(Box::new(inst.clone()))).await;
-        self.event(
-            EventKind::PolicyChanged,
-            Some(&inst.instance_id),
-            format!(
-                "workflows {}, datasets {}, execution {}, share logs {}",
-                inst.policy.allowed_workflows,
-                inst.policy.allowed_datasets,
-                inst.policy.execution,
-                inst.policy.share_logs
-            ),
-        );
+        self.event(EventKind::PolicyChanged, Some(&inst.instance_id), policy);
         if self.is_connected(&inst.instance_id) {
             let s = Arc::clone(self);
             let id = inst.instance_id;
@@ -614,7 +633,10 @@ impl NodeState {
     ) -> Result<RegisteredInstance, AdminError> {
         let inst = self.registry().clone().remove(which)?;
         let id = inst.instance_id;
-        self.store.write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id)]).await?;
+        let audit = WriteOp::Audit(crate::admin::audit_removed(&inst));
+        self.store
+            .write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id), audit])
+            .await?;
         let _ = self.registry().remove(which);
         self.tell_site(FedEvent::InstanceRemoved(id)).await;
         self.metrics.instances_registered.dec();
@@ -865,7 +887,7 @@ impl Daemon {
             files.config.executor.kind = crate::config::ExecutorKindSetting::None;
         }
         let identity = files.identity()?;
-        let store = files.store()?;
+        let store = files.audited_store()?;
         let registry = store.load_registry()?;
         let now = now();
 
