@@ -136,6 +136,29 @@ impl ApiClient {
         Ok(text)
     }
 
+    /// `GET path` → its body, at most `limit` bytes (a result bundle).
+    pub fn get_bytes(&self, path: &str, limit: u64) -> Result<Vec<u8>, ClientError> {
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| self.transport(e))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(|e| self.transport(e))?;
+        if status >= 400 {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error);
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(body)
+    }
+
     /// `POST path` with a JSON body → JSON.
     pub fn post<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -1209,7 +1209,8 @@ fn read_round(
         .iter()
         .find(|j| j.name == name)
         .with_context(|| format!("the workflow has no job {name}"))?;
-    let bundle = get_bytes(api, &format!("/v1/jobs/{}/result/bundle", job.job_id))
+    let bundle = api
+        .get_bytes(&format!("/v1/jobs/{}/result/bundle", job.job_id), 64 << 20)
         .with_context(|| format!("the result bundle of {name}"))?;
     let metrics = file_in_tar(&bundle, "metrics.json")
         .with_context(|| format!("the result bundle of {name}"))?
@@ -1228,33 +1229,6 @@ fn read_round(
         loss,
         loss_before: metrics.loss_before,
     })
-}
-
-/// `GET path` of the daemon's API → its body.
-fn get_bytes(api: &ApiClient, path: &str) -> Result<Vec<u8>, CliError> {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent();
-    let url = format!("{}{path}", api.base());
-    let failed = |e: ureq::Error| CliError::Message(format!("GET {url}: {e}"));
-    let mut response = agent
-        .get(&url)
-        .header("Authorization", format!("Bearer {}", api.token()))
-        .call()
-        .map_err(failed)?;
-    let status = response.status().as_u16();
-    let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().map_err(failed)?;
-    if status >= 400 {
-        let text = String::from_utf8_lossy(&body);
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| text.into_owned());
-        bail!("GET {url}: HTTP {status}: {message}");
-    }
-    Ok(body)
 }
 
 /// The file `name` at the top of the tar `bytes` (`name` or `./name`), if it has one.
