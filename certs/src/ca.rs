@@ -62,6 +62,12 @@ impl FederationCa {
         &self.certificate
     }
 
+    /// The CA's signing key, for what the CA signs beyond certificates (its revocation
+    /// lists).
+    pub const fn signing_key(&self) -> &kaapana_protocol::SigningKey {
+        self.key.signing_key()
+    }
+
     /// Issues an instance certificate for `public_key` (the CA never sees the instance's
     /// private key), named `name`, valid from `not_before` to `not_after`.
     pub fn sign_instance(

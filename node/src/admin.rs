@@ -64,6 +64,16 @@ pub enum AdminError {
     /// A value given on the command line is not acceptable.
     #[error("{0}")]
     BadArgument(String),
+    /// The instance is revoked here.
+    #[error(
+        "{name} is revoked here: {why}. A revoked key cannot be registered again; the instance needs a new key (and the site's admin a new bundle)"
+    )]
+    Revoked {
+        /// Its name.
+        name: String,
+        /// Why, and by whom.
+        why: String,
+    },
     /// Certificates, keys or bundles.
     #[error(transparent)]
     Cert(#[from] CertError),
@@ -330,6 +340,12 @@ pub fn add_instance(
     let node = NodeFiles::open(dir)?;
     let instance = verify_bundle(&node, bundle_text, policy, expect_fingerprint, now)?;
     let store = node.audited_store()?;
+    if let Some(r) = crate::trust::revocation_of(&store, &instance.instance_id)? {
+        return Err(AdminError::Revoked {
+            name: instance.name.clone(),
+            why: format!("{} ({})", r.reason, crate::trust::source_text(&r.source)),
+        });
+    }
     let mut registry = store.load_registry()?;
     registry.add(instance.clone())?;
     store.write(vec![
@@ -392,6 +408,78 @@ pub(crate) fn policy_text(policy: &Policy) -> String {
         "workflows {}, datasets {}, execution {}, share logs {}",
         policy.allowed_workflows, policy.allowed_datasets, policy.execution, policy.share_logs
     )
+}
+
+/// `ca revoke`: the CA's next revocation list, with the instances of `bundles` and `ids`
+/// revoked, written to `list` (read first if it exists). Returns the list and how many
+/// instances it adds.
+pub fn ca_revoke(
+    ca_dir: &Path,
+    list: &Path,
+    bundles: &[PathBuf],
+    ids: &[String],
+    reason: &str,
+    valid_days: u32,
+    now: Timestamp,
+) -> Result<(kaapana_protocol::Verified<kaapana_protocol::RevocationList>, usize), AdminError> {
+    use kaapana_protocol::{RevokedInstance, Sha256Digest};
+    if bundles.is_empty() && ids.is_empty() {
+        return Err(AdminError::BadArgument(
+            "name at least one instance to revoke (--bundle FILE or --instance ID)".into(),
+        ));
+    }
+    let ca = FederationCa::load(ca_dir)?;
+    let trust = Trust::FederationCa(ca.certificate().clone());
+    let previous = match fs::read_to_string(list) {
+        Ok(text) => {
+            // An expired list still carries its entries and its number.
+            let signed = crate::trust::parse_revocation_list(&text)?;
+            Some(crate::trust::verify_revocation_list_stored(&signed, &trust)?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(list)(e)),
+    };
+    let reason = kaapana_protocol::fit_text(reason);
+    let mut add = Vec::new();
+    for path in bundles {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        // A bundle that no longer verifies (expired) still names the key to revoke.
+        let blocks = pem::parse_many(&text)
+            .map_err(|e| AdminError::BadArgument(format!("{}: {e}", path.display())))?;
+        let cert = blocks.iter().find(|b| b.tag() == "CERTIFICATE").ok_or_else(|| {
+            AdminError::BadArgument(format!("{}: no certificate", path.display()))
+        })?;
+        let cert = InstanceCertificate::from_der(cert.contents().to_vec())?;
+        add.push(RevokedInstance {
+            instance_id: cert.instance_id(),
+            certificate_sha256: Sha256Digest::of(cert.der()),
+            reason: reason.clone(),
+        });
+    }
+    for id in ids {
+        let instance_id = id
+            .parse::<InstanceId>()
+            .map_err(|e| AdminError::BadArgument(format!("`{id}` is not an instance id: {e}")))?;
+        add.push(RevokedInstance {
+            instance_id,
+            certificate_sha256: Sha256Digest([0; 32]),
+            reason: reason.clone(),
+        });
+    }
+    let before = previous.as_ref().map_or(0, |p| p.payload().revoked.len());
+    let valid = Duration::from_secs(u64::from(valid_days) * 86_400);
+    let next = crate::trust::issue_revocation_list(
+        &ca,
+        previous.as_ref().map(|p| p.payload()),
+        add,
+        valid,
+        now,
+    )?;
+    let added = next.payload().revoked.len() - before;
+    let tmp = list.with_extension("tmp");
+    fs::write(&tmp, crate::trust::revocation_list_pem(&next)).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, list).map_err(io_err(list))?;
+    Ok((next, added))
 }
 
 /// `ca create`: a new federation CA in `out` (`ca.key`, mode 0600, and `ca.crt`).

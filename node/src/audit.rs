@@ -50,6 +50,24 @@ pub enum AuditKind {
     ResultSent,
     /// This owner received and stored a job's result (or its log).
     ResultStored,
+    /// An instance was revoked here (by the admin, a federation CA's list, or its hand-over
+    /// to a new key).
+    InstanceRevoked,
+    /// A federation CA's revocation list was adopted here.
+    RevocationListAdopted,
+    /// A registered instance handed over to a new key, which is registered in its place.
+    InstanceRotated,
+    /// This instance started using a new key (the entry is signed with the old one; the
+    /// entries after it with the new one, named by its subject).
+    KeyRotated,
+    /// A dataset was registered here.
+    DatasetAdded,
+    /// A dataset was unregistered here.
+    DatasetRemoved,
+    /// A workflow was submitted here (this instance owns it).
+    WorkflowSubmitted,
+    /// A workflow owned here was cancelled.
+    WorkflowCancelled,
 }
 
 impl AuditKind {
@@ -64,6 +82,14 @@ impl AuditKind {
             Self::JobStarted => "job_started",
             Self::ResultSent => "result_sent",
             Self::ResultStored => "result_stored",
+            Self::InstanceRevoked => "instance_revoked",
+            Self::RevocationListAdopted => "revocation_list_adopted",
+            Self::InstanceRotated => "instance_rotated",
+            Self::KeyRotated => "key_rotated",
+            Self::DatasetAdded => "dataset_added",
+            Self::DatasetRemoved => "dataset_removed",
+            Self::WorkflowSubmitted => "workflow_submitted",
+            Self::WorkflowCancelled => "workflow_cancelled",
         }
     }
 }
@@ -256,14 +282,22 @@ pub struct ChainSummary {
 }
 
 /// Verifies a whole chain, given in key order as (table key, stored value), against the
-/// instance's public key: every entry must decode, be signed by `public_key`, carry its key as
-/// its `seq`, follow the previous entry without a gap and link to its hash.
+/// instance's public keys in the order it used them (`keys`: the retired ones, oldest first,
+/// then the current one; just the current one for an instance that never rotated its key):
+/// every entry must decode, be signed by the key in use, carry its key as its `seq`, follow
+/// the previous entry without a gap and link to its hash. A [`AuditKind::KeyRotated`] entry,
+/// signed by the key in use, hands over to the next key of `keys`, which its subject must
+/// name (as an instance id).
 pub fn verify_chain(
     entries: impl IntoIterator<Item = (u64, Vec<u8>)>,
-    public_key: &[u8; 32],
+    keys: &[[u8; 32]],
 ) -> Result<ChainSummary, AuditError> {
     let mut prev: Option<(u64, [u8; 32])> = None;
     let mut count = 0u64;
+    let mut in_use = 0usize;
+    let Some(mut public_key) = keys.first() else {
+        return Err(AuditError::Encode("no instance key to verify the audit log with".into()));
+    };
     for (key, value) in entries {
         let expected = prev.map_or(1, |(s, _)| s + 1);
         if key != expected {
@@ -292,6 +326,25 @@ pub fn verify_chain(
         }
         if body.prev_hash != prev.map_or([0u8; 32], |(_, h)| h) {
             return Err(AuditError::BrokenLink { seq: key });
+        }
+        if body.kind == AuditKind::KeyRotated {
+            let next = keys.get(in_use + 1).ok_or_else(|| {
+                altered(format!(
+                    "it hands over to key {}, which is not among this instance's keys",
+                    body.subject
+                ))
+            })?;
+            let named = kaapana_protocol::InstanceId::from_ed25519_public_key(next)
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            if named != body.subject {
+                return Err(altered(format!(
+                    "it hands over to {}, but this instance's next key is {named}",
+                    body.subject
+                )));
+            }
+            in_use += 1;
+            public_key = next;
         }
         prev = Some((key, hash(&value)));
         count += 1;
@@ -388,6 +441,37 @@ mod tests {
     }
 
     #[test]
+    fn a_key_rotation_entry_hands_the_chain_over_to_the_next_key() {
+        let (old, new) = (key(), key());
+        let mut entries = chain(&old, 2);
+        let new_id = kaapana_protocol::InstanceId::from_ed25519_public_key(new.public_key())
+            .unwrap()
+            .to_string();
+        let rotated = AuditRecord {
+            at: Timestamp::from_millis(5_000),
+            kind: AuditKind::KeyRotated,
+            subject: new_id,
+            detail: String::new(),
+        };
+        let last = entries.last().map(|(s, v)| (*s, v.clone()));
+        entries.push(seal(last.as_ref().map(|(s, v)| (*s, v.as_slice())), &rotated, &old).unwrap());
+        let last = entries.last().map(|(s, v)| (*s, v.clone()));
+        entries
+            .push(seal(last.as_ref().map(|(s, v)| (*s, v.as_slice())), &record(9), &new).unwrap());
+        let keys = [*old.public_key(), *new.public_key()];
+        assert_eq!(verify_chain(entries.clone(), &keys).unwrap().entries, 4);
+        // Without the retired key the first entry fails; an entry after the rotation signed
+        // with the old key fails too.
+        assert!(matches!(
+            verify_chain(entries.clone(), &[*new.public_key()]),
+            Err(AuditError::Altered { seq: 1, .. })
+        ));
+        let last = entries[2].clone();
+        entries[3] = seal(Some((last.0, last.1.as_slice())), &record(9), &old).unwrap();
+        assert!(matches!(verify_chain(entries, &keys), Err(AuditError::Altered { seq: 4, .. })));
+    }
+
+    #[test]
     fn a_sealed_chain_verifies_and_links_each_entry_to_the_last() {
         let k = key();
         let entries = chain(&k, 5);
@@ -397,11 +481,11 @@ mod tests {
         let third = StoredEntry::decode(&entries[2].1).unwrap().body().unwrap();
         assert_eq!(third.prev_hash, hash(&entries[1].1));
         assert_eq!(third.detail, "detail 2");
-        let summary = verify_chain(entries.clone(), k.public_key()).unwrap();
+        let summary = verify_chain(entries.clone(), &[*k.public_key()]).unwrap();
         assert_eq!(summary.entries, 5);
         assert_eq!(summary.last_seq, 5);
         assert_eq!(summary.head, kaapana_protocol::hex(&hash(&entries[4].1)));
-        assert_eq!(verify_chain(Vec::new(), k.public_key()).unwrap().entries, 0);
+        assert_eq!(verify_chain(Vec::new(), &[*k.public_key()]).unwrap().entries, 0);
     }
 
     #[test]
@@ -413,7 +497,7 @@ mod tests {
         body.detail = "nothing happened".into();
         stored.body = postcard::to_allocvec(&body).unwrap();
         entries[1].1 = stored.encode().unwrap();
-        let e = verify_chain(entries, k.public_key()).unwrap_err();
+        let e = verify_chain(entries, &[*k.public_key()]).unwrap_err();
         assert!(matches!(e, AuditError::Altered { seq: 2, .. }), "{e}");
         assert!(e.to_string().contains("audit entry 2 was altered"), "{e}");
     }
@@ -423,14 +507,14 @@ mod tests {
         let k = key();
         let mut entries = chain(&k, 5);
         entries.remove(2);
-        let e = verify_chain(entries, k.public_key()).unwrap_err();
+        let e = verify_chain(entries, &[*k.public_key()]).unwrap_err();
         assert_eq!(e, AuditError::Missing { seq: 3, prev: 2, found: 4 });
         assert_eq!(e.seq(), Some(3));
         // The first entry removed.
         let mut entries = chain(&k, 3);
         entries.remove(0);
         assert_eq!(
-            verify_chain(entries, k.public_key()).unwrap_err(),
+            verify_chain(entries, &[*k.public_key()]).unwrap_err(),
             AuditError::Missing { seq: 1, prev: 0, found: 2 }
         );
     }
@@ -444,19 +528,19 @@ mod tests {
         for (i, e) in entries.iter_mut().enumerate() {
             e.0 = i as u64 + 1;
         }
-        let e = verify_chain(entries, k.public_key()).unwrap_err();
+        let e = verify_chain(entries, &[*k.public_key()]).unwrap_err();
         assert!(matches!(e, AuditError::Altered { seq: 3, .. }), "{e}");
         // Entry 2 replaced by a validly signed entry linked to another first entry.
         let mut entries = chain(&k, 4);
         entries[1] = seal(Some((1, b"another first entry")), &record(9), &k).unwrap();
-        let e = verify_chain(entries, k.public_key()).unwrap_err();
+        let e = verify_chain(entries, &[*k.public_key()]).unwrap_err();
         assert!(matches!(e, AuditError::BrokenLink { seq: 2 }), "{e}");
     }
 
     #[test]
     fn another_instances_key_does_not_verify() {
         let entries = chain(&key(), 2);
-        let e = verify_chain(entries, key().public_key()).unwrap_err();
+        let e = verify_chain(entries, &[*key().public_key()]).unwrap_err();
         assert!(matches!(e, AuditError::Altered { seq: 1, .. }), "{e}");
     }
 
@@ -464,7 +548,7 @@ mod tests {
     fn garbage_values_are_reported_not_panicked_on() {
         let k = key();
         for bad in [vec![], vec![9, 1, 2], vec![AUDIT_SCHEMA_V1, 0xff, 0xff]] {
-            let e = verify_chain(vec![(1, bad)], k.public_key()).unwrap_err();
+            let e = verify_chain(vec![(1, bad)], &[*k.public_key()]).unwrap_err();
             assert!(matches!(e, AuditError::Altered { seq: 1, .. }), "{e}");
         }
     }

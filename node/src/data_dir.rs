@@ -75,6 +75,23 @@ impl DataDir {
         self.root.join("node.redb")
     }
 
+    /// The key an `instance rotate` prepared (it replaces `identity.key` once every
+    /// registered instance has the hand-over).
+    pub fn next_key_path(&self) -> PathBuf {
+        self.root.join("next-identity.key")
+    }
+
+    /// The certificate of the key an `instance rotate` prepared.
+    pub fn next_certificate_path(&self) -> PathBuf {
+        self.root.join("next-instance.crt")
+    }
+
+    /// The instance ids of the keys this instance used before its current one, oldest first,
+    /// one per line: what verifies the older entries of its audit log.
+    pub fn retired_keys_path(&self) -> PathBuf {
+        self.root.join("retired-keys")
+    }
+
     /// Whether `init` has run here.
     pub fn is_initialised(&self) -> bool {
         self.key_path().exists()

@@ -88,6 +88,15 @@ pub enum EventKind {
     Relay,
     /// `hole_punch`: a relayed connection became direct, or could not.
     HolePunch,
+    /// `instance_revoked`: an instance was revoked here (by the admin, the federation CA's
+    /// list, or its hand-over to a new key).
+    InstanceRevoked,
+    /// `revocation_list`: a federation CA's revocation list was adopted here.
+    RevocationList,
+    /// `instance_rotated`: a registered instance handed over to a new key.
+    InstanceRotated,
+    /// `key_rotation`: this instance prepared a new key, or switched to it.
+    KeyRotation,
     /// `reachability`: AutoNAT's verdict on whether this node is reachable from outside.
     Reachability,
 }
@@ -107,6 +116,10 @@ impl EventKind {
             Self::InstanceAdded => "instance_added",
             Self::InstanceRemoved => "instance_removed",
             Self::PolicyChanged => "policy_changed",
+            Self::InstanceRevoked => "instance_revoked",
+            Self::RevocationList => "revocation_list",
+            Self::InstanceRotated => "instance_rotated",
+            Self::KeyRotation => "key_rotation",
             Self::DatasetAdded => "dataset_added",
             Self::Delivered => "delivered",
             Self::DeliveryRejected => "delivery_rejected",

@@ -37,4 +37,5 @@ pub mod orthanc;
 pub mod pacs;
 pub mod pacs_cache;
 pub mod store;
+pub mod trust;
 pub mod workflow_file;

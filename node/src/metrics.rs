@@ -68,6 +68,8 @@ pub struct Metrics {
     pub peers_connected: Gauge,
     /// Instances registered here.
     pub instances_registered: Gauge,
+    /// Instances revoked here since the daemon started.
+    pub instances_revoked: Counter,
     /// Signed messages accepted (verified and durably recorded), by type.
     pub messages_in: Family<KindLabel, Counter>,
     /// Signed messages delivered to peers (acknowledged by them), by type.
@@ -117,6 +119,12 @@ impl Metrics {
             "instances_registered",
             "Instances registered here",
             instances_registered.clone(),
+        );
+        let instances_revoked = Counter::default();
+        registry.register(
+            "instances_revoked",
+            "Instances revoked here since the daemon started",
+            instances_revoked.clone(),
         );
         let messages_in = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -194,6 +202,7 @@ impl Metrics {
             registry,
             peers_connected,
             instances_registered,
+            instances_revoked,
             messages_in,
             messages_out,
             rejections,

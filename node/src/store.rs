@@ -96,6 +96,11 @@ const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workf
 const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
     TableDefinition::new("workflow_manifests.v3");
 
+/// Instances revoked here (by this site's admin, by the federation CA's revocation list, or
+/// replaced by a key hand-over): `InstanceId` bytes → postcard of [`RevocationRecord`]. A
+/// revoked instance is not registered and cannot be registered again while it is listed.
+const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocations.v1");
+
 /// The audit log: sequence number (from 1) → a sealed entry (see [`crate::audit`]).
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit.v1");
 
@@ -222,6 +227,44 @@ pub enum WriteOp {
     /// signed) in this transaction. Needs a store opened with [`Store::open_audited`]. Answers
     /// [`WriteOutcome::Audited`].
     Audit(crate::audit::AuditRecord),
+    /// Records an instance as revoked (replacing an earlier record for it). Answers
+    /// [`WriteOutcome::Done`].
+    PutRevocation(Box<RevocationRecord>),
+}
+
+/// Why an instance is revoked here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RevocationSource {
+    /// This site's admin revoked it (`instance revoke`).
+    Local,
+    /// The federation CA's revocation list with this number names it.
+    FederationCa {
+        /// The list's number.
+        number: u64,
+    },
+    /// It handed over to a new key (`instance rotate` at that site); the new key is
+    /// registered instead.
+    HandedOver {
+        /// The new key's instance id.
+        to: InstanceId,
+    },
+}
+
+/// An instance revoked here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevocationRecord {
+    /// The revoked instance (its key).
+    pub instance_id: InstanceId,
+    /// Its name when it was revoked (empty if it was never registered here).
+    pub name: String,
+    /// The fingerprint of its certificate as known here or as the CA listed it.
+    pub fingerprint: [u8; 32],
+    /// Why.
+    pub reason: String,
+    /// Who revoked it.
+    pub source: RevocationSource,
+    /// When it was revoked here.
+    pub revoked_at: Timestamp,
 }
 
 /// A workflow this node owns: its state and the owner's record of each of its jobs, as the
@@ -652,7 +695,7 @@ impl Store {
     /// error is a store failure; the inner one names the first entry that breaks the chain.
     pub fn verify_audit(
         &self,
-        public_key: &[u8; 32],
+        keys: &[[u8; 32]],
     ) -> Result<Result<crate::audit::ChainSummary, crate::audit::AuditError>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
         let table = txn.open_table(AUDIT).map_err(backend)?;
@@ -661,7 +704,7 @@ impl Store {
             let (seq, value) = entry.map_err(backend)?;
             entries.push((seq.value(), value.value().to_vec()));
         }
-        Ok(crate::audit::verify_chain(entries, public_key))
+        Ok(crate::audit::verify_chain(entries, keys))
     }
 
     /// Up to `limit` inbox records with a sequence number above `after`, in order.
@@ -816,6 +859,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Every instance revoked here, by id.
+    pub fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(REVOCATIONS).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "revocations.v1",
+                detail: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
     /// How many entries wait for `peer`.
     pub fn outbox_depth(&self, peer: &InstanceId) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
@@ -945,6 +1003,7 @@ struct Tables<'txn> {
     datasets: Table<'txn, &'static str, &'static [u8]>,
     workflows: Table<'txn, &'static [u8; 16], &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    revocations: Table<'txn, &'static [u8], &'static [u8]>,
     /// Signs audit entries (`None`: appending fails with [`AuditError::NoKey`]).
     ///
     /// [`AuditError::NoKey`]: crate::audit::AuditError::NoKey
@@ -968,6 +1027,7 @@ impl<'txn> Tables<'txn> {
             datasets: txn.open_table(DATASETS).map_err(backend)?,
             workflows: txn.open_table(WORKFLOWS).map_err(backend)?,
             audit: txn.open_table(AUDIT).map_err(backend)?,
+            revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
             key,
         })
     }
@@ -1084,6 +1144,12 @@ impl<'txn> Tables<'txn> {
             WriteOp::PutWorkflowManifest { workflow, envelope } => {
                 let key = workflow.as_bytes();
                 self.workflow_manifests.insert(key, envelope.as_slice()).map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutRevocation(r) => {
+                let value = postcard::to_allocvec(r.as_ref()).map_err(backend)?;
+                let key = r.instance_id.to_bytes();
+                self.revocations.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
             WriteOp::Audit(record) => {
@@ -1330,7 +1396,7 @@ mod tests {
         assert!(matches!(e, StoreError::Audit(AuditError::NoKey)), "{e}");
         assert!(store.instance(&id(3)).unwrap().is_none());
         assert!(store.instance(&id(1)).unwrap().is_some());
-        let summary = store.verify_audit(&public).unwrap().unwrap();
+        let summary = store.verify_audit(&[public]).unwrap().unwrap();
         assert_eq!((summary.entries, summary.last_seq), (2, 2));
         let listed = store.audit_entries(1, 10).unwrap();
         assert_eq!(listed.len(), 1);
@@ -1342,7 +1408,7 @@ mod tests {
             store.write(vec![WriteOp::Audit(record(4))]).unwrap(),
             [WriteOutcome::Audited(3)]
         );
-        assert_eq!(store.verify_audit(&public).unwrap().unwrap().entries, 3);
+        assert_eq!(store.verify_audit(&[public]).unwrap().unwrap().entries, 3);
     }
 
     #[test]

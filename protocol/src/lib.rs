@@ -22,6 +22,7 @@ mod replay;
 mod results;
 mod signed;
 mod time;
+mod trust;
 mod wire;
 
 pub use error::{DecodeError, EncodeError, ValidationError, VerifyError};
@@ -47,6 +48,7 @@ pub use signed::{
     VerifyOptions,
 };
 pub use time::Timestamp;
+pub use trust::{KeyHandOver, MAX_HANDOVER_BUNDLE, MAX_REVOKED, RevocationList, RevokedInstance};
 pub use wire::{
     AnySigned, AnyVerified, Delivery, FED_PROTOCOL, FedRequest, FedResponse, MAX_BATCH,
     MAX_FED_REQUEST, MAX_FED_RESPONSE, RejectReason, peek_kind,

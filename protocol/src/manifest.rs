@@ -81,7 +81,11 @@ pub fn fit_text(text: &str) -> String {
     out
 }
 
-fn validate_count<T>(field: &'static str, items: &[T], max: usize) -> Result<(), ValidationError> {
+pub(crate) fn validate_count<T>(
+    field: &'static str,
+    items: &[T],
+    max: usize,
+) -> Result<(), ValidationError> {
     if items.len() > max {
         Err(ValidationError::TooMany { field, len: items.len(), max })
     } else {

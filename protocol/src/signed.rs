@@ -63,11 +63,15 @@ pub enum ManifestKind {
     Cancel,
     /// [`crate::InstanceBundleInfo`].
     InstanceBundle,
+    /// [`crate::RevocationList`].
+    RevocationList,
+    /// [`crate::KeyHandOver`].
+    KeyHandOver,
 }
 
 impl ManifestKind {
     /// Every kind.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::CapabilityAd,
         Self::WorkflowManifest,
         Self::JobManifest,
@@ -75,6 +79,8 @@ impl ManifestKind {
         Self::ResultManifest,
         Self::Cancel,
         Self::InstanceBundle,
+        Self::RevocationList,
+        Self::KeyHandOver,
     ];
 
     /// The type's name.
@@ -87,6 +93,8 @@ impl ManifestKind {
             Self::ResultManifest => "ResultManifest",
             Self::Cancel => "Cancel",
             Self::InstanceBundle => "InstanceBundle",
+            Self::RevocationList => "RevocationList",
+            Self::KeyHandOver => "KeyHandOver",
         }
     }
 
@@ -100,6 +108,8 @@ impl ManifestKind {
             Self::ResultManifest => "kaapana-node/1/ResultManifest",
             Self::Cancel => "kaapana-node/1/Cancel",
             Self::InstanceBundle => "kaapana-node/1/InstanceBundle",
+            Self::RevocationList => "kaapana-node/1/RevocationList",
+            Self::KeyHandOver => "kaapana-node/1/KeyHandOver",
         }
     }
 

@@ -16,6 +16,7 @@ use crate::manifest::{
 use crate::replay::ReplayWindow;
 use crate::signed::{Manifest, ManifestKind, Signed, Verified, VerifyOptions};
 use crate::time::Timestamp;
+use crate::trust::{KeyHandOver, RevocationList};
 
 /// The libp2p protocol name of federation messages.
 pub const FED_PROTOCOL: &str = "/kaapana/fed/1";
@@ -354,7 +355,16 @@ macro_rules! any_signed {
     };
 }
 
-any_signed!(CapabilityAd, WorkflowManifest, JobManifest, JobUpdate, ResultManifest, Cancel);
+any_signed!(
+    CapabilityAd,
+    WorkflowManifest,
+    JobManifest,
+    JobUpdate,
+    ResultManifest,
+    Cancel,
+    RevocationList,
+    KeyHandOver,
+);
 
 #[cfg(test)]
 mod tests {

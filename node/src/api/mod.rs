@@ -101,6 +101,7 @@ impl From<AdminError> for ApiError {
             | AdminError::OwnBundle { .. }
             | AdminError::FingerprintMismatch { .. }
             | AdminError::BadArgument(_) => StatusCode::BAD_REQUEST,
+            AdminError::Revoked { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
@@ -160,6 +161,9 @@ pub async fn serve(
         .route("/instances/preview", post(preview_instance))
         .route("/instances/{which}", axum::routing::delete(remove_instance))
         .route("/instances/{which}/policy", axum::routing::put(set_policy))
+        .route("/instances/{which}/revoke", post(revoke_instance))
+        .route("/revocations", get(list_revocations).post(import_revocations))
+        .route("/rotation", get(rotation_status).post(start_rotation))
         .route("/messages", post(send_message))
         .route("/inbox", get(inbox))
         .route("/audit", get(audit_list))
@@ -558,6 +562,60 @@ async fn remove_instance(
     Ok(Json(InstanceView::new(&inst, None, 0)))
 }
 
+/// `POST /v1/instances/{which}/revoke`.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+pub struct RevokeRequest {
+    /// Why (for the audit log).
+    #[serde(default)]
+    pub reason: String,
+}
+
+async fn revoke_instance(
+    State(state): State<Arc<NodeState>>,
+    Path(which): Path<String>,
+    Json(req): Json<RevokeRequest>,
+) -> ApiResult<Json<crate::daemon::RevocationView>> {
+    let which: InstanceRef = parse_arg(&which)?;
+    let reason = if req.reason.is_empty() { "revoked by the site's admin" } else { &req.reason };
+    let record = state.revoke_instance(&which, reason).await?;
+    Ok(Json((&record).into()))
+}
+
+/// `POST /v1/revocations`: a federation CA's revocation list to adopt.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct ImportRevocationsRequest {
+    /// The list file's text (PEM, as `ca revoke` writes it).
+    pub list: String,
+}
+
+async fn import_revocations(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<ImportRevocationsRequest>,
+) -> ApiResult<Json<Vec<crate::daemon::RevocationView>>> {
+    let list = crate::trust::parse_revocation_list(&req.list).map_err(AdminError::from)?;
+    let revoked = state.import_revocation_list(&list).await?;
+    Ok(Json(revoked.iter().map(Into::into).collect()))
+}
+
+async fn list_revocations(
+    State(state): State<Arc<NodeState>>,
+) -> ApiResult<Json<crate::daemon::RevocationsView>> {
+    Ok(Json(state.revocations()?))
+}
+
+async fn rotation_status(
+    State(state): State<Arc<NodeState>>,
+) -> ApiResult<Json<crate::daemon::RotationView>> {
+    Ok(Json(state.rotation_status()?))
+}
+
+async fn start_rotation(
+    State(state): State<Arc<NodeState>>,
+    Json(req): Json<crate::daemon::RotateRequest>,
+) -> ApiResult<Json<crate::daemon::RotationView>> {
+    Ok(Json(state.start_rotation(&req).await?))
+}
+
 async fn send_message(
     State(state): State<Arc<NodeState>>,
     Json(req): Json<SendRequest>,
@@ -593,9 +651,7 @@ async fn audit_list(
 async fn audit_verify(
     State(state): State<Arc<NodeState>>,
 ) -> ApiResult<Json<crate::audit::VerifyReport>> {
-    let key = state.instance_id.ed25519_public_key().ok_or_else(|| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "this instance's id holds no Ed25519 key")
-    })?;
+    let key = crate::trust::audit_keys(&state.files.dir, &state.files.certificate)?;
     let store = state.store.clone();
     let result = tokio::task::spawn_blocking(move || store.verify_audit(&key))
         .await
@@ -670,6 +726,13 @@ fn summarize(m: &AnyVerified) -> String {
             let p = u.payload();
             let why = p.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
             format!("job {} attempt {} is {:?}{why}", p.job_id, p.attempt, p.state)
+        }
+        AnyVerified::RevocationList(l) => {
+            let p = l.payload();
+            format!("revocation list {} of {}: {} revoked", p.number, p.federation, p.revoked.len())
+        }
+        AnyVerified::KeyHandOver(h) => {
+            format!("key hand-over of {}: {}", h.signer(), h.payload().reason)
         }
         AnyVerified::ResultManifest(r) => {
             let p = r.payload();

@@ -65,10 +65,8 @@ pub fn audit_command(dir: &DataDir, cmd: AuditCommand) -> Result<(), CliError> {
                 Some(api) => api.get("/v1/audit/verify")?,
                 None => {
                     let node = admin::NodeFiles::open(dir)?;
-                    let Some(key) = node.certificate.instance_id().ed25519_public_key() else {
-                        bail!("this instance's certificate holds no Ed25519 key");
-                    };
-                    node.store()?.verify_audit(&key)?.into()
+                    let keys = crate::trust::audit_keys(&node.dir, &node.certificate)?;
+                    node.store()?.verify_audit(&keys)?.into()
                 }
             };
             match (report.verified, report.error) {

@@ -11,6 +11,7 @@ use crate::admin;
 use crate::api::views::{AddInstanceRequest, InstanceView};
 use crate::cli::{CliError, Context as _, now};
 use crate::client::ApiClient;
+use crate::daemon::{RevocationView, RotationView};
 use crate::data_dir::DataDir;
 
 /// `kaapana-node instance ...`.
@@ -43,6 +44,43 @@ pub enum InstanceCommand {
     Remove {
         /// Name or instance id (PeerId).
         instance: String,
+    },
+    /// Revoke an instance here: unregister it, close its connections at once, refuse its
+    /// messages and any later registration of its key. Also for an instance that is not
+    /// registered (name it by its id).
+    Revoke {
+        /// Name or instance id (PeerId).
+        instance: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "revoked by the site's admin")]
+        reason: String,
+    },
+    /// List the instances revoked here, or adopt a federation CA's revocation list (made
+    /// with `ca revoke`): the daemon passes it on to every registered instance.
+    Revocations {
+        /// A revocation list file to import.
+        #[arg(long, value_name = "FILE")]
+        import: Option<PathBuf>,
+    },
+    /// Move this instance to a new key: makes a new key and certificate and sends a hand-over
+    /// signed with the current key to every registered instance, which registers the new key
+    /// in place of the old one (same name and policy). The daemon switches to the new key
+    /// when it next starts and every registered instance has the hand-over (see --status).
+    Rotate {
+        /// Why (for the peers' audit logs).
+        #[arg(long, default_value = "key rotation")]
+        reason: String,
+        /// Have the new certificate issued by this federation CA (a `ca create` directory);
+        /// default: self-signed.
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
+        /// Show which registered instances have the hand-over; change nothing.
+        #[arg(long, conflicts_with_all = ["finish", "ca"])]
+        status: bool,
+        /// Switch to the prepared key now, even if some instances lack the hand-over (they
+        /// must then register the new bundle by hand). Only with the daemon stopped.
+        #[arg(long, conflicts_with = "ca")]
+        finish: bool,
     },
 }
 
@@ -187,6 +225,110 @@ pub fn instance_command(dir: &DataDir, cmd: InstanceCommand) -> Result<(), CliEr
                 }
             };
             println!("Removed instance {} ({})", removed.name, removed.instance_id);
+        }
+        InstanceCommand::Revoke { instance, reason } => {
+            let view: RevocationView = match &daemon {
+                Some(api) => api.post(
+                    &format!("/v1/instances/{instance}/revoke"),
+                    &crate::api::RevokeRequest { reason },
+                )?,
+                None => {
+                    let which: InstanceRef = instance.parse()?;
+                    (&crate::trust::revoke_offline(dir, &which, &reason, now())?).into()
+                }
+            };
+            let name = if view.name.is_empty() { "(not registered)" } else { &view.name };
+            println!("Revoked instance {name} ({})", view.instance_id);
+            println!("  reason:       {}", view.reason);
+        }
+        InstanceCommand::Revocations { import } => {
+            if let Some(file) = import {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let revoked: Vec<RevocationView> = match &daemon {
+                    Some(api) => api.post(
+                        "/v1/revocations",
+                        &crate::api::ImportRevocationsRequest { list: text },
+                    )?,
+                    None => crate::trust::import_list_offline(dir, &text, now())?
+                        .iter()
+                        .map(Into::into)
+                        .collect(),
+                };
+                if revoked.is_empty() {
+                    println!("Nothing new: the list is not newer than the one held here.");
+                }
+                for r in &revoked {
+                    println!("Revoked {} ({}): {}", r.name, r.instance_id, r.reason);
+                }
+                return Ok(());
+            }
+            let view: crate::daemon::RevocationsView = match &daemon {
+                Some(api) => api.get("/v1/revocations")?,
+                None => {
+                    let store = admin::NodeFiles::open(dir)?.store()?;
+                    let list_number = store
+                        .meta(crate::trust::REVOCATION_LIST_NUMBER_META)?
+                        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                        .map(u64::from_be_bytes);
+                    let revoked = store.revocations()?.iter().map(Into::into).collect();
+                    crate::daemon::RevocationsView { list_number, revoked }
+                }
+            };
+            match view.list_number {
+                Some(n) => println!("Federation CA revocation list: number {n}"),
+                None => println!("Federation CA revocation list: none"),
+            }
+            if view.revoked.is_empty() {
+                println!("No instance is revoked here.");
+            }
+            for r in &view.revoked {
+                let name = if r.name.is_empty() { "(not registered)" } else { &r.name };
+                println!("{name}  {}", r.instance_id);
+                println!("  fingerprint:   {}", r.fingerprint);
+                println!("  reason:        {} ({})", r.reason, r.source);
+            }
+        }
+        InstanceCommand::Rotate { reason, ca, status, finish } => {
+            if finish {
+                if daemon.is_some() {
+                    crate::cli::bail!("stop the daemon first: --finish switches the key files");
+                }
+                match crate::trust::finish_rotation(dir, true)? {
+                    Some(id) => println!("Switched to the new key: instance id {id}"),
+                    None => println!("No key rotation is prepared."),
+                }
+                return Ok(());
+            }
+            let Some(api) = &daemon else {
+                crate::cli::bail!(
+                    "start the daemon first (`kaapana-node run`): the hand-over is sent through it"
+                );
+            };
+            let view: RotationView = if status {
+                api.get("/v1/rotation")?
+            } else {
+                let ca_dir = ca.map(|p| p.display().to_string());
+                api.post("/v1/rotation", &crate::daemon::RotateRequest { reason, ca_dir })?
+            };
+            if !view.in_progress {
+                println!("No key rotation is prepared.");
+                return Ok(());
+            }
+            println!(
+                "New key: instance id {}",
+                view.new_instance_id.as_deref().unwrap_or("(unreadable)")
+            );
+            println!(
+                "  hand-over delivered to {} of {} registered instance(s)",
+                view.instances.saturating_sub(view.pending.len()),
+                view.instances
+            );
+            if view.pending.is_empty() {
+                println!("  Restart the daemon to switch to the new key.");
+            } else {
+                println!("  waiting for: {}", view.pending.join(", "));
+            }
         }
     }
     Ok(())

@@ -261,6 +261,29 @@ pub enum CaCommand {
         #[arg(long, default_value_t = 3650)]
         valid_days: u32,
     },
+    /// Revoke instances in the federation: write the CA's next revocation list (signed with
+    /// the CA key, numbered one above the list in --list, whose entries it keeps). Import it
+    /// at any site with `instance revocations --import FILE`; it spreads to the others.
+    Revoke {
+        /// The CA's directory (as written by `ca create`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The revocation list file: read if it exists, then replaced by the next list.
+        #[arg(long, value_name = "FILE")]
+        list: PathBuf,
+        /// An exchange bundle of an instance to revoke (repeatable).
+        #[arg(long, value_name = "FILE")]
+        bundle: Vec<PathBuf>,
+        /// The instance id of an instance to revoke (repeatable).
+        #[arg(long, value_name = "ID")]
+        instance: Vec<String>,
+        /// Why (kept in every site's audit log).
+        #[arg(long, default_value = "revoked by the federation CA")]
+        reason: String,
+        /// How long the list is passed on (re-issue it before; at most 400).
+        #[arg(long, default_value_t = 30)]
+        valid_days: u32,
+    },
     /// Re-issue this instance's certificate from a federation CA (same key and name) and
     /// trust that CA from now on: peers' certificates must then be issued by it too.
     Sign {
@@ -352,6 +375,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let ca = admin::ca_create(&out, &name, valid_days, now())?;
             println!("Created federation CA {name} in {}", out.display());
             println!("  fingerprint:  {}", ca.certificate().fingerprint());
+        }
+        Command::Ca(CaCommand::Revoke { ca, list, bundle, instance, reason, valid_days }) => {
+            let (written, added) =
+                admin::ca_revoke(&ca, &list, &bundle, &instance, &reason, valid_days, now())?;
+            let p = written.payload();
+            println!(
+                "Wrote revocation list {} of {} to {} ({} revoked, {added} new)",
+                p.number,
+                p.federation,
+                list.display(),
+                p.revoked.len()
+            );
+            println!("  Import it at a site: kaapana-node instance revocations --import FILE");
         }
         Command::Ca(CaCommand::Sign { ca, valid_days }) => {
             let cert = admin::ca_sign(&dir, &ca, valid_days, now())?;

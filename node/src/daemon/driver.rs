@@ -167,17 +167,8 @@ impl NodeState {
     }
 
     /// Feeds one local request (committed with `with`) and returns its refusal as the
-    /// caller's error.
-    pub(crate) async fn request(
-        self: &Arc<Self>,
-        event: Event,
-        with: Vec<WriteOp>,
-    ) -> Result<(), RequestError> {
-        self.request_audited(event, with, None).await
-    }
-
-    /// [`NodeState::request`], with `audit` appended to the audit log in the same commit if
-    /// the core does not refuse the request.
+    /// caller's error; `audit` is appended to the audit log in the same commit if the core
+    /// does not refuse the request.
     pub(crate) async fn request_audited(
         self: &Arc<Self>,
         event: Event,

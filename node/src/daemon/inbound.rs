@@ -124,6 +124,19 @@ pub(super) async fn handle(
         }
     }
 
+    // Trust messages take effect before the answer: an accepted one has been applied.
+    for v in &mut verdicts {
+        let Verdict::Accepted(m) = v else { continue };
+        let applied = match m.as_ref() {
+            AnyVerified::RevocationList(list) => state.adopt_revocation_list(list).await.map(drop),
+            AnyVerified::KeyHandOver(h) => state.accept_handover(h).await.map(drop),
+            _ => continue,
+        };
+        if let Err(e) = applied {
+            *v = Verdict::Rejected(RejectReason::Invalid, e.to_string());
+        }
+    }
+
     let results = verdicts.into_iter().map(|v| apply(state, &peer, v)).collect();
     FedResponse::Results(results)
 }
@@ -211,6 +224,31 @@ fn check_one(
         Err(e) => return reject(&e, RejectReason::from(&e)),
     };
     let signer = signed.claimed_signer();
+    if state.is_revoked(&peer) || state.is_revoked(&signer) {
+        let who = if state.is_revoked(&peer) { peer } else { signer };
+        return Verdict::Rejected(RejectReason::UnknownSigner, format!("{who} is revoked here"));
+    }
+    match &signed {
+        // Signed by the federation CA, whichever instance passes it on.
+        AnySigned::RevocationList(list) => {
+            let checked = state.files.trust().map_err(|e| e.to_string()).and_then(|t| {
+                crate::trust::verify_revocation_list(list, &t, now).map_err(|e| e.to_string())
+            });
+            return match checked {
+                Ok(v) => Verdict::Accepted(Box::new(AnyVerified::RevocationList(v))),
+                Err(e) => Verdict::Rejected(RejectReason::UnknownSigner, e),
+            };
+        }
+        AnySigned::KeyHandOver(_) if signer != peer => {
+            return Verdict::Rejected(
+                RejectReason::UnknownSigner,
+                format!(
+                    "a key hand-over signed by {signer} came from {peer}: only the instance itself sends its own"
+                ),
+            );
+        }
+        _ => {}
+    }
     if signer != peer && !state.registry().is_registered(&signer) {
         return Verdict::Rejected(
             RejectReason::UnknownSigner,

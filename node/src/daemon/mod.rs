@@ -11,6 +11,7 @@ mod execution;
 mod inbound;
 mod outbox;
 mod results;
+mod trust;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::events::{Event, EventKind, EventLog};
 pub use driver::{JobError, RequestError, WorkflowError};
+pub use trust::{RevocationView, RevocationsView, RotateRequest, RotationView};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::audit::{AuditKind, AuditRecord};
@@ -171,6 +173,13 @@ pub struct NodeState {
     pub(crate) pacs_cache: Arc<crate::pacs_cache::PacsCache>,
     cancel: CancellationToken,
     tasks: Mutex<Option<mpsc::UnboundedSender<InstanceId>>>,
+    /// Instances revoked here (the store's `revocations.v1`), checked on every message.
+    revoked: Mutex<std::collections::BTreeSet<InstanceId>>,
+    /// New keys of hand-overs accepted since start → the old key, whose connection closes
+    /// when the new key connects.
+    retiring: Mutex<HashMap<InstanceId, InstanceId>>,
+    /// One revocation or hand-over at a time.
+    trust_lock: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -254,7 +263,12 @@ impl NodeState {
         record: crate::store::DatasetRecord,
         provider: Arc<dyn crate::datasets::DatasetProvider>,
     ) -> Result<(), crate::datasets::DatasetError> {
-        self.store.write_async(vec![WriteOp::PutDataset(record)]).await?;
+        let audit = AuditRecord::now(
+            AuditKind::DatasetAdded,
+            name,
+            format!("{} at {}", record.provider, record.location),
+        );
+        self.store.write_async(vec![WriteOp::PutDataset(record), WriteOp::Audit(audit)]).await?;
         self.datasets_mut().insert(provider);
         self.event(EventKind::DatasetAdded, None, format!("dataset {name}"));
         self.own_capabilities_changed().await;
@@ -270,7 +284,10 @@ impl NodeState {
         if !self.store.datasets()?.iter().any(|d| d.name == name) {
             return Err(crate::datasets::DatasetError::NotFound(name.into()));
         }
-        self.store.write_async(vec![WriteOp::RemoveDataset(name.into())]).await?;
+        let audit = AuditRecord::now(AuditKind::DatasetRemoved, name, "");
+        self.store
+            .write_async(vec![WriteOp::RemoveDataset(name.into()), WriteOp::Audit(audit)])
+            .await?;
         self.datasets_mut().remove(name);
         self.own_capabilities_changed().await;
         self.readvertise();
@@ -521,7 +538,12 @@ impl NodeState {
         let id = manifest.workflow_id;
         let signed = self.sign(&manifest).map_err(|e| WorkflowError::Sign(e.to_string()))?;
         let record = WriteOp::PutWorkflowManifest { workflow: id, envelope: signed.into_bytes() };
-        self.request(FedEvent::Submit { manifest }, vec![record]).await?;
+        let audit = AuditRecord::now(
+            AuditKind::WorkflowSubmitted,
+            id,
+            format!("{} ({} job spec(s))", manifest.name, manifest.jobs.len()),
+        );
+        self.request_audited(FedEvent::Submit { manifest }, vec![record], Some(audit)).await?;
         self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
     }
 
@@ -531,7 +553,13 @@ impl NodeState {
         id: kaapana_protocol::WorkflowId,
         by: String,
     ) -> Result<kaapana_federation::Workflow, WorkflowError> {
-        self.request(FedEvent::CancelWorkflow { workflow: id, by }, Vec::new()).await?;
+        let audit = AuditRecord::now(AuditKind::WorkflowCancelled, id, format!("by {by}"));
+        self.request_audited(
+            FedEvent::CancelWorkflow { workflow: id, by },
+            Vec::new(),
+            Some(audit),
+        )
+        .await?;
         self.site().workflow(&id).cloned().ok_or(WorkflowError::NotFound(id))
     }
 
@@ -581,6 +609,12 @@ impl NodeState {
         self: &Arc<Self>,
         inst: RegisteredInstance,
     ) -> Result<(), AdminError> {
+        if let Some(r) = crate::trust::revocation_of(&self.store, &inst.instance_id)? {
+            return Err(AdminError::Revoked {
+                name: inst.name.clone(),
+                why: format!("{} ({})", r.reason, crate::trust::source_text(&r.source)),
+            });
+        }
         self.registry().clone().add(inst.clone())?;
         let audit = WriteOp::Audit(crate::admin::audit_added(&inst));
         self.store.write_async(vec![WriteOp::PutInstance(Box::new(inst.clone())), audit]).await?;
@@ -589,6 +623,7 @@ impl NodeState {
         self.metrics.instances_registered.inc();
         self.event(EventKind::InstanceAdded, Some(&inst.instance_id), inst.fingerprint_text());
         self.admit(&inst).await;
+        self.send_revocation_list(inst.instance_id).await;
         Ok(())
     }
 
@@ -637,16 +672,7 @@ impl NodeState {
         self.store
             .write_async(vec![WriteOp::RemoveInstance(id), WriteOp::ForgetPeer(id), audit])
             .await?;
-        let _ = self.registry().remove(which);
-        self.tell_site(FedEvent::InstanceRemoved(id)).await;
-        self.metrics.instances_registered.dec();
-        self.metrics.forget_peer(&inst.name);
-        // Disallowing closes the live connections at once.
-        let _ = self.net.disallow(id.peer_id()).await;
-        if let Some(n) = lock(&self.outbox_wakers).remove(&id) {
-            n.notify_one();
-        }
-        lock(&self.peers).remove(&id);
+        self.unregistered(&inst, false).await;
         self.event(EventKind::InstanceRemoved, Some(&id), inst.name.clone());
         Ok(inst)
     }
@@ -696,6 +722,12 @@ impl NodeState {
     /// addresses the swarm actually listens on and those confirmed from outside (AutoNAT, a
     /// relay's reservation); then the circuit addresses through the configured relays.
     pub async fn bundle(&self) -> Result<String, AdminError> {
+        let addrs = self.bundle_addrs().await;
+        self.files.bundle(&self.identity, addrs, now()).map(|(text, _)| text)
+    }
+
+    /// The dial addresses an exchange bundle of this instance names (see [`Self::bundle`]).
+    pub async fn bundle_addrs(&self) -> Vec<String> {
         let network = &self.files.config.network;
         let mut addrs = if network.advertise.is_empty() {
             self.listen_addrs().await
@@ -710,7 +742,7 @@ impl NodeState {
         }
         // A bundle names at most 32 addresses (`InstanceBundleInfo`).
         addrs.truncate(32);
-        self.files.bundle(&self.identity, addrs, now()).map(|(text, _)| text)
+        addrs
     }
 
     /// This node's listen addresses as the swarm reports them.
@@ -881,6 +913,16 @@ impl Daemon {
         // libp2p brings aws-lc-rs and kube brings ring: pick one provider for the process, or
         // the first plain rustls config panics.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // A prepared key rotation is finished first, if every registered instance has the
+        // hand-over: the node then starts with its new key.
+        let owned = dir.clone();
+        let switched =
+            tokio::task::spawn_blocking(move || crate::trust::finish_rotation(&owned, false))
+                .await
+                .map_err(|e| AdminError::BadArgument(format!("the key rotation failed: {e}")))??;
+        if let Some(new_id) = switched {
+            tracing::info!(instance = %new_id, "switched to the new instance key");
+        }
         let mut files = NodeFiles::open(dir)?;
         if relay_only {
             files.config.network.relay_service = true;
@@ -889,6 +931,7 @@ impl Daemon {
         let identity = files.identity()?;
         let store = files.audited_store()?;
         let registry = store.load_registry()?;
+        let revoked = store.revocations()?.into_iter().map(|r| r.instance_id).collect();
         let now = now();
 
         let mut replay = ReplayWindow::default();
@@ -1003,6 +1046,9 @@ impl Daemon {
             pacs_cache: Arc::new(pacs_cache),
             cancel: cancel.clone(),
             tasks: Mutex::new(Some(spawn_tx)),
+            revoked: Mutex::new(revoked),
+            retiring: Mutex::new(HashMap::new()),
+            trust_lock: tokio::sync::Mutex::new(()),
             files,
         });
 
@@ -1167,6 +1213,7 @@ async fn on_net_event(state: &Arc<NodeState>, ev: NetEvent) {
                 tokio::spawn(async move { s.push_capabilities(id).await });
                 state.wake_outbox(&id);
                 state.tell_site(FedEvent::PeerConnected { peer: id }).await;
+                state.retire_handed_over(&id).await;
             }
         }
         NetEvent::Disconnected { peer, remaining, path, cause } => {
