@@ -43,7 +43,7 @@ pub use registry::{InstanceRef, RegisteredInstance, Registry, RegistryError};
 pub use rounds::{RoundRecord, Training, TrainingSite};
 pub use site::{
     Command, Event, Message, Notice, Outcome, Record, RunnerRecord, Site, SiteConfig, SiteError,
-    Timer,
+    Timer, Unrelated,
 };
 pub use workflow::{
     JobCounts, MAX_INPUTS, PlanError, Step, StepRound, Workflow, WorkflowCommand, WorkflowEvent,

@@ -368,6 +368,35 @@ pub enum SiteError {
     Transition(#[from] TransitionError),
 }
 
+/// Why a job message from a registered instance is none of its business here (see
+/// [`Site::concerns`]): it names a job the sender has no part in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unrelated {
+    /// (As the owner.) The job is not one of this instance's workflows' jobs; (as the
+    /// runner) no job of that workflow runs here.
+    UnknownJob,
+    /// (As the owner.) The job is this instance's, but it went to another runner.
+    OtherRunner,
+    /// (As the runner.) The job (or its workflow) here belongs to another owner, or a
+    /// manifest names an owner other than its signer.
+    NotTheOwner,
+    /// (As the runner.) A manifest names another runner.
+    OtherRecipient,
+}
+
+impl Unrelated {
+    /// A short, stable label for metrics (`peer_refused_total{reason="other_runner"}`).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::UnknownJob => "unknown_job",
+            Self::OtherRunner => "other_runner",
+            Self::NotTheOwner => "not_the_owner",
+            Self::OtherRecipient => "other_recipient",
+        }
+    }
+}
+
 /// What a site knows of one registered instance's reachability and capabilities.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Peer {
@@ -565,6 +594,108 @@ impl Site {
         match self.owned_jobs.get(&result.job_id).and_then(|w| self.workflows.get(w)) {
             Some(w) => w.expects_result(result, runner),
             None => Expected::NotYours,
+        }
+    }
+
+    /// Whether `message`, signed by the registered instance `from`, is about a job `from` has
+    /// a part in here: an update about a job this site sent to `from` (the current attempt or
+    /// an earlier one), a manifest naming this site as its runner and `from` as its owner, a
+    /// cancel of jobs `from` sent here. `sent_with` are manifests accepted before `message`
+    /// but not fed yet (earlier in the same request), which a cancel may name. Anything else
+    /// is refused before it is recorded, with the reason and a message for the sender.
+    pub fn concerns(
+        &self,
+        from: &InstanceId,
+        message: &Message,
+        sent_with: &[&JobManifest],
+    ) -> Result<(), (Unrelated, String)> {
+        match message {
+            Message::JobUpdate(u) => self.runs_for_us(from, &u.job_id),
+            Message::JobManifest(m) => {
+                if m.runner != self.me {
+                    return Err((
+                        Unrelated::OtherRecipient,
+                        format!(
+                            "job {} is for runner {}, not for this instance",
+                            m.job_id, m.runner
+                        ),
+                    ));
+                }
+                if m.owner != *from {
+                    return Err((
+                        Unrelated::NotTheOwner,
+                        format!(
+                            "job {} is owned by {}; only its owner may send it",
+                            m.job_id, m.owner
+                        ),
+                    ));
+                }
+                match self.runner_jobs.get(&m.job_id) {
+                    Some(r) if r.job.owner != *from => Err((
+                        Unrelated::NotTheOwner,
+                        format!("job {} here belongs to another owner", m.job_id),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Message::Cancel(c) => {
+                let matches = |workflow: WorkflowId, job: JobId| {
+                    workflow == c.workflow_id && c.job_id.is_none_or(|id| id == job)
+                };
+                if sent_with.iter().any(|m| m.owner == *from && matches(m.workflow_id, m.job_id)) {
+                    return Ok(());
+                }
+                let mut others = false;
+                let candidates: Box<dyn Iterator<Item = &RunnerRecord>> = match c.job_id {
+                    Some(id) => Box::new(self.runner_jobs.get(&id).map(AsRef::as_ref).into_iter()),
+                    None => Box::new(self.runner_jobs.values().map(AsRef::as_ref)),
+                };
+                for r in candidates.filter(|r| matches(r.job.workflow_id, r.job.job_id)) {
+                    if r.job.owner == *from {
+                        return Ok(());
+                    }
+                    others = true;
+                }
+                let what = c.job_id.map_or_else(
+                    || format!("workflow {}", c.workflow_id),
+                    |j| format!("job {j} of workflow {}", c.workflow_id),
+                );
+                Err(if others {
+                    (Unrelated::NotTheOwner, format!("{what} here was sent by another owner"))
+                } else {
+                    (Unrelated::UnknownJob, format!("no {what} runs here"))
+                })
+            }
+        }
+    }
+
+    /// Whether `job` is one of this site's jobs that it sent to `runner` (any attempt): what
+    /// updates and results from `runner` may be about.
+    pub fn runs_for_us(&self, runner: &InstanceId, job: &JobId) -> Result<(), (Unrelated, String)> {
+        let unknown =
+            || (Unrelated::UnknownJob, format!("job {job} is not a job of this instance's"));
+        let w = self.owned_jobs.get(job).and_then(|w| self.workflows.get(w)).ok_or_else(unknown)?;
+        let ran_on = match w.job(job) {
+            Some(j) => Some(j.runner),
+            None => w
+                .jobs
+                .iter()
+                .find_map(|j| {
+                    let k = j.previous.iter().position(|p| p == job)?;
+                    Some(j.previous_runners.get(k).copied())
+                })
+                .ok_or_else(unknown)?,
+        };
+        match ran_on {
+            Some(r) if r != *runner => Err((
+                Unrelated::OtherRunner,
+                format!(
+                    "job {job} was sent to {}, not to {}",
+                    self.name_of(&r),
+                    self.name_of(runner)
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 

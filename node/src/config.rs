@@ -54,6 +54,82 @@ pub struct Config {
     /// The site's datasets.
     #[serde(default)]
     pub datasets: DatasetSection,
+    /// What a peer can make this node keep, and for how long.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: per-peer quotas on what accepted messages make this node keep, and retention.
+///
+/// "Peer" is a message's verified signer. Capability ads are not inbox entries (one per peer
+/// is kept) but their ids count as seen ids. A message beyond a quota is refused with
+/// `quota_exceeded`, a transient reason: the sender's outbox keeps it and tries again later,
+/// once retention made room, so an honest peer is slowed down, never loses a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// The most inbox entries (accepted job manifests, updates and cancels, kept in the
+    /// store's `inbox` table) from one peer. Default 262144.
+    #[serde(default = "default_inbox_entries")]
+    pub inbox_entries_per_peer: u64,
+    /// The most envelope bytes of inbox entries from one peer. Default 1073741824 (1 GiB).
+    #[serde(default = "default_inbox_bytes")]
+    pub inbox_bytes_per_peer: u64,
+    /// Inbox entries older than this many seconds are pruned (they are a record of what
+    /// arrived; the workflows and jobs they changed keep their own state). Default 604800
+    /// (7 days).
+    #[serde(default = "default_inbox_retention")]
+    pub inbox_retention_secs: u64,
+    /// The most unexpired message ids (replay protection) kept for one peer. An id is kept
+    /// until its message expires, whatever this says: when a peer has this many, its new
+    /// messages are refused (`quota_exceeded`) until some expire. Default 262144.
+    #[serde(default = "default_seen_ids_per_peer")]
+    pub seen_ids_per_peer: u64,
+    /// The most unexpired message ids kept in all: beyond it every new message is refused
+    /// (`overloaded`) until ids expire; no unexpired id is ever forgotten. Default 1048576.
+    #[serde(default = "default_seen_ids_max")]
+    pub seen_ids_max: u64,
+    /// Seconds between two retention passes (expired ids and old inbox entries are pruned by
+    /// a background task, never while a message is handled). Default 60.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_secs: u64,
+}
+
+const fn default_inbox_entries() -> u64 {
+    1 << 18
+}
+
+const fn default_inbox_bytes() -> u64 {
+    1 << 30
+}
+
+const fn default_inbox_retention() -> u64 {
+    7 * 24 * 3600
+}
+
+const fn default_seen_ids_per_peer() -> u64 {
+    1 << 18
+}
+
+const fn default_seen_ids_max() -> u64 {
+    1 << 20
+}
+
+const fn default_prune_interval() -> u64 {
+    60
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            inbox_entries_per_peer: default_inbox_entries(),
+            inbox_bytes_per_peer: default_inbox_bytes(),
+            inbox_retention_secs: default_inbox_retention(),
+            seen_ids_per_peer: default_seen_ids_per_peer(),
+            seen_ids_max: default_seen_ids_max(),
+            prune_interval_secs: default_prune_interval(),
+        }
+    }
 }
 
 /// `[datasets]`
@@ -331,6 +407,7 @@ impl Config {
             executor: ExecutorSection::default(),
             workflows: WorkflowSection::default(),
             datasets: DatasetSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 
@@ -428,7 +505,28 @@ runner_give_up_after_secs = {give_up}
 # (DATA_DIR/pacs-cache); least recently used series are evicted beyond it. Series that running
 # jobs read stay on disk until those jobs end. Default 53687091200 (50 GiB).
 pacs_cache_bytes = {pacs_cache}
+
+[limits]
+# Per-peer quotas on what accepted messages make this node keep ("peer": the signer). A
+# message beyond one is refused as quota_exceeded; the sender keeps it and retries later.
+# Inbox entries (job manifests, updates, cancels as received) and their envelope bytes:
+inbox_entries_per_peer = {inbox_entries}
+inbox_bytes_per_peer = {inbox_bytes}
+# Inbox entries older than this are pruned.
+inbox_retention_secs = {inbox_retention}
+# Message ids kept for replay protection until their messages expire, per peer and in all;
+# when full, new messages are refused (never is an unexpired id forgotten).
+seen_ids_per_peer = {seen_per_peer}
+seen_ids_max = {seen_max}
+# Seconds between two background retention passes.
+prune_interval_secs = {prune_interval}
 "#,
+            inbox_entries = self.limits.inbox_entries_per_peer,
+            inbox_bytes = self.limits.inbox_bytes_per_peer,
+            inbox_retention = self.limits.inbox_retention_secs,
+            seen_per_peer = self.limits.seen_ids_per_peer,
+            seen_max = self.limits.seen_ids_max,
+            prune_interval = self.limits.prune_interval_secs,
             pacs_cache = self.datasets.pacs_cache_bytes,
             give_up = self.workflows.runner_give_up_after_secs,
             lost = self.workflows.runner_lost_after_secs,

@@ -99,6 +99,8 @@ pub enum EventKind {
     KeyRotation,
     /// `reachability`: AutoNAT's verdict on whether this node is reachable from outside.
     Reachability,
+    /// `retention`: a retention pass pruned expired message ids or old inbox entries.
+    Retention,
 }
 
 impl EventKind {
@@ -141,6 +143,7 @@ impl EventKind {
             Self::Relay => "relay",
             Self::HolePunch => "hole_punch",
             Self::Reachability => "reachability",
+            Self::Retention => "retention",
             Self::ResultFailed => "result_failed",
             Self::ResultRefused => "result_refused",
             Self::ResultReceived => "result_received",

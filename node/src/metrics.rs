@@ -29,6 +29,19 @@ pub struct PeerLabel {
     pub direction: String,
 }
 
+/// Labels of a message refused for its signer's sake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// The signer's registered name.
+    pub peer: String,
+    /// The message type (`JobUpdate`, `ResultManifest`, ...).
+    pub kind: String,
+    /// Why: a job it has no part in (`unknown_job`, `other_runner`, `not_the_owner`,
+    /// `other_recipient`), a quota (`inbox_entries`, `inbox_bytes`, `seen_ids`) or a type
+    /// that does not travel on `/kaapana/fed/1` (`unsupported_kind`).
+    pub reason: String,
+}
+
 /// Which way a message went, for the per-instance metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -95,6 +108,15 @@ pub struct Metrics {
     pub relay_refused: Family<WhatLabel, Counter>,
     /// Registered instances connected only through a relay.
     pub peers_relayed: Gauge,
+    /// Messages of registered instances refused for their signer's sake: about a job it has
+    /// no part in, or beyond one of its quotas (`[limits]`).
+    pub peer_refused: Family<RefusedLabel, Counter>,
+    /// Unexpired message ids held for replay protection (as of the last retention pass).
+    pub seen_ids: Gauge,
+    /// Expired message ids pruned.
+    pub seen_ids_pruned: Counter,
+    /// Inbox entries pruned for their age.
+    pub inbox_pruned: Counter,
 }
 
 /// A `what` label.
@@ -195,6 +217,26 @@ impl Metrics {
             "Registered instances connected only through a relay",
             peers_relayed.clone(),
         );
+        let peer_refused = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "peer_refused",
+            "Messages of registered instances refused for their signer's sake (a job it has no part in, a quota), by signer, type and reason",
+            peer_refused.clone(),
+        );
+        let seen_ids = Gauge::default();
+        registry.register(
+            "seen_ids",
+            "Unexpired message ids held for replay protection",
+            seen_ids.clone(),
+        );
+        let seen_ids_pruned = Counter::default();
+        registry.register("seen_ids_pruned", "Expired message ids pruned", seen_ids_pruned.clone());
+        let inbox_pruned = Counter::default();
+        registry.register(
+            "inbox_pruned",
+            "Inbox entries pruned for their age ([limits] inbox_retention_secs)",
+            inbox_pruned.clone(),
+        );
         for reason in kaapana_protocol::RejectReason::ALL {
             let _ = rejections.get_or_create(&ReasonLabel { reason: reason.label().to_owned() });
         }
@@ -214,6 +256,10 @@ impl Metrics {
             input_bytes_fetched,
             relay_refused,
             peers_relayed,
+            peer_refused,
+            seen_ids,
+            seen_ids_pruned,
+            inbox_pruned,
         }
     }
 
@@ -229,6 +275,16 @@ impl Metrics {
     /// Counts a message refused, here (`In`) or by the instance called `peer` (`Out`).
     pub fn peer_rejection(&self, peer: &str, direction: Direction) {
         self.peer_rejections.get_or_create(&Self::label(peer, direction)).inc();
+    }
+
+    /// Counts a message of the instance called `peer` refused for its sake.
+    pub fn peer_refused(&self, peer: &str, kind: &str, reason: &str) {
+        let label = RefusedLabel {
+            peer: peer.to_owned(),
+            kind: kind.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.peer_refused.get_or_create(&label).inc();
     }
 
     /// The counters of the instance called `peer` (zero for one never heard of).

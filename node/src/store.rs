@@ -57,8 +57,13 @@ use tokio::sync::{mpsc, oneshot};
 /// [`RegisteredInstance`].
 const INSTANCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new(INSTANCES_NAME);
 const INSTANCES_NAME: &str = "instances";
-/// Ids of accepted signed messages → their `expires_at` in ms since the epoch.
-const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen_manifest_ids");
+/// Ids of accepted signed messages → their `expires_at` in ms since the epoch (8 bytes,
+/// big-endian), then their signer's `InstanceId` bytes (none for ids recorded without one).
+/// Replaces `seen_manifest_ids` (id → expiry only), whose entries are moved here, without a
+/// signer, when the store is opened.
+const SEEN: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("seen_ids.v2");
+/// The table `seen_ids.v2` replaces.
+const SEEN_V1: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen_manifest_ids");
 /// Small values by name.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Accepted messages in the order they were received: sequence → postcard of [`InboxRecord`].
@@ -162,6 +167,8 @@ pub enum WriteOp {
     RemoveInstance(InstanceId),
     /// Records message ids with their expiry. Answers [`WriteOutcome::Done`].
     RecordSeen(Vec<(ManifestId, Timestamp)>),
+    /// Records message ids with their expiry and signer. Answers [`WriteOutcome::Done`].
+    RecordSeenFrom(Vec<(InstanceId, ManifestId, Timestamp)>),
     /// Forgets the message ids that expire at or before this instant (as
     /// [`kaapana_protocol::ReplayWindow::prune`] does). Answers [`WriteOutcome::Pruned`].
     PruneSeen(Timestamp),
@@ -174,6 +181,14 @@ pub enum WriteOp {
     },
     /// Appends accepted messages to the inbox. Answers [`WriteOutcome::Done`].
     AppendInbox(Vec<InboxRecord>),
+    /// Removes the oldest inbox entries received at or before `before`, at most `limit` of
+    /// them (stopping at the first newer one). Answers [`WriteOutcome::InboxPruned`].
+    PruneInbox {
+        /// The newest reception time pruned.
+        before: Timestamp,
+        /// The most entries removed by this op.
+        limit: usize,
+    },
     /// Keeps a peer's latest signed capability ad. Answers [`WriteOutcome::Done`].
     PutPeerCapabilities {
         /// The peer.
@@ -416,6 +431,61 @@ mod serde_bytes_vec {
     }
 }
 
+/// A `seen_ids.v2` value: expiry (8 bytes, big-endian), then the signer's id bytes, if any.
+fn encode_seen(expires_at: Timestamp, signer: Option<&InstanceId>) -> Vec<u8> {
+    let mut value = expires_at.as_millis().to_be_bytes().to_vec();
+    if let Some(s) = signer {
+        value.extend_from_slice(&s.to_bytes());
+    }
+    value
+}
+
+fn decode_seen(value: &[u8]) -> Result<(Timestamp, Option<InstanceId>), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { table: "seen_ids.v2", detail };
+    let (at, signer) = value.split_at_checked(8).ok_or_else(|| corrupt("short value".into()))?;
+    let mut ms = [0u8; 8];
+    ms.copy_from_slice(at);
+    let signer = if signer.is_empty() {
+        None
+    } else {
+        Some(InstanceId::from_bytes(signer).map_err(|e| corrupt(e.to_string()))?)
+    };
+    Ok((Timestamp::from_millis(u64::from_be_bytes(ms)), signer))
+}
+
+/// The sender and envelope size of a stored inbox record.
+fn inbox_sender(value: &[u8]) -> Result<(InstanceId, u64), StoreError> {
+    let r: InboxRecord = postcard::from_bytes(value)
+        .map_err(|e| StoreError::Corrupt { table: "inbox", detail: e.to_string() })?;
+    Ok((r.from, r.envelope.len() as u64))
+}
+
+/// Moves the ids of the `seen_manifest_ids` table of an older store into `seen_ids.v2`
+/// (without a signer).
+fn migrate_seen(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use redb::TableHandle;
+    let old_exists = txn.list_tables().map_err(backend)?.any(|t| t.name() == SEEN_V1.name());
+    if !old_exists {
+        return Ok(());
+    }
+    let mut ids = Vec::new();
+    {
+        let old = txn.open_table(SEEN_V1).map_err(backend)?;
+        for entry in old.iter().map_err(backend)? {
+            let (id, at) = entry.map_err(backend)?;
+            ids.push((*id.value(), at.value()));
+        }
+    }
+    let mut new = txn.open_table(SEEN).map_err(backend)?;
+    for (id, at) in &ids {
+        let value = encode_seen(Timestamp::from_millis(*at), None);
+        new.insert(id, value.as_slice()).map_err(backend)?;
+    }
+    drop(new);
+    txn.delete_table(SEEN_V1).map_err(backend)?;
+    Ok(())
+}
+
 /// An outbox key: peer id length, peer id bytes, sequence (big-endian, so keys sort by it).
 fn outbox_key(peer: &InstanceId, seq: u64) -> Vec<u8> {
     let id = peer.to_bytes();
@@ -446,6 +516,8 @@ pub enum WriteOutcome {
     Pruned(usize),
     /// The sequence number of the new audit entry.
     Audited(u64),
+    /// The inbox entries removed, per sender: (sender, entries, envelope bytes).
+    InboxPruned(Vec<(InstanceId, u64, u64)>),
 }
 
 /// A write request on its way to the writer thread.
@@ -520,6 +592,7 @@ impl Store {
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         Tables::open(&txn, None).map_err(|e| open_err(e.into()))?;
         migrate_datasets(&txn).map_err(|e| open_err(e.into()))?;
+        migrate_seen(&txn).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
 
         let db = Arc::new(db);
@@ -651,18 +724,44 @@ impl Store {
         Ok(registry)
     }
 
-    /// Every recorded message id with its expiry, ordered by id (to restore a
-    /// [`kaapana_protocol::ReplayWindow`]).
+    /// Every recorded message id with its expiry, ordered by id.
     pub fn seen_ids(&self) -> Result<Vec<(ManifestId, Timestamp)>, StoreError> {
+        Ok(self.seen_ids_with_signers()?.into_iter().map(|(id, at, _)| (id, at)).collect())
+    }
+
+    /// Every recorded message id with its expiry and signer (if recorded with one), ordered
+    /// by id (to restore a [`kaapana_protocol::ReplayWindow`]).
+    pub fn seen_ids_with_signers(
+        &self,
+    ) -> Result<Vec<(ManifestId, Timestamp, Option<InstanceId>)>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(backend)?;
         let table = txn.open_table(SEEN).map_err(backend)?;
         let mut out =
             Vec::with_capacity(usize::try_from(table.len().map_err(backend)?).unwrap_or(0));
         for entry in table.iter().map_err(backend)? {
-            let (id, expires_at) = entry.map_err(backend)?;
-            out.push((ManifestId(*id.value()), Timestamp::from_millis(expires_at.value())));
+            let (id, value) = entry.map_err(backend)?;
+            let (expires_at, signer) = decode_seen(value.value())?;
+            out.push((ManifestId(*id.value()), expires_at, signer));
         }
         Ok(out)
+    }
+
+    /// How many inbox entries and envelope bytes each sender has in the inbox (read once at
+    /// start; the daemon keeps the counts current).
+    pub fn inbox_usage(
+        &self,
+    ) -> Result<std::collections::HashMap<InstanceId, (u64, u64)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(INBOX).map_err(backend)?;
+        let mut usage = std::collections::HashMap::<InstanceId, (u64, u64)>::new();
+        for entry in table.iter().map_err(backend)? {
+            let (_, value) = entry.map_err(backend)?;
+            let (from, bytes) = inbox_sender(value.value())?;
+            let u = usage.entry(from).or_default();
+            u.0 += 1;
+            u.1 += bytes;
+        }
+        Ok(usage)
     }
 
     /// A small value, if set.
@@ -991,7 +1090,7 @@ fn apply_and_commit(
 /// The tables of one write transaction.
 struct Tables<'txn> {
     instances: Table<'txn, &'static [u8], &'static [u8]>,
-    seen: Table<'txn, &'static [u8; 32], u64>,
+    seen: Table<'txn, &'static [u8; 32], &'static [u8]>,
     meta: Table<'txn, &'static str, &'static [u8]>,
     inbox: Table<'txn, u64, &'static [u8]>,
     peer_caps: Table<'txn, &'static [u8], &'static [u8]>,
@@ -1050,14 +1149,29 @@ impl<'txn> Tables<'txn> {
             }
             WriteOp::RecordSeen(ids) => {
                 for (id, expires_at) in ids {
-                    self.seen.insert(id.as_bytes(), expires_at.as_millis()).map_err(backend)?;
+                    let value = encode_seen(*expires_at, None);
+                    self.seen.insert(id.as_bytes(), value.as_slice()).map_err(backend)?;
+                }
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::RecordSeenFrom(ids) => {
+                for (signer, id, expires_at) in ids {
+                    let value = encode_seen(*expires_at, Some(signer));
+                    self.seen.insert(id.as_bytes(), value.as_slice()).map_err(backend)?;
                 }
                 Ok(WriteOutcome::Done)
             }
             WriteOp::PruneSeen(now) => {
                 let now = now.as_millis();
                 let before = self.seen.len().map_err(backend)?;
-                self.seen.retain(|_, expires_at| expires_at > now).map_err(backend)?;
+                // A value too short to hold an expiry is dropped with the expired ones.
+                self.seen
+                    .retain(|_, v| {
+                        v.get(..8)
+                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                            .is_some_and(|b| u64::from_be_bytes(b) > now)
+                    })
+                    .map_err(backend)?;
                 let after = self.seen.len().map_err(backend)?;
                 Ok(WriteOutcome::Pruned(
                     usize::try_from(before.saturating_sub(after)).unwrap_or(usize::MAX),
@@ -1077,6 +1191,35 @@ impl<'txn> Tables<'txn> {
                     self.inbox.insert(seq, value.as_slice()).map_err(backend)?;
                 }
                 Ok(WriteOutcome::Done)
+            }
+            WriteOp::PruneInbox { before, limit } => {
+                let mut removed = Vec::new();
+                let mut last = None;
+                for entry in self.inbox.iter().map_err(backend)?.take(*limit) {
+                    let (seq, value) = entry.map_err(backend)?;
+                    let r: InboxRecord = postcard::from_bytes(value.value()).map_err(|e| {
+                        StoreError::Corrupt { table: "inbox", detail: e.to_string() }
+                    })?;
+                    if r.received_at > *before {
+                        break;
+                    }
+                    last = Some(seq.value());
+                    removed.push((r.from, r.envelope.len() as u64));
+                }
+                if let Some(last) = last {
+                    self.inbox.retain_in(..=last, |_, _| false).map_err(backend)?;
+                }
+                let mut per_peer: Vec<(InstanceId, u64, u64)> = Vec::new();
+                for (from, bytes) in removed {
+                    match per_peer.iter_mut().find(|(p, _, _)| *p == from) {
+                        Some(e) => {
+                            e.1 += 1;
+                            e.2 += bytes;
+                        }
+                        None => per_peer.push((from, 1, bytes)),
+                    }
+                }
+                Ok(WriteOutcome::InboxPruned(per_peer))
             }
             WriteOp::PutPeerCapabilities { peer, envelope } => {
                 let key = peer.to_bytes();
@@ -1260,6 +1403,41 @@ mod tests {
         // Expiring exactly at `now` counts as expired, as in ReplayWindow::prune.
         assert_eq!(store.prune_seen(t(200)).unwrap(), 2);
         assert_eq!(store.seen_ids().unwrap(), vec![(m(3), t(300))]);
+        // With a signer: kept with it.
+        let peer = id(7);
+        store.write(vec![WriteOp::RecordSeenFrom(vec![(peer, m(4), t(400))])]).unwrap();
+        assert_eq!(
+            store.seen_ids_with_signers().unwrap(),
+            vec![(m(3), t(300), None), (m(4), t(400), Some(peer))]
+        );
+    }
+
+    #[test]
+    fn old_inbox_entries_are_pruned_and_counted_per_sender() {
+        let (_dir, store) = temp_store();
+        let t = Timestamp::from_millis;
+        let rec = |from: u16, at: u64, len: usize| InboxRecord {
+            from: id(from),
+            received_at: t(at),
+            envelope: vec![0; len],
+        };
+        let records = vec![rec(1, 10, 5), rec(2, 20, 7), rec(1, 30, 11), rec(1, 40, 13)];
+        store.write(vec![WriteOp::AppendInbox(records)]).unwrap();
+        let usage = store.inbox_usage().unwrap();
+        assert_eq!((usage[&id(1)], usage[&id(2)]), ((3, 29), (1, 7)));
+        let pruned = store.write(vec![WriteOp::PruneInbox { before: t(30), limit: 100 }]).unwrap();
+        assert_eq!(pruned, vec![WriteOutcome::InboxPruned(vec![(id(1), 2, 16), (id(2), 1, 7)])]);
+        let left: Vec<u64> = store
+            .inbox(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.received_at.as_millis())
+            .collect();
+        assert_eq!(left, vec![40]);
+        // The limit bounds one op's work.
+        let again = store.write(vec![WriteOp::PruneInbox { before: t(50), limit: 0 }]).unwrap();
+        assert_eq!(again, vec![WriteOutcome::InboxPruned(vec![])]);
+        assert_eq!(store.inbox_usage().unwrap()[&id(1)], (1, 13));
     }
 
     #[test]

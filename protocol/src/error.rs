@@ -294,6 +294,17 @@ pub enum VerifyError {
         /// Its capacity.
         capacity: usize,
     },
+    /// The replay window holds as many unexpired ids of this signer as it may take from one
+    /// signer; its messages are refused until some of its ids expire.
+    #[error(
+        "{signer} has {capacity} unexpired messages recorded here, the most one instance may have; try again once some expire"
+    )]
+    SignerWindowFull {
+        /// The signer.
+        signer: crate::ids::InstanceId,
+        /// Its share of the window.
+        capacity: usize,
+    },
 }
 
 impl VerifyError {
@@ -312,6 +323,7 @@ impl VerifyError {
             Self::LifetimeTooLong { .. } => "lifetime_too_long",
             Self::Replayed { .. } => "replayed",
             Self::ReplayWindowFull { .. } => "replay_window_full",
+            Self::SignerWindowFull { .. } => "signer_window_full",
         }
     }
 }

@@ -168,6 +168,12 @@ pub enum RejectReason {
     Overloaded,
     /// The receiver failed to record it; the sender retries later.
     Internal,
+    /// A job message about a job the sender has no part in (an update or result for a job
+    /// the receiver did not send it, a manifest or cancel from someone not the job's owner).
+    NotYourJob,
+    /// The sender has as much recorded at the receiver as it may (inbox entries or bytes,
+    /// unexpired message ids); the sender retries later, once retention made room.
+    QuotaExceeded,
 }
 
 impl RejectReason {
@@ -188,11 +194,13 @@ impl RejectReason {
             Self::Replayed => "replayed",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
+            Self::NotYourJob => "not_your_job",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::Oversized,
         Self::Malformed,
         Self::UnsupportedVersion,
@@ -207,11 +215,13 @@ impl RejectReason {
         Self::Replayed,
         Self::Overloaded,
         Self::Internal,
+        Self::NotYourJob,
+        Self::QuotaExceeded,
     ];
 
     /// Whether the sender should try the same message again later.
     pub const fn is_transient(self) -> bool {
-        matches!(self, Self::Overloaded | Self::Internal)
+        matches!(self, Self::Overloaded | Self::Internal | Self::QuotaExceeded)
     }
 }
 
@@ -239,6 +249,7 @@ impl From<&VerifyError> for RejectReason {
             VerifyError::LifetimeTooLong { .. } => Self::LifetimeTooLong,
             VerifyError::Replayed { .. } => Self::Replayed,
             VerifyError::ReplayWindowFull { .. } => Self::Overloaded,
+            VerifyError::SignerWindowFull { .. } => Self::QuotaExceeded,
         }
     }
 }

@@ -3,9 +3,18 @@
 //!
 //! Checks, in order, before anything else looks at a payload: size (by the codec and
 //! `Signed::from_bytes`), the signer (the connected peer or a registered instance), domain,
-//! signature, version, validity and time (`Signed::verify`), then the replay window. Accepted
-//! messages are recorded (their ids, the inbox, or the peer's capability ad) in one group
-//! commit; the answer follows the fsync.
+//! signature, version, validity and time (`Signed::verify`), then whether a job message is
+//! about a job its signer has a part in ([`Site::concerns`]: refused `not_your_job`
+//! otherwise), then the replay window (with its per-signer share, `[limits]
+//! seen_ids_per_peer`) and the signer's inbox quota (`[limits] inbox_entries_per_peer`,
+//! `inbox_bytes_per_peer`: refused `quota_exceeded`, which the sender retries later).
+//! Workflow and result manifests do not travel on `/kaapana/fed/1` and are refused
+//! (`unsupported_kind`). Refusals of these three kinds are counted per signer, message type
+//! and reason (`kaapana_node_peer_refused_total`). Accepted messages are recorded (their ids
+//! with their signer, the inbox, or the peer's capability ad) in one group commit; the answer
+//! follows the fsync.
+//!
+//! [`Site::concerns`]: kaapana_federation::Site::concerns
 
 use std::sync::Arc;
 
@@ -14,6 +23,8 @@ use kaapana_protocol::{
     RejectReason,
 };
 
+#[cfg(doc)]
+use kaapana_federation::Unrelated;
 use kaapana_federation::{Event, Message};
 
 use super::{EventKind, NodeState, kind_label, lock, now};
@@ -70,12 +81,13 @@ pub(super) async fn handle(
     // to the federation core, whose records and messages are written in the same commit.
     let received_at = now();
     let mut seen = Vec::new();
+    let mut reserved = Vec::new();
     let mut inbox = Vec::new();
     let mut ops = Vec::new();
     let mut events = Vec::new();
     for v in &verdicts {
         if let Verdict::Accepted(m) = v {
-            seen.push((m.id(), m.expires_at()));
+            seen.push((m.signer(), m.id(), m.expires_at()));
             let from = m.signer();
             let message = match m.as_ref() {
                 AnyVerified::JobManifest(v) => Some(Message::JobManifest(v.payload().clone())),
@@ -95,17 +107,20 @@ pub(super) async fn handle(
                     peer: ad.signer(),
                     envelope: ad.signed().as_bytes().to_vec(),
                 }),
-                other => inbox.push(InboxRecord {
-                    from: other.signer(),
-                    received_at,
-                    envelope: other.as_bytes().to_vec(),
-                }),
+                other => {
+                    reserved.push((other.signer(), other.as_bytes().len() as u64));
+                    inbox.push(InboxRecord {
+                        from: other.signer(),
+                        received_at,
+                        envelope: other.as_bytes().to_vec(),
+                    });
+                }
             }
         }
     }
     if !seen.is_empty() {
-        let ids: Vec<_> = seen.iter().map(|(id, _)| *id).collect();
-        ops.insert(0, WriteOp::RecordSeen(seen));
+        let ids: Vec<_> = seen.iter().map(|(_, id, _)| *id).collect();
+        ops.insert(0, WriteOp::RecordSeenFrom(seen));
         if !inbox.is_empty() {
             ops.push(WriteOp::AppendInbox(inbox));
         }
@@ -116,6 +131,7 @@ pub(super) async fn handle(
                 window.forget(&id);
             }
             drop(window);
+            state.release_inbox(&reserved);
             for v in &mut verdicts {
                 if matches!(v, Verdict::Accepted(_)) {
                     *v = Verdict::Rejected(RejectReason::Internal, format!("not recorded: {e}"));
@@ -144,6 +160,78 @@ pub(super) async fn handle(
 enum Verdict {
     Accepted(Box<AnyVerified>),
     Rejected(RejectReason, String),
+    /// Refused for its signer's sake (a job it has no part in, a quota), counted per signer.
+    Refused(Box<Refusal>),
+}
+
+/// A message refused because of what its signer may do here.
+struct Refusal {
+    reason: RejectReason,
+    /// What was refused: [`Unrelated::label`] or the quota's name.
+    why: &'static str,
+    signer: InstanceId,
+    kind: &'static str,
+    detail: String,
+}
+
+impl Verdict {
+    fn refused(reason: RejectReason, why: &'static str, m: &AnyVerified, detail: String) -> Self {
+        let (signer, kind) = (m.signer(), m.kind().name());
+        Self::Refused(Box::new(Refusal { reason, why, signer, kind, detail }))
+    }
+
+    fn transient(&self) -> bool {
+        match self {
+            Self::Accepted(_) => false,
+            Self::Rejected(reason, _) => reason.is_transient(),
+            Self::Refused(r) => r.reason.is_transient(),
+        }
+    }
+}
+
+/// Refuses job messages about jobs their signer has no part in, and the kinds that do not
+/// travel on `/kaapana/fed/1`; one look at the core for the whole request.
+fn check_relevance(state: &NodeState, checked: Vec<Verdict>) -> Vec<Verdict> {
+    let site = state.site();
+    let mut manifests: Vec<kaapana_protocol::JobManifest> = Vec::new();
+    checked
+        .into_iter()
+        .map(|verdict| {
+            let Verdict::Accepted(m) = verdict else { return verdict };
+            let from = m.signer();
+            let message = match m.as_ref() {
+                AnyVerified::JobManifest(v) => Message::JobManifest(v.payload().clone()),
+                AnyVerified::JobUpdate(v) => Message::JobUpdate(v.payload().clone()),
+                AnyVerified::Cancel(v) => Message::Cancel(v.payload().clone()),
+                AnyVerified::CapabilityAd(_) => return Verdict::Accepted(m),
+                AnyVerified::WorkflowManifest(_) | AnyVerified::ResultManifest(_) => {
+                    let detail = format!(
+                        "{} messages are not sent on {}; results go on /kaapana/results/1",
+                        m.kind(),
+                        kaapana_protocol::FED_PROTOCOL
+                    );
+                    return Verdict::refused(
+                        RejectReason::UnsupportedKind,
+                        "unsupported_kind",
+                        &m,
+                        detail,
+                    );
+                }
+            };
+            let sent_with: Vec<&kaapana_protocol::JobManifest> = manifests.iter().collect();
+            match site.concerns(&from, &message, &sent_with) {
+                Ok(()) => {
+                    if let Message::JobManifest(jm) = message {
+                        manifests.push(jm);
+                    }
+                    Verdict::Accepted(m)
+                }
+                Err((why, detail)) => {
+                    Verdict::refused(RejectReason::NotYourJob, why.label(), &m, detail)
+                }
+            }
+        })
+        .collect()
 }
 
 /// Below this many messages a request is verified on one thread.
@@ -185,7 +273,11 @@ fn verify_all(state: &NodeState, peer: InstanceId, messages: &[Vec<u8>]) -> Vec<
             .collect();
     }
 
+    let checked = check_relevance(state, checked);
+
+    let limits = &state.files.config.limits;
     let mut window = lock(&state.replay);
+    let mut usage = lock(&state.inbox_usage);
     let mut stop = false;
     checked
         .into_iter()
@@ -197,15 +289,46 @@ fn verify_all(state: &NodeState, peer: InstanceId, messages: &[Vec<u8>]) -> Vec<
                 );
             }
             let verdict = match verdict {
-                Verdict::Accepted(m) => match window.insert(m.id(), m.expires_at(), now) {
-                    Ok(()) => Verdict::Accepted(m),
-                    Err(e) => Verdict::Rejected(RejectReason::from(&e), e.to_string()),
-                },
-                rejected => rejected,
+                Verdict::Accepted(m) => {
+                    match window.insert_from(m.signer(), m.id(), m.expires_at(), now) {
+                        Ok(()) if matches!(*m, AnyVerified::CapabilityAd(_)) => Verdict::Accepted(m),
+                        Ok(()) => {
+                            // Capability ads are kept one per peer; everything else is an
+                            // inbox entry of its signer.
+                            let used = usage.entry(m.signer()).or_default();
+                            let bytes = m.as_bytes().len() as u64;
+                            let over = if used.0 >= limits.inbox_entries_per_peer {
+                                Some(("inbox_entries", format!("{} entries", used.0)))
+                            } else if used.1.saturating_add(bytes) > limits.inbox_bytes_per_peer {
+                                Some(("inbox_bytes", format!("{} bytes", used.1)))
+                            } else {
+                                None
+                            };
+                            match over {
+                                None => {
+                                    used.0 += 1;
+                                    used.1 += bytes;
+                                    Verdict::Accepted(m)
+                                }
+                                Some((why, held)) => {
+                                    window.forget(&m.id());
+                                    let detail = format!(
+                                        "{} has {held} in this instance's inbox, the most it may have (`[limits] {why}_per_peer`); try again once older entries are pruned",
+                                        m.signer()
+                                    );
+                                    Verdict::refused(RejectReason::QuotaExceeded, why, &m, detail)
+                                }
+                            }
+                        }
+                        Err(e @ kaapana_protocol::VerifyError::SignerWindowFull { .. }) => {
+                            Verdict::refused(RejectReason::from(&e), "seen_ids", &m, e.to_string())
+                        }
+                        Err(e) => Verdict::Rejected(RejectReason::from(&e), e.to_string()),
+                    }
+                }
+                other => other,
             };
-            if let Verdict::Rejected(reason, _) = &verdict {
-                stop = reason.is_transient();
-            }
+            stop = verdict.transient();
             verdict
         })
         .collect()
@@ -287,6 +410,12 @@ fn apply(state: &Arc<NodeState>, peer: &InstanceId, v: Verdict) -> Delivery {
                 state.event(EventKind::MessageAccepted, Some(peer), format!("{kind} {}", m.id()));
             }
             Delivery::Accepted
+        }
+        Verdict::Refused(r) => {
+            let signer = state.name_of(&r.signer);
+            state.metrics.peer_refused(&signer, r.kind, r.why);
+            let detail = format!("{} {}: {}", r.kind, r.why, r.detail);
+            apply(state, peer, Verdict::Rejected(r.reason, detail))
         }
         Verdict::Rejected(reason, detail) => {
             state.metrics.reject(reason);

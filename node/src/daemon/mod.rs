@@ -2,7 +2,8 @@
 //!
 //! One [`CancellationToken`] and one [`JoinSet`]: the swarm task, the driver (which turns
 //! [`NetEvent`]s into state changes), one outbox worker per registered instance, the periodic
-//! worker (capability refresh, replay-window pruning) and the HTTP API. Stopping cancels the
+//! worker (capability refresh), the retention worker (expired replay ids and old inbox entries,
+//! every `[limits] prune_interval_secs`) and the HTTP API. Stopping cancels the
 //! token and joins every task with a deadline. Shared state lives in [`NodeState`]; its locks
 //! are never held across an `.await`.
 
@@ -44,7 +45,7 @@ use crate::store::{Store, StoreError, WriteOp};
 
 /// How long a capability ad is valid; it is refreshed well before.
 const CAPABILITY_LIFETIME: Duration = Duration::from_secs(3600);
-/// How often ads are re-sent and expired replay ids pruned.
+/// How often ads are re-sent.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(600);
 /// The longest wait between two dial attempts to a registered instance.
 const MAX_REDIAL: Duration = Duration::from_secs(30);
@@ -150,6 +151,9 @@ pub struct NodeState {
     registry: Mutex<Registry>,
     peers: Mutex<BTreeMap<InstanceId, PeerStatus>>,
     replay: Mutex<ReplayWindow>,
+    /// Inbox entries and envelope bytes per sender (read from the store at start, kept
+    /// current by inbound handling and retention): what `[limits] inbox_*_per_peer` bound.
+    inbox_usage: Mutex<HashMap<InstanceId, (u64, u64)>>,
     outbox_wakers: Mutex<HashMap<InstanceId, Arc<Notify>>>,
     capability_sequence: Mutex<u64>,
     /// The federation core: every workflow this instance owns and every job it runs. Held
@@ -934,12 +938,20 @@ impl Daemon {
         let revoked = store.revocations()?.into_iter().map(|r| r.instance_id).collect();
         let now = now();
 
-        let mut replay = ReplayWindow::default();
-        for (id, expires_at) in store.seen_ids()? {
+        let limits = &files.config.limits;
+        let mut replay = ReplayWindow::with_limits(
+            usize::try_from(limits.seen_ids_max).unwrap_or(usize::MAX),
+            usize::try_from(limits.seen_ids_per_peer).unwrap_or(usize::MAX),
+        );
+        for (id, expires_at, signer) in store.seen_ids_with_signers()? {
             if expires_at > now {
-                replay.restore(id, expires_at);
+                match signer {
+                    Some(s) => replay.restore_from(s, id, expires_at),
+                    None => replay.restore(id, expires_at),
+                }
             }
         }
+        let inbox_usage = store.inbox_usage()?;
         let mut peers = BTreeMap::new();
         let verify_options = VerifyOptions::default();
         for (peer, envelope) in store.peer_capabilities()? {
@@ -1034,6 +1046,7 @@ impl Daemon {
             registry: Mutex::new(registry),
             peers: Mutex::new(peers),
             replay: Mutex::new(replay),
+            inbox_usage: Mutex::new(inbox_usage),
             outbox_wakers: Mutex::new(HashMap::new()),
             capability_sequence: Mutex::new(0),
             site: Mutex::new(site),
@@ -1072,6 +1085,7 @@ impl Daemon {
         tasks.spawn(drive(Arc::clone(&state), events_rx));
         tasks.spawn(outbox::supervise(Arc::clone(&state), spawn_rx));
         tasks.spawn(periodic(Arc::clone(&state)));
+        tasks.spawn(retention(Arc::clone(&state)));
         tasks.spawn(sample_peers(Arc::clone(&state)));
         tasks.spawn(driver::run_timers(Arc::clone(&state), timers_rx));
         let own = Box::new(state.own_capability_ad());
@@ -1384,7 +1398,7 @@ async fn sample_peers(state: Arc<NodeState>) {
     }
 }
 
-/// Re-sends capability ads before they expire and prunes expired replay ids.
+/// Re-sends capability ads before they expire.
 async fn periodic(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     tick.tick().await;
@@ -1393,11 +1407,6 @@ async fn periodic(state: Arc<NodeState>) {
             () = state.cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = now();
-        let dropped = lock(&state.replay).prune(now).len();
-        if dropped > 0 {
-            let _ = state.store.write_async(vec![WriteOp::PruneSeen(now)]).await;
-        }
         let connected: Vec<InstanceId> = lock(&state.peers)
             .iter()
             .filter(|(_, p)| p.connections > 0)
@@ -1405,6 +1414,92 @@ async fn periodic(state: Arc<NodeState>) {
             .collect();
         for id in connected {
             state.push_capabilities(id).await;
+        }
+    }
+}
+
+/// The most inbox entries one retention write removes (one transaction stays small; a pass
+/// writes as many as it needs).
+const PRUNE_BATCH: usize = 10_000;
+
+/// Every `[limits] prune_interval_secs`: forgets the replay ids whose messages expired (in
+/// memory and in the store) and removes inbox entries older than `inbox_retention_secs`,
+/// giving their senders' quota back. Off the message path: inbound handling never prunes
+/// the store (the replay window drops expired ids in memory only when it is full).
+async fn retention(state: Arc<NodeState>) {
+    let limits = state.files.config.limits.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(limits.prune_interval_secs.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now();
+        // The store first: an id the window forgot but the store kept would come back after a
+        // restart (harmless); the other way round a restart could forget an unexpired one.
+        let seen = match state.store.write_async(vec![WriteOp::PruneSeen(now)]).await {
+            Ok(out) => match out.first() {
+                Some(crate::store::WriteOutcome::Pruned(n)) => *n,
+                _ => 0,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prune expired message ids");
+                continue;
+            }
+        };
+        lock(&state.replay).prune(now);
+        let before = now.saturating_sub(Duration::from_secs(limits.inbox_retention_secs));
+        let mut entries = 0u64;
+        loop {
+            let op = WriteOp::PruneInbox { before, limit: PRUNE_BATCH };
+            let per_peer = match state.store.write_async(vec![op]).await {
+                Ok(mut out) => match out.pop() {
+                    Some(crate::store::WriteOutcome::InboxPruned(p)) => p,
+                    _ => Vec::new(),
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot prune the inbox");
+                    break;
+                }
+            };
+            let n: u64 = per_peer.iter().map(|(_, n, _)| n).sum();
+            entries += n;
+            let mut usage = lock(&state.inbox_usage);
+            for (peer, n, bytes) in per_peer {
+                if let Some(u) = usage.get_mut(&peer) {
+                    u.0 = u.0.saturating_sub(n);
+                    u.1 = u.1.saturating_sub(bytes);
+                }
+            }
+            drop(usage);
+            if n < PRUNE_BATCH as u64 || state.cancel.is_cancelled() {
+                break;
+            }
+        }
+        state.metrics.seen_ids.set(i64::try_from(lock(&state.replay).len()).unwrap_or(i64::MAX));
+        if seen > 0 || entries > 0 {
+            state.metrics.inbox_pruned.inc_by(entries);
+            state.metrics.seen_ids_pruned.inc_by(seen as u64);
+            state.events.push(
+                now,
+                EventKind::Retention,
+                None,
+                format!("pruned {entries} inbox entries and {seen} expired message ids"),
+            );
+        }
+    }
+}
+
+impl NodeState {
+    /// Gives back inbox quota reserved for messages that were not recorded after all.
+    fn release_inbox(&self, reserved: &[(InstanceId, u64)]) {
+        let mut usage = lock(&self.inbox_usage);
+        for (peer, bytes) in reserved {
+            if let Some(u) = usage.get_mut(peer) {
+                u.0 = u.0.saturating_sub(1);
+                u.1 = u.1.saturating_sub(*bytes);
+            }
         }
     }
 }

@@ -33,10 +33,24 @@ impl ResultOwner for Owner {
         let expected = self.0.site().expects_result(&payload, &signer);
         match expected {
             Expected::Yes => Ok((signed, payload)),
-            Expected::NotYours => Err((
-                RejectCode::NotYourJob,
-                format!("job {} was not submitted to {signer} by this instance", payload.job_id),
-            )),
+            Expected::NotYours => {
+                // Counted per signer like the job messages of `/kaapana/fed/1` (the runner is
+                // right but the attempt is not: `other_attempt`).
+                let why = self
+                    .0
+                    .site()
+                    .runs_for_us(&signer, &payload.job_id)
+                    .err()
+                    .map_or("other_attempt", |(u, _)| u.label());
+                self.0.metrics.peer_refused(&self.0.name_of(&signer), "ResultManifest", why);
+                Err((
+                    RejectCode::NotYourJob,
+                    format!(
+                        "job {} was not submitted to {signer} by this instance ({why})",
+                        payload.job_id
+                    ),
+                ))
+            }
             Expected::Superseded { current } => Err((
                 RejectCode::Superseded,
                 format!(

@@ -656,9 +656,16 @@ impl Site {
 
     /// Sets `key = value` (TOML) in the `[network]` section of the site's config.toml.
     pub fn set_network(&self, key: &str, value: &str) {
+        self.set_config("network", key, value);
+    }
+
+    /// Sets `key = value` (TOML) in the `[section]` of the site's config.toml (the key must
+    /// be there: `init` writes every key).
+    pub fn set_config(&self, section: &str, key: &str, value: &str) {
         let path = self.dir.join("config.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let (start, rest) = text.split_at(text.find("[network]").unwrap());
+        let header = format!("[{section}]");
+        let (start, rest) = text.split_at(text.find(&header).unwrap());
         let end = rest[1..].find("\n[").map_or(rest.len(), |i| i + 1);
         let section: String = rest[..end]
             .lines()
@@ -670,7 +677,7 @@ impl Site {
                 }
             })
             .collect();
-        assert!(section.contains(&format!("{key} = {value}")), "no key {key} in [network]");
+        assert!(section.contains(&format!("{key} = {value}")), "no key {key} in {header}");
         std::fs::write(&path, format!("{start}{section}{}", &rest[end..])).unwrap();
     }
 
