@@ -132,7 +132,12 @@ fn the_audit_log_records_a_job_end_to_end_and_names_tampered_entries() {
         let out = site.ok(&["audit", "verify"]);
         assert!(out.contains("audit log verified"), "{}: {out}", site.name);
     }
-    assert_eq!(kinds(&a), ["instance_added", "result_stored"], "{}", a.ok(&["audit", "list"]));
+    assert_eq!(
+        kinds(&a),
+        ["instance_added", "workflow_submitted", "result_stored", "workflow_submitted"],
+        "{}",
+        a.ok(&["audit", "list"])
+    );
     let kinds_b = kinds(&b);
     assert_eq!(
         kinds_b,

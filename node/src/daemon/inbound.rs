@@ -203,7 +203,10 @@ fn check_relevance(state: &NodeState, checked: Vec<Verdict>) -> Vec<Verdict> {
                 AnyVerified::JobManifest(v) => Message::JobManifest(v.payload().clone()),
                 AnyVerified::JobUpdate(v) => Message::JobUpdate(v.payload().clone()),
                 AnyVerified::Cancel(v) => Message::Cancel(v.payload().clone()),
-                AnyVerified::CapabilityAd(_) => return Verdict::Accepted(m),
+                // Trust messages are checked when they are applied (see `handle`).
+                AnyVerified::CapabilityAd(_)
+                | AnyVerified::RevocationList(_)
+                | AnyVerified::KeyHandOver(_) => return Verdict::Accepted(m),
                 AnyVerified::WorkflowManifest(_) | AnyVerified::ResultManifest(_) => {
                     let detail = format!(
                         "{} messages are not sent on {}; results go on /kaapana/results/1",
