@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::events::{Event, EventKind, EventLog};
-pub use driver::{JobError, RequestError, WorkflowError};
+pub use driver::{JobError, RequestError, WorkflowError, records_of};
 
 use crate::admin::{AdminError, NodeFiles};
 use crate::audit::{AuditKind, AuditRecord};
