@@ -466,7 +466,9 @@ pub struct WorkflowHeader {
 #[non_exhaustive]
 pub enum RecordsError {
     /// Job records are missing or extra.
-    #[error("workflow {workflow}: its record names {expected} jobs, but {found} job records were found")]
+    #[error(
+        "workflow {workflow}: its record names {expected} jobs, but {found} job records were found"
+    )]
     JobCount {
         /// The workflow.
         workflow: WorkflowId,
@@ -862,7 +864,8 @@ impl Workflow {
                 found: jobs.len(),
             });
         }
-        if let Some((index, j)) = jobs.iter().enumerate().find(|(_, j)| j.step >= header.steps.len())
+        if let Some((index, j)) =
+            jobs.iter().enumerate().find(|(_, j)| j.step >= header.steps.len())
         {
             return Err(RecordsError::NoSuchStep {
                 workflow,

@@ -681,7 +681,12 @@ impl World {
         let Some(site) = node.site.as_ref() else { return Ok(()) };
         let stored = node.durable.workflows();
         let live: Vec<&Workflow> = site.workflows().collect();
-        ensure!(stored.len() == live.len(), "site-{s}: {} workflows stored, {} live", stored.len(), live.len());
+        ensure!(
+            stored.len() == live.len(),
+            "site-{s}: {} workflows stored, {} live",
+            stored.len(),
+            live.len()
+        );
         for (st, w) in stored.iter().zip(live) {
             ensure!(
                 st == w,

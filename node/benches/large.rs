@@ -138,7 +138,9 @@ fn write_bytes() -> u64 {
 fn value_bytes(op: &WriteOp) -> usize {
     match op {
         WriteOp::PutWorkflowHeader(h) => 1 + postcard::to_allocvec(h.as_ref()).unwrap().len(),
-        WriteOp::PutWorkflowJob { job, .. } => 1 + postcard::to_allocvec(job.as_ref()).unwrap().len(),
+        WriteOp::PutWorkflowJob { job, .. } => {
+            1 + postcard::to_allocvec(job.as_ref()).unwrap().len()
+        }
         WriteOp::PutRunnerJob(r) => postcard::to_allocvec(r.as_ref()).unwrap().len(),
         WriteOp::PutMeta { value, .. } => value.len(),
         _ => 0,
@@ -214,7 +216,10 @@ fn main() {
                         workflow_id: job.workflow_id,
                         attempt: job.attempt,
                         exit,
-                        bundle: BlobRef { digest: Sha256Digest::of(job.job_id.as_bytes()), size: 1 },
+                        bundle: BlobRef {
+                            digest: Sha256Digest::of(job.job_id.as_bytes()),
+                            size: 1,
+                        },
                         log: None,
                         timings: JobTimings { received_at: t, started_at: t, finished_at: t },
                     };

@@ -322,8 +322,9 @@ fn migrate_workflows(txn: &WriteTransaction) -> Result<(), StoreError> {
         let mut jobs = txn.open_table(WORKFLOW_JOBS).map_err(backend)?;
         for entry in old.iter().map_err(backend)? {
             let (_, v) = entry.map_err(backend)?;
-            let w: WorkflowRecord = postcard::from_bytes(v.value())
-                .map_err(|e| StoreError::Corrupt { table: "workflows.v4", detail: e.to_string() })?;
+            let w: WorkflowRecord = postcard::from_bytes(v.value()).map_err(|e| {
+                StoreError::Corrupt { table: "workflows.v4", detail: e.to_string() }
+            })?;
             if workflows.get(w.workflow_id.as_bytes()).map_err(backend)?.is_none() {
                 put_whole_workflow(&mut workflows, &mut jobs, &w)?;
             }
@@ -956,7 +957,8 @@ fn assemble_workflow(
     let id = header.workflow_id;
     let (start, end) = (workflow_job_key(&id, 0), workflow_job_key(&id, u32::MAX));
     let mut records = Vec::with_capacity(usize::try_from(header.job_count).unwrap_or(0));
-    for (expected, entry) in (0u32..).zip(jobs.range::<&[u8; 20]>(&start..=&end).map_err(backend)?) {
+    for (expected, entry) in (0u32..).zip(jobs.range::<&[u8; 20]>(&start..=&end).map_err(backend)?)
+    {
         let (k, v) = entry.map_err(backend)?;
         if k.value()[16..] != expected.to_be_bytes() {
             return Err(StoreError::Corrupt {

@@ -1793,7 +1793,9 @@ impl Sim {
             let changed: std::collections::BTreeSet<_> = cmds
                 .iter()
                 .filter_map(|c| match c {
-                    Command::Persist(Record::Workflow(w) | Record::WorkflowJob { workflow: w, .. }) => Some(*w),
+                    Command::Persist(
+                        Record::Workflow(w) | Record::WorkflowJob { workflow: w, .. },
+                    ) => Some(*w),
                     _ => None,
                 })
                 .collect();
