@@ -1790,7 +1790,7 @@ impl Sim {
         if runner_check {
             // The core's value is the durable record; only the workflows a lost-runner check
             // changed (their own record or any of their jobs') are counted.
-            let changed: std::collections::BTreeSet<_> = cmds
+            let changed: BTreeSet<_> = cmds
                 .iter()
                 .filter_map(|c| match c {
                     Command::Persist(
