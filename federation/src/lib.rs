@@ -46,6 +46,6 @@ pub use site::{
     Timer, Unrelated,
 };
 pub use workflow::{
-    JobCounts, MAX_INPUTS, PlanError, Step, StepRound, Workflow, WorkflowCommand, WorkflowEvent,
-    WorkflowJob, WorkflowState, job_id,
+    JobCounts, MAX_INPUTS, PlanError, RecordsError, Step, StepRound, Workflow, WorkflowCommand,
+    WorkflowEvent, WorkflowHeader, WorkflowJob, WorkflowState, job_id,
 };

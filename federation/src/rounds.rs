@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capability::Candidate;
 use crate::workflow::{
-    Index, MAX_INPUTS, PlanError, Revision, Step, StepRound, Workflow, WorkflowCommand,
+    Changes, Index, MAX_INPUTS, PlanError, Revision, Step, StepRound, Workflow, WorkflowCommand,
     WorkflowJob, WorkflowState, job_id, numbered, resolve_runners,
 };
 
@@ -213,6 +213,7 @@ impl Workflow {
             }),
             index: Index::default(),
             revision: Revision::default(),
+            changes: Changes::default(),
         };
         let mut out = Vec::new();
         wf.open_round(first, model, now, job_lifetime, &mut out);
@@ -249,7 +250,7 @@ impl Workflow {
                     rec.model = Some(bundle);
                     rec.ended_at = Some(now);
                 }
-                self.revision.bump();
+                self.touch_header();
                 if round >= last {
                     // Late jobs of the last round can no longer be used.
                     let open: Vec<usize> =
@@ -409,7 +410,10 @@ impl Workflow {
         self.ensure_index();
         self.index.add_step(s, &self.jobs, first);
         self.ensure_index();
-        self.revision.bump();
+        self.touch_header();
+        for i in first..self.jobs.len() {
+            self.touch(i);
+        }
         s
     }
 

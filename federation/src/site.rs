@@ -16,7 +16,8 @@
 //! # The order of commands
 //!
 //! The commands of one call come in this order:
-//! 1. every [`Command::Persist`] (each changed record once, in its state after the call);
+//! 1. every [`Command::Persist`] (each changed record once, in its state after the call; a
+//!    workflow's own fields and each of its jobs are records of their own, see [`Record`]);
 //! 2. the effects, in causal order: [`Command::Send`], [`Command::StartJob`],
 //!    [`Command::StopJob`], [`Command::DeliverResult`], [`Command::SetTimer`] and
 //!    [`Command::Notify`].
@@ -206,11 +207,24 @@ pub enum Event {
 /// A durable record the driver must store: which one changed. The driver stores its state
 /// as [`Site::workflow`] or [`Site::runner_job`] give it before it feeds the next event (the
 /// record may be large, so the command does not copy it).
+///
+/// A workflow is stored as several records: its own fields ([`Workflow::header`]) and one
+/// record per job, so that an event that changes one job of a workflow with thousands costs
+/// one job's record, not the whole workflow. [`Workflow::from_records`] puts them together
+/// again for [`Site::new`]. A new workflow names its header and every job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Record {
-    /// A workflow this site owns, with all its jobs.
+    /// The own fields of a workflow this site owns: its [`Workflow::header`].
     Workflow(WorkflowId),
+    /// One job of a workflow this site owns: `Site::workflow(workflow).jobs[index]`.
+    /// Positions never change: a workflow's jobs are only ever appended.
+    WorkflowJob {
+        /// The workflow.
+        workflow: WorkflowId,
+        /// The job's position in [`Workflow::jobs`].
+        index: usize,
+    },
     /// A job this site runs.
     RunnerJob(JobId),
 }
@@ -814,11 +828,21 @@ impl Site {
     }
 
     /// Turns what one call collected into commands: records first, then effects.
-    fn finish(&self, out: Out) -> Vec<Command> {
+    fn finish(&mut self, out: Out) -> Vec<Command> {
         let mut cmds =
             Vec::with_capacity(out.workflows.len() + out.runner_jobs.len() + out.effects.len());
-        for id in out.workflows.iter().filter(|id| self.workflows.contains_key(id)) {
-            cmds.push(Command::Persist(Record::Workflow(*id)));
+        for &workflow in &out.workflows {
+            let Some(w) = self.workflows.get_mut(&workflow) else { continue };
+            let changes = w.take_changes();
+            if changes.header {
+                cmds.push(Command::Persist(Record::Workflow(workflow)));
+            }
+            cmds.extend(
+                changes
+                    .jobs
+                    .into_iter()
+                    .map(|index| Command::Persist(Record::WorkflowJob { workflow, index })),
+            );
         }
         for id in out.runner_jobs.iter().filter(|id| self.runner_jobs.contains_key(id)) {
             cmds.push(Command::Persist(Record::RunnerJob(*id)));

@@ -425,6 +425,70 @@ pub struct Workflow {
     /// comparing whole workflows ([`Workflow::revision`]).
     #[serde(skip)]
     pub(crate) revision: Revision,
+    /// Which of its records changed since the site last took them
+    /// ([`Workflow::take_changes`]).
+    #[serde(skip)]
+    pub(crate) changes: Changes,
+}
+
+/// A workflow's own fields, without its jobs: the record its owner stores for the workflow
+/// itself. Each job has a record of its own (its [`WorkflowJob`], by its position in
+/// [`Workflow::jobs`]), so an event that changes one job rewrites that job's record only.
+/// [`Workflow::from_records`] puts the two together again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowHeader {
+    /// [`Workflow::workflow_id`].
+    pub workflow_id: WorkflowId,
+    /// [`Workflow::name`].
+    pub name: String,
+    /// [`Workflow::owner`].
+    pub owner: InstanceId,
+    /// [`Workflow::owner_name`].
+    pub owner_name: String,
+    /// [`Workflow::state`].
+    pub state: WorkflowState,
+    /// [`Workflow::reason`].
+    pub reason: Option<String>,
+    /// [`Workflow::created_at`].
+    pub created_at: Timestamp,
+    /// [`Workflow::ended_at`].
+    pub ended_at: Option<Timestamp>,
+    /// [`Workflow::steps`].
+    pub steps: Vec<Step>,
+    /// [`Workflow::training`].
+    pub training: Option<Training>,
+    /// How many jobs it has: its job records are those at positions `0..job_count`.
+    pub job_count: u32,
+}
+
+/// Why stored records do not make a workflow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordsError {
+    /// Job records are missing or extra.
+    #[error(
+        "workflow {workflow}: its record names {expected} jobs, but {found} job records were found"
+    )]
+    JobCount {
+        /// The workflow.
+        workflow: WorkflowId,
+        /// How many its header names.
+        expected: u32,
+        /// How many were given.
+        found: usize,
+    },
+    /// A job names a step the workflow does not have.
+    #[error("workflow {workflow}: job record {index} names step {step}, but it has {steps} steps")]
+    NoSuchStep {
+        /// The workflow.
+        workflow: WorkflowId,
+        /// The job's position.
+        index: usize,
+        /// The step it names.
+        step: usize,
+        /// How many steps there are.
+        steps: usize,
+    },
 }
 
 impl Workflow {
@@ -558,7 +622,12 @@ impl Workflow {
             training: None,
             index: Index::default(),
             revision: Revision::default(),
+            changes: Changes::default(),
         };
+        wf.touch_header();
+        for i in 0..wf.jobs.len() {
+            wf.touch(i);
+        }
         wf.ensure_index();
         let mut out = Vec::new();
         let all: BTreeSet<usize> = (0..wf.steps.len()).collect();
@@ -595,7 +664,7 @@ impl Workflow {
                         let job = &mut self.jobs[i];
                         job.state = other;
                         job.reason = reason;
-                        self.revision.bump();
+                        self.touch(i);
                     }
                 }
             }
@@ -609,11 +678,13 @@ impl Workflow {
                 match self.check_update(i, samples) {
                     Ok(n) => {
                         self.jobs[i].samples = n;
+                        self.touch(i);
                         self.store_result(i, bundle);
                     }
                     Err(reason) => {
                         self.fail(i, fit_text(&reason));
                         self.jobs[i].updated_at = now;
+                        self.touch(i);
                     }
                 }
             }
@@ -630,6 +701,7 @@ impl Workflow {
                 touched.insert(self.jobs[i].step);
                 self.fail(i, fit_text(&reason));
                 self.jobs[i].updated_at = now;
+                self.touch(i);
                 self.after_failure(i, false, None, candidates, now, &mut out);
             }
         }
@@ -674,7 +746,7 @@ impl Workflow {
         job.last_sequence = update.sequence;
         job.retryable = update.retryable;
         job.updated_at = now;
-        self.revision.bump();
+        self.touch(i);
         let event = WorkflowEvent::JobUpdated {
             job_id: update.job_id,
             state: update.state,
@@ -735,6 +807,89 @@ impl Workflow {
     /// event after which it is the same changed nothing (cheaper than comparing workflows).
     pub const fn revision(&self) -> u64 {
         self.revision.0
+    }
+
+    /// Marks job `i`'s record changed.
+    pub(crate) fn touch(&mut self, i: usize) {
+        self.revision.bump();
+        self.changes.jobs.insert(i);
+    }
+
+    /// Marks the workflow's own record (its [`WorkflowHeader`]) changed.
+    pub(crate) fn touch_header(&mut self) {
+        self.revision.bump();
+        self.changes.header = true;
+    }
+
+    /// Which records changed since the last call (or since it was made or loaded): whether
+    /// its header did, and the positions of its jobs that did. A training's header holds its
+    /// rounds, which move with its jobs: it counts as changed whenever anything did.
+    pub(crate) fn take_changes(&mut self) -> Changes {
+        let mut c = std::mem::take(&mut self.changes);
+        if self.training.is_some() && !c.jobs.is_empty() {
+            c.header = true;
+        }
+        c
+    }
+
+    /// Its own fields, without its jobs: the record the owner stores for the workflow itself
+    /// ([`Record::Workflow`](crate::Record::Workflow)), next to one record per job.
+    pub fn header(&self) -> WorkflowHeader {
+        WorkflowHeader {
+            workflow_id: self.workflow_id,
+            name: self.name.clone(),
+            owner: self.owner,
+            owner_name: self.owner_name.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            created_at: self.created_at,
+            ended_at: self.ended_at,
+            steps: self.steps.clone(),
+            training: self.training.clone(),
+            job_count: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Puts a workflow together again from its stored records: its header and its jobs, in
+    /// position order (as [`Workflow::header`] and [`Workflow::jobs`] gave them).
+    pub fn from_records(
+        header: WorkflowHeader,
+        jobs: Vec<WorkflowJob>,
+    ) -> Result<Self, RecordsError> {
+        let workflow = header.workflow_id;
+        if u32::try_from(jobs.len()).ok() != Some(header.job_count) {
+            return Err(RecordsError::JobCount {
+                workflow,
+                expected: header.job_count,
+                found: jobs.len(),
+            });
+        }
+        if let Some((index, j)) =
+            jobs.iter().enumerate().find(|(_, j)| j.step >= header.steps.len())
+        {
+            return Err(RecordsError::NoSuchStep {
+                workflow,
+                index,
+                step: j.step,
+                steps: header.steps.len(),
+            });
+        }
+        Ok(Self {
+            workflow_id: header.workflow_id,
+            name: header.name,
+            owner: header.owner,
+            owner_name: header.owner_name,
+            state: header.state,
+            reason: header.reason,
+            created_at: header.created_at,
+            ended_at: header.ended_at,
+            steps: header.steps,
+            jobs,
+            training: header.training,
+            index: Index::default(),
+            revision: Revision::default(),
+            changes: Changes::default(),
+        })
     }
 
     /// The job whose current attempt has this id.
@@ -826,6 +981,7 @@ impl Workflow {
             let lost_name = &self.jobs[i].runner_name;
             self.jobs[i].reason =
                 Some(format!("runner {lost_name} was lost and no other instance matches"));
+            self.touch(i);
         }
         if train {
             // One site's update is lost for this round; the round's quorum decides.
@@ -923,7 +1079,7 @@ impl Workflow {
         self.state = state;
         self.reason = Some(reason.clone());
         self.ended_at = Some(now);
-        self.revision.bump();
+        self.touch_header();
         out.push(WorkflowCommand::Ended { state, reason: Some(reason) });
     }
 
@@ -948,7 +1104,7 @@ impl Workflow {
         }
         if (0..self.steps.len()).all(|s| self.step_done(s)) {
             self.state = WorkflowState::Finished;
-            self.revision.bump();
+            self.touch_header();
             self.ended_at = Some(now);
             out.push(WorkflowCommand::Ended { state: WorkflowState::Finished, reason: None });
             return;
@@ -1002,7 +1158,7 @@ impl Workflow {
         now: Timestamp,
         job_lifetime: Duration,
     ) -> JobManifest {
-        self.revision.bump();
+        self.touch(i);
         let (s, runner) = (self.jobs[i].step, self.jobs[i].runner);
         self.index.unwait(s, runner, i);
         *self.index.active[s].entry(runner).or_default() += 1;
@@ -1048,9 +1204,9 @@ impl Workflow {
         if job.state.is_terminal() {
             return;
         }
-        self.revision.bump();
-        let (s, runner) = (job.step, job.runner);
-        if job.dispatched {
+        let (s, runner, dispatched) = (job.step, job.runner, job.dispatched);
+        self.touch(i);
+        if dispatched {
             self.index.release(s, runner);
         } else {
             self.index.unwait(s, runner, i);
@@ -1070,7 +1226,7 @@ impl Workflow {
             let job = &mut self.jobs[i];
             job.state = JobState::Failed;
             job.reason = Some(reason);
-            self.revision.bump();
+            self.touch(i);
         } else {
             self.set_terminal(i, JobState::Failed, Some(reason));
         }
@@ -1081,7 +1237,7 @@ impl Workflow {
         if self.jobs[i].result.is_some() || self.jobs[i].state == JobState::Failed {
             return;
         }
-        self.revision.bump();
+        self.touch(i);
         self.jobs[i].result = Some(bundle);
         if self.jobs[i].state == JobState::Finished {
             self.index.done[self.jobs[i].step] += 1;
@@ -1093,7 +1249,7 @@ impl Workflow {
 
     /// Replaces failed job `i` by its next attempt at `runner`, waiting to be dispatched.
     fn new_attempt(&mut self, i: usize, runner: InstanceId, runner_name: String) {
-        self.revision.bump();
+        self.touch(i);
         let workflow_id = self.workflow_id;
         let job = &mut self.jobs[i];
         let old = job.job_id;
@@ -1118,7 +1274,7 @@ impl Workflow {
 
     /// Moves undispatched job `i` to another runner (same attempt and id: it was never sent).
     fn reassign(&mut self, i: usize, runner: InstanceId, runner_name: String) {
-        self.revision.bump();
+        self.touch(i);
         let (s, old) = (self.jobs[i].step, self.jobs[i].runner);
         self.index.unwait(s, old, i);
         self.jobs[i].runner = runner;
@@ -1174,6 +1330,25 @@ impl PartialEq for Revision {
 }
 
 impl Eq for Revision {}
+
+/// The records of a workflow changed since they were last taken: its header (its own fields)
+/// and its jobs (by position in [`Workflow::jobs`]). Not part of the workflow's value: equal
+/// to any other, not stored.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Changes {
+    /// Whether its own fields changed (state, steps, training, the number of jobs).
+    pub(crate) header: bool,
+    /// The positions of the jobs that changed, ascending.
+    pub(crate) jobs: BTreeSet<usize>,
+}
+
+impl PartialEq for Changes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Changes {}
 
 /// Lookup tables derived from a workflow's steps and jobs, so that an event costs time in
 /// proportion to what it changes, not to the size of the workflow.

@@ -59,7 +59,7 @@ use std::time::Duration;
 use kaapana_federation::{
     AllowList, Candidate, Command, Event, Execution, Expected, Message, Notice, Outcome, Policy,
     Record, RegisteredInstance, Registry, RunnerJob, RunnerRecord, Site, SiteConfig, Timer,
-    UpdateError, Workflow, WorkflowState,
+    UpdateError, Workflow, WorkflowHeader, WorkflowJob, WorkflowState,
 };
 use kaapana_protocol::{
     BlobRef, CapabilityAd, CapabilityQuery, ContainerWork, DatasetSummary, ExitStatus, Gpu, Header,
@@ -281,7 +281,10 @@ impl Rng {
 /// What a node keeps across a crash.
 #[derive(Default)]
 struct Durable {
-    workflows: BTreeMap<WorkflowId, Workflow>,
+    /// Each workflow's own record ([`Record::Workflow`]).
+    workflows: BTreeMap<WorkflowId, WorkflowHeader>,
+    /// Each workflow's job records ([`Record::WorkflowJob`]), by position.
+    workflow_jobs: BTreeMap<(WorkflowId, usize), WorkflowJob>,
     runner_jobs: BTreeMap<JobId, RunnerRecord>,
     /// Results signed and not yet confirmed by their owner.
     pending: BTreeMap<JobId, ResultManifest>,
@@ -289,6 +292,21 @@ struct Durable {
     confirmed: BTreeSet<JobId>,
     /// The replay window: ids of the messages applied here.
     seen: BTreeSet<u64>,
+}
+
+impl Durable {
+    /// The stored workflows, each put together from its header and its job records.
+    fn workflows(&self) -> Vec<Workflow> {
+        self.workflows
+            .values()
+            .map(|h| {
+                let id = h.workflow_id;
+                let jobs =
+                    self.workflow_jobs.range((id, 0)..=(id, usize::MAX)).map(|(_, j)| j.clone());
+                Workflow::from_records(h.clone(), jobs.collect()).expect("complete records")
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -576,6 +594,7 @@ impl World {
         event: &str,
     ) -> Result<(), String> {
         let mut effects = false;
+        let persisted = cmds.iter().any(|c| matches!(c, Command::Persist(_)));
         for c in cmds {
             match c {
                 Command::Persist(r) => {
@@ -587,7 +606,13 @@ impl World {
                     match r {
                         Record::Workflow(id) => {
                             let w = site.workflow(&id).ok_or("Persist of an unknown workflow")?;
-                            d.workflows.insert(id, w.clone());
+                            d.workflows.insert(id, w.header());
+                        }
+                        Record::WorkflowJob { workflow, index } => {
+                            let w =
+                                site.workflow(&workflow).ok_or("Persist of an unknown workflow")?;
+                            let j = w.jobs.get(index).ok_or("Persist of an unknown job index")?;
+                            d.workflow_jobs.insert((workflow, index), j.clone());
                         }
                         Record::RunnerJob(id) => {
                             let r = site.runner_job(&id).ok_or("Persist of an unknown job")?;
@@ -642,6 +667,32 @@ impl World {
                 }
                 other => return Err(format!("unknown command {other:?}")),
             }
+        }
+        if persisted {
+            self.check_durable(s, event)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the records a site persisted make up its workflows exactly: every change
+    /// of a job or of a workflow's own fields was named by a `Persist`.
+    fn check_durable(&self, s: usize, event: &str) -> Result<(), String> {
+        let node = &self.nodes[s];
+        let Some(site) = node.site.as_ref() else { return Ok(()) };
+        let stored = node.durable.workflows();
+        let live: Vec<&Workflow> = site.workflows().collect();
+        ensure!(
+            stored.len() == live.len(),
+            "site-{s}: {} workflows stored, {} live",
+            stored.len(),
+            live.len()
+        );
+        for (st, w) in stored.iter().zip(live) {
+            ensure!(
+                st == w,
+                "site-{s}: the stored records of workflow {} differ from it after {event}",
+                w.workflow_id
+            );
         }
         Ok(())
     }
@@ -976,7 +1027,7 @@ impl World {
             name(s),
             config(),
             self.registries[s].clone(),
-            d.workflows.values().cloned(),
+            d.workflows(),
             d.runner_jobs.values().cloned(),
             ts(self.now),
         );

@@ -25,6 +25,19 @@
 //!
 //! # Adding a table
 //!
+//! # Workflows
+//!
+//! A workflow this node owns is stored as several records, as the federation core persists it
+//! (`Record::Workflow` and `Record::WorkflowJob`): its own fields ([`WorkflowHeader`]: state,
+//! steps, training rounds, the number of jobs) in `workflows.v5`, and each job's owner record
+//! ([`WorkflowJob`]) in `workflow_jobs.v1` under the workflow id and the job's position. An
+//! event that changes one job of a 10,000-job workflow writes that job's record (about
+//! 200 bytes), not the workflow (`benches/large.rs` measures both). [`Store::workflow`] and
+//! [`Store::workflows`] put the records of one snapshot together again
+//! ([`WorkflowRecord::from_records`]); a missing job record is [`StoreError::Corrupt`].
+//! Workflows are never removed. A store written before (`workflows.v4`, one whole
+//! [`WorkflowRecord`] per workflow) is split into the two tables when it is opened.
+//!
 //! # Audit log
 //!
 //! The `audit.v1` table holds the hash-chained, signed audit log ([`crate::audit`]). A
@@ -47,7 +60,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kaapana_certs::Identity;
-use kaapana_federation::{RegisteredInstance, Registry};
+use kaapana_federation::{RegisteredInstance, Registry, WorkflowHeader, WorkflowJob};
 use kaapana_protocol::{InstanceId, JobId, ManifestId, Timestamp, WorkflowId};
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{Table, TableDefinition, WriteTransaction};
@@ -93,9 +106,20 @@ const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets.v2
 const DATASETS_V1: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
 /// The schema version byte in front of each value of the datasets table.
 const DATASET_SCHEMA_V2: u8 = 2;
-/// Workflows this node owns, with the owner's record of every job (one record per job):
-/// `WorkflowId` bytes → postcard of [`WorkflowRecord`].
-const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v4");
+/// The own fields of each workflow this node owns: `WorkflowId` bytes →
+/// [`WORKFLOW_SCHEMA_V1`] + postcard of [`WorkflowHeader`]. Its jobs are in
+/// [`WORKFLOW_JOBS`]; [`Store::workflow`] puts the two together. Replaces `workflows.v4`
+/// (the whole [`WorkflowRecord`] in one value, rewritten on every job event), whose entries
+/// are split into the two tables when the store is opened.
+const WORKFLOWS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v5");
+/// The owner's record of each job of each owned workflow: [`workflow_job_key`] (workflow id,
+/// the job's position in [`WorkflowRecord::jobs`]) → [`WORKFLOW_SCHEMA_V1`] + postcard of
+/// [`WorkflowJob`]. An event that changes one job rewrites this one entry.
+const WORKFLOW_JOBS: TableDefinition<&[u8; 20], &[u8]> = TableDefinition::new("workflow_jobs.v1");
+/// The table `workflows.v5` and `workflow_jobs.v1` replace.
+const WORKFLOWS_V4: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("workflows.v4");
+/// The schema version byte in front of each value of the workflow tables.
+const WORKFLOW_SCHEMA_V1: u8 = 1;
 /// The signed `WorkflowManifest` each owned workflow was planned from: `WorkflowId` bytes →
 /// envelope bytes (written once, at submission).
 const WORKFLOW_MANIFESTS: TableDefinition<&[u8; 16], &[u8]> =
@@ -228,8 +252,22 @@ pub enum WriteOp {
     PutDataset(DatasetRecord),
     /// Forgets a registered dataset (its files stay). Answers [`WriteOutcome::Done`].
     RemoveDataset(String),
-    /// Inserts or replaces a workflow this node owns. Answers [`WriteOutcome::Done`].
+    /// Inserts or replaces a whole workflow this node owns: its header and every job's record.
+    /// Answers [`WriteOutcome::Done`].
     PutWorkflow(Box<WorkflowRecord>),
+    /// Inserts or replaces the own fields of a workflow this node owns (its jobs' records
+    /// stay). Answers [`WriteOutcome::Done`].
+    PutWorkflowHeader(Box<WorkflowHeader>),
+    /// Inserts or replaces the record of one job of a workflow this node owns. Answers
+    /// [`WriteOutcome::Done`].
+    PutWorkflowJob {
+        /// The workflow.
+        workflow: WorkflowId,
+        /// The job's position in [`WorkflowRecord::jobs`].
+        index: u32,
+        /// The job's record.
+        job: Box<WorkflowJob>,
+    },
     /// Keeps the signed manifest of a workflow this node submitted. Answers
     /// [`WriteOutcome::Done`].
     PutWorkflowManifest {
@@ -283,8 +321,76 @@ pub struct RevocationRecord {
 }
 
 /// A workflow this node owns: its state and the owner's record of each of its jobs, as the
-/// federation core persists it.
+/// federation core persists it (stored as a [`WorkflowHeader`] and one [`WorkflowJob`] each).
 pub type WorkflowRecord = kaapana_federation::Workflow;
+
+/// The key of a job's record in `workflow_jobs.v1`: the workflow id, then the job's position
+/// (big-endian, so a workflow's jobs are one range, in position order).
+fn workflow_job_key(workflow: &WorkflowId, index: u32) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..16].copy_from_slice(workflow.as_bytes());
+    key[16..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn encode_workflow_value<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(value, vec![WORKFLOW_SCHEMA_V1]).map_err(backend)
+}
+
+fn decode_workflow_value<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { table, detail };
+    match bytes.split_first() {
+        Some((&WORKFLOW_SCHEMA_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((v, _)) => Err(corrupt(format!("unknown schema version {v}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+/// Writes a whole workflow: its header and every job's record.
+fn put_whole_workflow(
+    workflows: &mut Table<'_, &'static [u8; 16], &'static [u8]>,
+    jobs: &mut Table<'_, &'static [u8; 20], &'static [u8]>,
+    w: &WorkflowRecord,
+) -> Result<(), StoreError> {
+    let header = encode_workflow_value(&w.header())?;
+    workflows.insert(w.workflow_id.as_bytes(), header.as_slice()).map_err(backend)?;
+    for (index, job) in (0u32..).zip(&w.jobs) {
+        let key = workflow_job_key(&w.workflow_id, index);
+        jobs.insert(&key, encode_workflow_value(job)?.as_slice()).map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Splits the whole-workflow records of `workflows.v4` of an older store into `workflows.v5`
+/// and `workflow_jobs.v1`, then deletes the old table.
+fn migrate_workflows(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use redb::TableHandle;
+    let old_exists = txn.list_tables().map_err(backend)?.any(|t| t.name() == WORKFLOWS_V4.name());
+    if !old_exists {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(WORKFLOWS_V4).map_err(backend)?;
+        let mut workflows = txn.open_table(WORKFLOWS).map_err(backend)?;
+        let mut jobs = txn.open_table(WORKFLOW_JOBS).map_err(backend)?;
+        for entry in old.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            let w: WorkflowRecord = postcard::from_bytes(v.value()).map_err(|e| {
+                StoreError::Corrupt { table: "workflows.v4", detail: e.to_string() }
+            })?;
+            if workflows.get(w.workflow_id.as_bytes()).map_err(backend)?.is_none() {
+                put_whole_workflow(&mut workflows, &mut jobs, &w)?;
+            }
+        }
+    }
+    txn.delete_table(WORKFLOWS_V4).map_err(backend)?;
+    Ok(())
+}
 
 /// A dataset registered at this site: where its provider finds it. For a DICOMweb dataset the
 /// record is its whole definition (the series it resolved to when it was registered), so the
@@ -593,6 +699,7 @@ impl Store {
         Tables::open(&txn, None).map_err(|e| open_err(e.into()))?;
         migrate_datasets(&txn).map_err(|e| open_err(e.into()))?;
         migrate_seen(&txn).map_err(|e| open_err(e.into()))?;
+        migrate_workflows(&txn).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
 
         let db = Arc::new(db);
@@ -901,7 +1008,7 @@ impl Store {
         Ok(t.get(id.as_bytes()).map_err(backend)?.map(|v| v.value().to_vec()))
     }
 
-    /// A value of a table keyed by a 16-byte id (jobs, workflows).
+    /// A value of a table keyed by a 16-byte id (runner jobs).
     fn get_job<T: serde::de::DeserializeOwned>(
         &self,
         table: TableDefinition<&[u8; 16], &[u8]>,
@@ -936,14 +1043,29 @@ impl Store {
         Ok(out)
     }
 
-    /// A workflow this node owns.
+    /// A workflow this node owns, put together from its header and its jobs' records (from
+    /// one snapshot).
     pub fn workflow(&self, id: &WorkflowId) -> Result<Option<WorkflowRecord>, StoreError> {
-        self.get_job(WORKFLOWS, "workflows", id.as_bytes())
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let headers = txn.open_table(WORKFLOWS).map_err(backend)?;
+        let jobs = txn.open_table(WORKFLOW_JOBS).map_err(backend)?;
+        match headers.get(id.as_bytes()).map_err(backend)? {
+            Some(v) => assemble_workflow(&jobs, v.value()).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// Every workflow this node owns.
+    /// Every workflow this node owns, ordered by id (from one snapshot).
     pub fn workflows(&self) -> Result<Vec<WorkflowRecord>, StoreError> {
-        self.all_jobs(WORKFLOWS, "workflows")
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let headers = txn.open_table(WORKFLOWS).map_err(backend)?;
+        let jobs = txn.open_table(WORKFLOW_JOBS).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in headers.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            out.push(assemble_workflow(&jobs, v.value())?);
+        }
+        Ok(out)
     }
 
     /// Every registered dataset, ordered by name.
@@ -981,6 +1103,30 @@ impl Store {
         let n = table.range(start.as_slice()..=end.as_slice()).map_err(backend)?.count();
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
     }
+}
+
+/// A workflow from its header (a `workflows.v5` value) and its job records.
+fn assemble_workflow(
+    jobs: &impl ReadableTable<&'static [u8; 20], &'static [u8]>,
+    header: &[u8],
+) -> Result<WorkflowRecord, StoreError> {
+    let header: WorkflowHeader = decode_workflow_value("workflows.v5", header)?;
+    let id = header.workflow_id;
+    let (start, end) = (workflow_job_key(&id, 0), workflow_job_key(&id, u32::MAX));
+    let mut records = Vec::with_capacity(usize::try_from(header.job_count).unwrap_or(0));
+    for (expected, entry) in (0u32..).zip(jobs.range::<&[u8; 20]>(&start..=&end).map_err(backend)?)
+    {
+        let (k, v) = entry.map_err(backend)?;
+        if k.value()[16..] != expected.to_be_bytes() {
+            return Err(StoreError::Corrupt {
+                table: "workflow_jobs.v1",
+                detail: format!("workflow {id} has no record of its job {expected}"),
+            });
+        }
+        records.push(decode_workflow_value("workflow_jobs.v1", v.value())?);
+    }
+    WorkflowRecord::from_records(header, records)
+        .map_err(|e| StoreError::Corrupt { table: "workflow_jobs.v1", detail: e.to_string() })
 }
 
 fn backend(e: impl fmt::Display) -> StoreError {
@@ -1101,6 +1247,7 @@ struct Tables<'txn> {
     workflow_manifests: Table<'txn, &'static [u8; 16], &'static [u8]>,
     datasets: Table<'txn, &'static str, &'static [u8]>,
     workflows: Table<'txn, &'static [u8; 16], &'static [u8]>,
+    workflow_jobs: Table<'txn, &'static [u8; 20], &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
     revocations: Table<'txn, &'static [u8], &'static [u8]>,
     /// Signs audit entries (`None`: appending fails with [`AuditError::NoKey`]).
@@ -1125,6 +1272,7 @@ impl<'txn> Tables<'txn> {
             workflow_manifests: txn.open_table(WORKFLOW_MANIFESTS).map_err(backend)?,
             datasets: txn.open_table(DATASETS).map_err(backend)?,
             workflows: txn.open_table(WORKFLOWS).map_err(backend)?,
+            workflow_jobs: txn.open_table(WORKFLOW_JOBS).map_err(backend)?,
             audit: txn.open_table(AUDIT).map_err(backend)?,
             revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
             key,
@@ -1278,10 +1426,20 @@ impl<'txn> Tables<'txn> {
                 Ok(WriteOutcome::Done)
             }
             WriteOp::PutWorkflow(w) => {
-                let value = postcard::to_allocvec(w.as_ref()).map_err(backend)?;
+                put_whole_workflow(&mut self.workflows, &mut self.workflow_jobs, w)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutWorkflowHeader(h) => {
+                let value = encode_workflow_value(h.as_ref())?;
                 self.workflows
-                    .insert(w.workflow_id.as_bytes(), value.as_slice())
+                    .insert(h.workflow_id.as_bytes(), value.as_slice())
                     .map_err(backend)?;
+                Ok(WriteOutcome::Done)
+            }
+            WriteOp::PutWorkflowJob { workflow, index, job } => {
+                let value = encode_workflow_value(job.as_ref())?;
+                let key = workflow_job_key(workflow, *index);
+                self.workflow_jobs.insert(&key, value.as_slice()).map_err(backend)?;
                 Ok(WriteOutcome::Done)
             }
             WriteOp::PutWorkflowManifest { workflow, envelope } => {
@@ -1636,6 +1794,168 @@ mod tests {
         store.write(vec![WriteOp::ForgetPeer(a)]).unwrap();
         assert_eq!(store.outbox_depth(&a).unwrap(), 0);
         assert_eq!(store.outbox_depth(&b).unwrap(), 1);
+    }
+
+    /// A workflow of `jobs` single-file jobs, as the core would hold it.
+    fn workflow(n: u8, jobs: u32) -> WorkflowRecord {
+        use kaapana_federation::{Step, WorkflowJob, WorkflowState};
+        use kaapana_protocol::{
+            ContainerWork, ImageDigest, JobSpec, JobState, Processing, ResourceLimits,
+            RunnerSelector, Sha256Digest, Work,
+        };
+        let wid = WorkflowId::from_bytes([n; 16]);
+        let spec = JobSpec {
+            name: "item".into(),
+            runner: RunnerSelector::Owner,
+            dataset: Some("lung-ct".into()),
+            processing: Processing::SingleFile { max_parallel: 2 },
+            work: Work::Container(ContainerWork {
+                image: ImageDigest(Sha256Digest::of(b"img")),
+                command: vec!["run".into()],
+                env: vec![],
+            }),
+            limits: ResourceLimits::default(),
+            timeout_secs: 60,
+            inputs: vec![],
+            max_retries: 1,
+        };
+        let header = WorkflowHeader {
+            workflow_id: wid,
+            name: format!("wf-{n}"),
+            owner: id(1),
+            owner_name: "site-1".into(),
+            state: WorkflowState::Running,
+            reason: None,
+            created_at: Timestamp::from_millis(10),
+            ended_at: None,
+            steps: vec![Step {
+                spec,
+                dataset: Some("lung-ct".into()),
+                inputs: vec![],
+                external: vec![],
+                round: None,
+            }],
+            training: None,
+            job_count: jobs,
+        };
+        let jobs = (0..jobs)
+            .map(|k| {
+                let name = format!("item-{}", k + 1);
+                WorkflowJob {
+                    job_id: kaapana_federation::job_id(&wid, &name, 0),
+                    step: 0,
+                    name,
+                    runner: id(1),
+                    runner_name: "site-1".into(),
+                    item: Some(kaapana_protocol::ItemToken([u8::try_from(k % 256).unwrap(); 32])),
+                    attempt: 0,
+                    dispatched: k < 2,
+                    state: JobState::Queued,
+                    reason: None,
+                    result: None,
+                    previous: vec![],
+                    previous_runners: vec![],
+                    retryable: false,
+                    last_sequence: 0,
+                    updated_at: Timestamp::from_millis(10),
+                    samples: None,
+                }
+            })
+            .collect();
+        WorkflowRecord::from_records(header, jobs).unwrap()
+    }
+
+    #[test]
+    fn workflows_are_stored_per_job_and_read_back_whole() {
+        use kaapana_federation::WorkflowState;
+        use kaapana_protocol::JobState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        let (mut a, b) = (workflow(2, 300), workflow(1, 3));
+        store
+            .write(vec![
+                WriteOp::PutWorkflow(Box::new(a.clone())),
+                WriteOp::PutWorkflow(Box::new(b.clone())),
+            ])
+            .unwrap();
+        assert_eq!(store.workflow(&a.workflow_id).unwrap().as_ref(), Some(&a));
+        assert_eq!(store.workflow(&WorkflowId::from_bytes([9; 16])).unwrap(), None);
+        // One job changes: only its record is written; the others read back as they were.
+        a.jobs[257].state = JobState::Running;
+        a.jobs[257].last_sequence = 2;
+        let job = Box::new(a.jobs[257].clone());
+        store
+            .write(vec![WriteOp::PutWorkflowJob { workflow: a.workflow_id, index: 257, job }])
+            .unwrap();
+        assert_eq!(store.workflow(&a.workflow_id).unwrap().as_ref(), Some(&a));
+        // The workflow's own fields change: its jobs stay.
+        a.state = WorkflowState::Cancelled;
+        a.reason = Some("cancelled by admin".into());
+        store.write(vec![WriteOp::PutWorkflowHeader(Box::new(a.header()))]).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.workflows().unwrap(), vec![b, a]);
+    }
+
+    #[test]
+    fn a_workflow_missing_a_job_record_is_reported_as_corrupt() {
+        let (_dir, store) = temp_store();
+        let mut w = workflow(3, 4);
+        let header = {
+            let mut h = w.header();
+            h.job_count = 5;
+            h
+        };
+        w.jobs.truncate(4);
+        store
+            .write(vec![
+                WriteOp::PutWorkflow(Box::new(w)),
+                WriteOp::PutWorkflowHeader(Box::new(header)),
+            ])
+            .unwrap();
+        let err = store.workflows().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { table: "workflow_jobs.v1", .. }), "{err}");
+        assert!(err.to_string().contains("5 jobs, but 4 job records"), "{err}");
+    }
+
+    #[test]
+    fn workflows_of_a_v4_store_are_split_into_header_and_job_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (a, b) = (workflow(4, 25), workflow(5, 1));
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(WORKFLOWS_V4).unwrap();
+                for w in [&a, &b] {
+                    let value = postcard::to_allocvec(w).unwrap();
+                    t.insert(w.workflow_id.as_bytes(), value.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.workflows().unwrap(), vec![a.clone(), b]);
+        {
+            use redb::TableHandle;
+            let txn = store.inner.db.begin_read().unwrap();
+            assert!(!txn.list_tables().unwrap().any(|t| t.name() == "workflows.v4"));
+            let jobs = txn.open_table(WORKFLOW_JOBS).unwrap();
+            assert_eq!(jobs.len().unwrap(), 26, "one record per job");
+        }
+        // The migrated workflow takes job writes like any other, and reopening migrates
+        // nothing again.
+        let mut a = a;
+        a.jobs[24].reason = Some("x".into());
+        let job = Box::new(a.jobs[24].clone());
+        store
+            .write(vec![WriteOp::PutWorkflowJob { workflow: a.workflow_id, index: 24, job }])
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.workflow(&a.workflow_id).unwrap(), Some(a));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! End-to-end tests of cross-site workflows between real daemons on a real containerd: a site
-//! job feeding an aggregation at the owner, policy denial, approval, cancellation and
-//! single-file processing.
+//! job feeding an aggregation at the owner, policy denial, approval, cancellation,
+//! single-file processing, and a single-file workflow of many jobs across daemon restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -417,4 +417,71 @@ image = "IMAGE"
     assert_eq!(w.jobs[1].state, "failed");
     // A cancel for the given-up job waits for site-b in the outbox, beside the job manifest.
     assert_eq!(da.instance("site-b").unwrap().outbox_depth, 2);
+}
+
+/// A single-file workflow of 36 items at one site (its own dataset, real containers, four at a
+/// time) finishes with one result per item, and every job reads back exactly as it was after
+/// its daemon is killed (SIGKILL) and restarted, and again after a clean stop and restart
+/// (issue 19: each job is a store record of its own, written when that job changes; the
+/// daemon loads the workflow from its header and its 36 job records).
+#[test]
+fn a_single_file_workflow_of_many_jobs_keeps_every_jobs_state_across_restarts() {
+    const ITEMS: usize = 36;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ctd = rt.block_on(TestContainerd::start());
+    let tmp = common::test_dir();
+    let root = tmp.path();
+    let a = Site::init_networked(root, "site-a");
+    a.set_executor(Some(ctd.containerd().socket()));
+    let tar = common::containerd::build_busybox_image(root, "busybox", false);
+    a.ok(&["image", "import", tar.tar.to_str().unwrap()]);
+    let dataset = root.join("series");
+    for k in 0..ITEMS {
+        let item = dataset.join(format!("1.2.826.0.1.3680043.9.{k}"));
+        std::fs::create_dir_all(&item).unwrap();
+        std::fs::write(item.join("value"), format!("{k}\n")).unwrap();
+    }
+    a.ok(&["dataset", "add", "series", dataset.to_str().unwrap()]);
+    let toml = r#"
+name = "every-series"
+[[job]]
+name = "item"
+runner = "owner"
+dataset = "series"
+processing = "single-file"
+max_parallel = 4
+image = "IMAGE"
+command = ["sh", "-c", "cat /input/*/value > /output/value"]
+"#
+    .replace("IMAGE", &tar.digest.to_string());
+
+    let da = a.start();
+    let w = da.submit_workflow(&toml);
+    assert_eq!(w.jobs.len(), ITEMS, "{w:#?}");
+    let id = w.workflow_id.clone();
+    let w = da.wait_workflow(&id, "finished", Duration::from_secs(180));
+    assert!(w.jobs.iter().all(|j| j.state == "finished" && j.result.is_some()), "{w:#?}");
+    let out = root.join("every-series");
+    a.ok(&["workflow", "result", &id, "--out", out.to_str().unwrap()]);
+    let mut values: Vec<usize> = w
+        .jobs
+        .iter()
+        .map(|j| {
+            let v = std::fs::read_to_string(out.join(&j.name).join("value")).unwrap();
+            v.trim().parse().unwrap()
+        })
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (0..ITEMS).collect::<Vec<_>>(), "each item once");
+    let same = |again: &WorkflowView, when: &str| {
+        assert_eq!(format!("{:?}", again.jobs), format!("{:?}", w.jobs), "jobs after {when}");
+        assert_eq!((&again.state, &again.ended_at), (&w.state, &w.ended_at), "after {when}");
+    };
+
+    da.kill();
+    let da = a.start();
+    same(&da.workflow(&id), "a kill");
+    assert!(da.stop(), "the daemon stopped cleanly");
+    let da = a.start();
+    same(&da.workflow(&id), "a clean stop");
 }

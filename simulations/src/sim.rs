@@ -1787,13 +1787,22 @@ impl Sim {
     /// Carries out a core's commands, in order: the I/O the daemon does.
     fn carry_out(&mut self, s: u32, cmds: Vec<Command>, runner_check: bool) {
         let now = self.now();
+        if runner_check {
+            // The core's value is the durable record; only the workflows a lost-runner check
+            // changed (their own record or any of their jobs') are counted.
+            let changed: BTreeSet<_> = cmds
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Persist(
+                        Record::Workflow(w) | Record::WorkflowJob { workflow: w, .. },
+                    ) => Some(*w),
+                    _ => None,
+                })
+                .collect();
+            self.counters.runner_lost_events += u64::try_from(changed.len()).unwrap_or(u64::MAX);
+        }
         for cmd in cmds {
             match cmd {
-                // The core's value is the durable record; only what a lost-runner check
-                // changed is counted.
-                Command::Persist(Record::Workflow(_)) if runner_check => {
-                    self.counters.runner_lost_events += 1;
-                }
                 Command::Send { to, message } => {
                     if let Some(&r) = self.index.get(&to) {
                         self.enqueue(s, r, message);

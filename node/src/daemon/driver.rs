@@ -406,14 +406,21 @@ pub(crate) fn samples_in_bundle(bundle: &std::path::Path) -> Option<u64> {
     None
 }
 
-/// Store operations for every record the commands name, each once, in its current state.
-fn records_of(site: &kaapana_federation::Site, commands: &[Command]) -> Vec<WriteOp> {
+/// Store operations for every record the commands name, each once, in its current state: a
+/// workflow's own fields ([`Record::Workflow`]) and single jobs ([`Record::WorkflowJob`]) as
+/// records of their own, so an event that changes one job writes that job only. Public for
+/// the benchmarks (`benches/large.rs`), which persist through the same path.
+pub fn records_of(site: &kaapana_federation::Site, commands: &[Command]) -> Vec<WriteOp> {
     let mut workflows = BTreeSet::new();
+    let mut workflow_jobs = BTreeSet::new();
     let mut runner_jobs = BTreeSet::new();
     for c in commands {
         match c {
             Command::Persist(Record::Workflow(id)) => {
                 workflows.insert(*id);
+            }
+            Command::Persist(Record::WorkflowJob { workflow, index }) => {
+                workflow_jobs.insert((*workflow, *index));
             }
             Command::Persist(Record::RunnerJob(id)) => {
                 runner_jobs.insert(*id);
@@ -424,8 +431,14 @@ fn records_of(site: &kaapana_federation::Site, commands: &[Command]) -> Vec<Writ
     let mut ops: Vec<WriteOp> = workflows
         .iter()
         .filter_map(|id| site.workflow(id))
-        .map(|w| WriteOp::PutWorkflow(Box::new(w.clone())))
+        .map(|w| WriteOp::PutWorkflowHeader(Box::new(w.header())))
         .collect();
+    for (workflow, index) in workflow_jobs {
+        let job = site.workflow(&workflow).and_then(|w| w.jobs.get(index));
+        if let (Some(job), Ok(index)) = (job, u32::try_from(index)) {
+            ops.push(WriteOp::PutWorkflowJob { workflow, index, job: Box::new(job.clone()) });
+        }
+    }
     ops.extend(
         runner_jobs
             .iter()

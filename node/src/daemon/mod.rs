@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::events::{Event, EventKind, EventLog};
-pub use driver::{JobError, RequestError, WorkflowError};
+pub use driver::{JobError, RequestError, WorkflowError, records_of};
 pub use trust::{RevocationView, RevocationsView, RotateRequest, RotationView};
 
 use crate::admin::{AdminError, NodeFiles};
