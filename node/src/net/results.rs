@@ -46,8 +46,16 @@
 //! The frames ([`Offer`], [`Reply`], [`RejectCode`], [`ResultPart`]) and their limits are
 //! wire types of `kaapana-protocol` (its `results` module), re-exported here.
 //!
+//! * **Quota.** Before `Resume`, a blob that is not stored yet must fit the owner's
+//!   per-runner quota (`[workflows] max_result_bytes_per_runner`, [`ResultOwner::within_quota`]):
+//!   the result bytes already stored from the manifest's signer plus this blob. Otherwise
+//!   `Rejected { QuotaExceeded }` (transient: the owner may free space or raise the quota),
+//!   counted and reported like every rejection; no byte of the blob is read. Uploads in
+//!   progress are not counted: parallel uploads of one runner can together exceed the quota
+//!   by what they carry.
+//!
 //! Not checked here: that the job is one this owner submitted to that runner (the job
-//! records' business), and a quota on blob sizes.
+//! records' business).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -488,6 +496,14 @@ pub trait ResultOwner: Send + Sync + 'static {
         bundle_part: bool,
     ) -> impl Future<Output = Result<(), String>> + Send;
 
+    /// Whether this owner may store `blob` (a part of `signed`'s result, not stored yet) within
+    /// its per-runner quota; why not. Blocking (it may read the store): called on a blocking
+    /// thread. The default takes everything.
+    fn within_quota(&self, signed: &Signed<ResultManifest>, blob: BlobRef) -> Result<(), Refusal> {
+        let _ = (signed, blob);
+        Ok(())
+    }
+
     /// Reports an event about `peer`.
     fn report(&self, kind: EventKind, peer: &InstanceId, detail: String);
 
@@ -646,6 +662,12 @@ impl<O: ResultOwner> Server<O> {
             return None;
         }
 
+        let (owner, offered) = (Arc::clone(&self.owner), signed.clone());
+        match tokio::task::spawn_blocking(move || owner.within_quota(&offered, blob)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return Some(refusal),
+            Err(e) => return Some((RejectCode::Storage, e.to_string())),
+        }
         let blobs = self.blobs.clone();
         let upload = match tokio::task::spawn_blocking(move || blobs.begin(blob)).await {
             Ok(Ok(upload)) => upload,
@@ -778,6 +800,12 @@ async fn receive(
                 return (upload, Err(e));
             }
             let _ = free_tx.send(chunk);
+        }
+        if upload.offset() < upload.expected().size {
+            // A resume point: the next offer is all that came (see `crate::blobs`).
+            if let Err(e) = upload.checkpoint() {
+                tracing::warn!(error = %e, "cannot make a partial upload durable");
+            }
         }
         (upload, Ok(()))
     });
