@@ -1,19 +1,29 @@
-//! Result bundle throughput on loopback: `/kaapana/results/1` from an in-process runner peer
-//! to an owner `kaapana-node run` process, beside a plain rustls TLS 1.3 stream, in one run.
+//! Result bundle throughput: `/kaapana/results/1` from an in-process runner peer to an owner
+//! `kaapana-node run` process, beside baselines doing the same work, in one run.
 //!
 //! Prints MB/s (10^6 bytes per second) for one bundle (default 1 GiB, generated into a
-//! temporary file) of:
-//! * a rustls TLS 1.3 stream (ring provider, its default suite AES-256-GCM) over a loopback
-//!   `TcpStream`, server and client in threads, self-signed certificates by rcgen: the
-//!   reference of the target (ratio ≥ 0.8);
-//! * the same with ChaCha20-Poly1305, the suite libp2p-tls negotiates;
+//! temporary file), all streams in [`CHUNK`]-sized writes (ours: 1 MiB):
+//! * on loopback: a rustls TLS 1.3 stream (ring, AES-256-GCM; then ChaCha20-Poly1305, the
+//!   suite libp2p-tls negotiates), threads, no disk;
 //! * a raw libp2p-stream over TCP+TLS+yamux between two in-process swarms (no disk);
+//! * **baseline A**, the simplest correct program doing our work on the same transport: the
+//!   same raw libp2p stream, the sender reading the bundle file, the receiver SHA-256-hashing
+//!   and writing each chunk in its receive loop (one task, no pipelining), then fsyncing the
+//!   file in the owner's data directory and checking the digest;
 //! * `/kaapana/results/1` over TCP and over QUIC: the owner verifies the manifest, hashes and
 //!   writes the bundle, fsyncs it and records the result before it answers `Stored`;
-//! * the owner's disk alone (write + fsync of the same size) and SHA-256 alone, one core:
-//!   what the owner must do beyond the transport.
+//!   **ratio results TCP / baseline A** (goal 0.8);
+//! * the owner's disk alone (write + fsync of the same size) and SHA-256 alone, one core;
+//! * over a **WAN-like path** ([`WanPath`]: hosts a and b in network namespaces, a router
+//!   delaying every packet by 25 ms each way through a TUN device, `tbf` at 1 Gbit/s each way,
+//!   TCP buffers up to 32 MiB in both hosts): a rustls stream from a to b (timed from its TCP
+//!   connect), and ours from a runner peer in a to an owner daemon in b (timed from opening
+//!   the stream, on a connection made before); **ratio results WAN / rustls WAN** (goal 0.8).
+//!   yamux needs no setting for it: its stream window auto-tunes towards the BDP within a
+//!   1 GiB connection window (yamux 0.14 defaults, see Cargo.lock).
 //!
-//! `cargo bench -p kaapana-node --bench results` (add `-- N` for N MiB).
+//! `cargo bench -p kaapana-node --bench results` (add `-- N` for N MiB). Needs root (network
+//! namespaces, TUN). Figures here swing with the machine's load: compare within one run.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
@@ -36,7 +46,8 @@ use kaapana_protocol::{
 };
 use libp2p::{Multiaddr, StreamProtocol};
 
-const CHUNK: usize = 256 * 1024;
+/// The same chunk size as ours (the runner's reads and writes), for every stream here.
+const CHUNK: usize = kaapana_node::net::results::CHUNK;
 
 fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
@@ -429,7 +440,9 @@ fn main() {
         (dir, sites, daemon)
     });
 
-    println!("result bundle of {mib} MiB, loopback, 2 cores, one run:");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!("result bundle of {mib} MiB, loopback, 2 cores, one run (load average {load}):");
     let tls = line(
         "rustls TLS 1.3 AES-256-GCM stream (threads, no disk)",
         size,

@@ -31,8 +31,15 @@
 //!   half-open connection does not wait for it.
 //! * **Flow control** is the transport's (yamux windows over TCP, QUIC's stream credit): the
 //!   sender's `write_all` waits while the owner is behind. Neither side holds a blob in memory:
-//!   the runner reads the file in [`CHUNK`]s on a blocking thread; the owner hashes
-//!   (SHA-256, incrementally) and writes chunks on a blocking thread while the next ones arrive.
+//!   the runner reads the file in [`CHUNK`]s (1 MiB) on a blocking thread; the owner writes
+//!   chunks on a blocking thread while the next ones arrive, hashing each (SHA-256,
+//!   incrementally) on a second thread while it is written ([`crate::blobs`]). Every 64 MiB the
+//!   partial file is checkpointed in the background (fsync and a durable length record), so
+//!   the final fsync before `Stored` has little left to do.
+//! * **Durable resume points.** When an upload stops short (broken or reset stream, idle,
+//!   preempted) the owner checkpoints the partial file before it answers or lets the digest
+//!   go, and `Resume { offset }` only ever offers the checkpointed prefix: after a crash it
+//!   never offers bytes that were not on disk (see [`crate::blobs`]).
 //! * **Checking.** After the runner's end of stream the owner compares size and SHA-256 with
 //!   the manifest's `BlobRef`. A mismatch is `Rejected { DigestMismatch | SizeMismatch }` and
 //!   the partial file is deleted: a tampered bundle leaves nothing stored. Otherwise the blob
@@ -88,7 +95,7 @@ fn now() -> kaapana_protocol::Timestamp {
 use crate::metrics::{KindLabel, ReasonLabel};
 
 /// The size of the pieces a blob is read, sent and written in.
-pub const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 1024 * 1024;
 /// Uploads an owner receives at once; more are answered `Busy`.
 pub const MAX_UPLOADS: usize = 16;
 
@@ -100,9 +107,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a new upload waits for an older one of the same digest to let go.
 const PREEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks queued between the owner's network reader and its writer thread.
-const WRITE_QUEUE: usize = 16;
+const WRITE_QUEUE: usize = 8;
 /// Chunks queued between the runner's file reader thread and the stream.
-const READ_QUEUE: usize = 8;
+const READ_QUEUE: usize = 4;
 
 /// How a result was delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
