@@ -1,19 +1,29 @@
-//! Result bundle throughput on loopback: `/kaapana/results/1` from an in-process runner peer
-//! to an owner `kaapana-node run` process, beside a plain rustls TLS 1.3 stream, in one run.
+//! Result bundle throughput: `/kaapana/results/1` from an in-process runner peer to an owner
+//! `kaapana-node run` process, beside baselines doing the same work, in one run.
 //!
 //! Prints MB/s (10^6 bytes per second) for one bundle (default 1 GiB, generated into a
-//! temporary file) of:
-//! * a rustls TLS 1.3 stream (ring provider, its default suite AES-256-GCM) over a loopback
-//!   `TcpStream`, server and client in threads, self-signed certificates by rcgen: the
-//!   reference of the target (ratio ≥ 0.8);
-//! * the same with ChaCha20-Poly1305, the suite libp2p-tls negotiates;
+//! temporary file), all streams in [`CHUNK`]-sized writes (ours: 1 MiB):
+//! * on loopback: a rustls TLS 1.3 stream (ring, AES-256-GCM; then ChaCha20-Poly1305, the
+//!   suite libp2p-tls negotiates), threads, no disk;
 //! * a raw libp2p-stream over TCP+TLS+yamux between two in-process swarms (no disk);
+//! * **baseline A**, the simplest correct program doing our work on the same transport: the
+//!   same raw libp2p stream, the sender reading the bundle file, the receiver SHA-256-hashing
+//!   and writing each chunk in its receive loop (one task, no pipelining), then fsyncing the
+//!   file in the owner's data directory and checking the digest;
 //! * `/kaapana/results/1` over TCP and over QUIC: the owner verifies the manifest, hashes and
 //!   writes the bundle, fsyncs it and records the result before it answers `Stored`;
-//! * the owner's disk alone (write + fsync of the same size) and SHA-256 alone, one core:
-//!   what the owner must do beyond the transport.
+//!   **ratio results TCP / baseline A** (goal 0.8);
+//! * the owner's disk alone (write + fsync of the same size) and SHA-256 alone, one core;
+//! * over a **WAN-like path** ([`WanPath`]: hosts a and b in network namespaces, a router
+//!   delaying every packet by 25 ms each way through a TUN device, `tbf` at 1 Gbit/s each way,
+//!   TCP buffers up to 32 MiB in both hosts): a rustls stream from a to b (timed from its TCP
+//!   connect), and ours from a runner peer in a to an owner daemon in b (timed from opening
+//!   the stream, on a connection made before); **ratio results WAN / rustls WAN** (goal 0.8).
+//!   yamux needs no setting for it: its stream window auto-tunes towards the BDP within a
+//!   1 GiB connection window (yamux 0.14 defaults, see Cargo.lock).
 //!
-//! `cargo bench -p kaapana-node --bench results` (add `-- N` for N MiB).
+//! `cargo bench -p kaapana-node --bench results` (add `-- N` for N MiB). Needs root (network
+//! namespaces, TUN). Figures here swing with the machine's load: compare within one run.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
@@ -25,6 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::netns::WanPath;
 use common::{Daemon, Site, TestPeer, federation};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kaapana_node::blobs::hash_file;
@@ -35,7 +46,8 @@ use kaapana_protocol::{
 };
 use libp2p::{Multiaddr, StreamProtocol};
 
-const CHUNK: usize = 256 * 1024;
+/// The same chunk size as ours (the runner's reads and writes), for every stream here.
+const CHUNK: usize = kaapana_node::net::results::CHUNK;
 
 fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
@@ -75,7 +87,12 @@ fn write_bundle(path: &Path, size: u64) {
 
 // ----- rustls -----
 
+/// A rustls stream on loopback, or with `wan` from host `a` to host `b` of that path.
 fn rustls_stream(size: u64, chacha: bool) -> Duration {
+    rustls_stream_over(size, chacha, None)
+}
+
+fn rustls_stream_over(size: u64, chacha: bool, wan: Option<&WanPath>) -> Duration {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
@@ -111,48 +128,79 @@ fn rustls_stream(size: u64, chacha: bool) -> Duration {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let conn = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let mut buf = vec![0u8; CHUNK];
-        let mut got = 0u64;
-        while got < size {
-            let n = tls.read(&mut buf).unwrap();
-            assert!(n > 0, "early end of the TLS stream");
-            got += n as u64;
-        }
-        let suite = tls.conn.negotiated_cipher_suite().unwrap().suite();
-        (Instant::now(), format!("{suite:?}"))
-    });
-    let start = Instant::now();
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let mut buf = vec![0u8; CHUNK];
-    noise(7, &mut buf);
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        tls.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    tls.flush().unwrap();
-    let (end, suite) = server.join().unwrap();
-    let expected =
-        if chacha { "TLS13_CHACHA20_POLY1305_SHA256" } else { "TLS13_AES_256_GCM_SHA384" };
-    assert_eq!(suite, expected);
-    end - start
+    let ip = wan.map_or_else(|| "127.0.0.1".to_owned(), WanPath::ip_b);
+    std::thread::scope(|scope| {
+        let listener = scope
+            .spawn(|| {
+                if let Some(w) = wan {
+                    w.enter('b');
+                }
+                TcpListener::bind((ip.as_str(), 0)).unwrap()
+            })
+            .join()
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = scope.spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let conn = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            while got < size {
+                let n = tls.read(&mut buf).unwrap();
+                assert!(n > 0, "early end of the TLS stream");
+                got += n as u64;
+            }
+            let suite = tls.conn.negotiated_cipher_suite().unwrap().suite();
+            (Instant::now(), format!("{suite:?}"))
+        });
+        let client = scope.spawn(move || {
+            if let Some(w) = wan {
+                w.enter('a');
+            }
+            let start = Instant::now();
+            let tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let conn = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = vec![0u8; CHUNK];
+            noise(7, &mut buf);
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(CHUNK as u64) as usize;
+                tls.write_all(&buf[..n]).unwrap();
+                left -= n as u64;
+            }
+            tls.flush().unwrap();
+            // Kept open until the server has read everything (closing with the server's unread
+            // session tickets would reset the connection).
+            (start, tls)
+        });
+        let (start, _tls) = client.join().unwrap();
+        let (end, suite) = server.join().unwrap();
+        let expected =
+            if chacha { "TLS13_CHACHA20_POLY1305_SHA256" } else { "TLS13_AES_256_GCM_SHA384" };
+        assert_eq!(suite, expected);
+        end - start
+    })
 }
 
 // ----- raw libp2p-stream -----
 
-fn raw_libp2p_stream(size: u64) -> Duration {
+/// What the receiving end of a raw libp2p stream does with the bytes.
+#[derive(Clone, Copy)]
+enum RawSink<'a> {
+    /// Drops them (the bare transport).
+    Discard,
+    /// Baseline A, the simplest correct program doing our work: the sender reads `bundle`,
+    /// the receiver SHA-256-hashes and writes each chunk in its receive loop, then fsyncs
+    /// the file in `dir` and checks size and digest.
+    Store { bundle: &'a Path, blob: BlobRef, dir: &'a Path },
+}
+
+fn raw_libp2p_stream(size: u64, sink: RawSink<'_>) -> Duration {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
@@ -180,16 +228,37 @@ fn raw_libp2p_stream(size: u64) -> Duration {
         b.allow(a.local_peer_id(), Vec::new()).await.unwrap();
         let proto = StreamProtocol::new("/kaapana/bench-raw/1");
         let mut incoming = b.stream_control().accept(proto.clone()).unwrap();
-        let sink = tokio::spawn(async move {
+        let target = match sink {
+            RawSink::Discard => None,
+            RawSink::Store { dir, blob, .. } => Some((dir.join("baseline-a"), blob)),
+        };
+        let sink_task = tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
             // A warm-up stream (dial, handshake), then the measured one.
             for want in [1u64, size] {
                 let (_, mut s) = incoming.next().await.unwrap();
+                let mut out = target
+                    .as_ref()
+                    .filter(|_| want == size)
+                    .map(|(path, _)| std::fs::File::create(path).unwrap());
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
                 let mut got = 0u64;
-                while got < want {
+                loop {
                     let n = s.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "early end of the raw stream");
+                    if n == 0 {
+                        break;
+                    }
+                    if let Some(f) = out.as_mut() {
+                        ctx.update(&buf[..n]);
+                        f.write_all(&buf[..n]).unwrap();
+                    }
                     got += n as u64;
+                }
+                assert_eq!(got, want, "early end of the raw stream");
+                if let (Some(f), Some((path, blob))) = (out, target.as_ref()) {
+                    f.sync_all().unwrap();
+                    assert_eq!(ctx.finish().as_ref(), &blob.digest.0[..], "digest");
+                    std::fs::remove_file(path).unwrap();
                 }
             }
             Instant::now()
@@ -201,16 +270,23 @@ fn raw_libp2p_stream(size: u64) -> Duration {
 
         let mut buf = vec![0u8; CHUNK];
         noise(9, &mut buf);
+        let mut file = match sink {
+            RawSink::Discard => None,
+            RawSink::Store { bundle, .. } => Some(std::fs::File::open(bundle).unwrap()),
+        };
         let start = Instant::now();
         let mut s = control.open_stream(b.local_peer_id(), proto).await.unwrap();
         let mut left = size;
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
+            if let Some(f) = file.as_mut() {
+                f.read_exact(&mut buf[..n]).unwrap();
+            }
             s.write_all(&buf[..n]).await.unwrap();
             left -= n as u64;
         }
         s.close().await.unwrap();
-        let end = sink.await.unwrap();
+        let end = sink_task.await.unwrap();
         cancel.cancel();
         end - start
     })
@@ -241,9 +317,21 @@ fn results_protocol(
     blob: BlobRef,
     quic: bool,
 ) -> Duration {
+    results_protocol_from(TestPeer::new(runner), owner, daemon, runner, bundle, blob, quic)
+}
+
+/// [`results_protocol`] from `peer`, a [`TestPeer`] with `runner`'s key.
+fn results_protocol_from(
+    peer: TestPeer,
+    owner: &Site,
+    daemon: &Daemon,
+    runner: &Site,
+    bundle: &Path,
+    blob: BlobRef,
+    quic: bool,
+) -> Duration {
     let stored = owner.dir.join("blobs/sha256").join(blob.digest.hex());
     let _ = std::fs::remove_file(&stored);
-    let peer = TestPeer::new(runner);
     if quic {
         peer.allow_quic(owner);
     } else {
@@ -295,6 +383,40 @@ fn sha256_alone(size: u64) -> Duration {
     start.elapsed()
 }
 
+// ----- the WAN-like path -----
+
+/// Round trip 2 × this.
+const WAN_DELAY: Duration = Duration::from_millis(25);
+const WAN_RATE_MBIT: u32 = 1000;
+
+/// Over a [`WanPath`] (25 ms each way, 1 Gbit/s each way, per-packet delay in the router):
+/// a rustls stream from host a to host b, then `/kaapana/results/1` from a runner peer in
+/// host a to an owner daemon in host b. Returns both durations.
+fn over_wan(dir: &Path, bundle: &Path, blob: BlobRef) -> (Duration, Duration) {
+    let path = WanPath::new(WAN_DELAY, WAN_RATE_MBIT);
+    let ip = path.ip_b();
+    let owner =
+        Site::init_at(dir, "owner-wan", &format!("/ip4/{ip}/tcp/7400"), &format!("{ip}:7401"));
+    let runner = Site::init_networked(dir, "runner-wan");
+    let (ob, rb) = (owner.export(dir), runner.export(dir));
+    owner.register(&runner, &rb);
+    runner.register(&owner, &ob);
+    let daemon = owner.start_command(path.command('b', common::node_binary()));
+    let tls = rustls_stream_over(blob.size, false, Some(&path));
+    // The runner's swarm (its runtime's threads) lives in host a.
+    let peer = std::thread::scope(|s| {
+        s.spawn(|| {
+            path.enter('a');
+            TestPeer::new(&runner)
+        })
+        .join()
+        .unwrap()
+    });
+    let ours = results_protocol_from(peer, &owner, &daemon, &runner, bundle, blob, false);
+    assert!(daemon.stop());
+    (tls, ours)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a number sets the bundle size in MiB.
     let mib = std::env::args().skip(1).find_map(|a| a.parse::<u64>().ok()).unwrap_or(1024);
@@ -318,7 +440,9 @@ fn main() {
         (dir, sites, daemon)
     });
 
-    println!("result bundle of {mib} MiB, loopback, 2 cores, one run:");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!("result bundle of {mib} MiB, loopback, 2 cores, one run (load average {load}):");
     let tls = line(
         "rustls TLS 1.3 AES-256-GCM stream (threads, no disk)",
         size,
@@ -328,7 +452,7 @@ fn main() {
     let raw = line(
         "raw libp2p-stream TCP+TLS+yamux (in process, no disk)",
         size,
-        raw_libp2p_stream(size),
+        raw_libp2p_stream(size, RawSink::Discard),
     );
     // Also warms the page cache up for what follows.
     let disk = line("owner's disk alone: write + fsync", size, disk_write_fsync(&owner.dir, size));
@@ -336,6 +460,11 @@ fn main() {
         "/kaapana/results/1 TCP: runner -> owner daemon, stored",
         size,
         results_protocol(owner, &daemon, runner, &bundle, blob, false),
+    );
+    let baseline_a = line(
+        "A: raw libp2p-stream, receiver hashes + writes + fsyncs",
+        size,
+        raw_libp2p_stream(size, RawSink::Store { bundle: &bundle, blob, dir: &owner.dir }),
     );
     let ours_quic = line(
         "/kaapana/results/1 QUIC: runner -> owner daemon, stored",
@@ -350,7 +479,8 @@ fn main() {
         )
     });
     line("SHA-256 alone (ring, one core)", size, sha256_alone(size));
-    println!("  ratio results TCP / rustls AES-GCM:       {:.2} (target >= 0.8)", ours / tls);
+    println!("  ratio results TCP / baseline A: {:.2} (goal 0.8)", ours / baseline_a);
+    println!("  ratio results TCP / rustls AES-GCM:       {:.2}", ours / tls);
     println!("  ratio results TCP / rustls ChaCha20:      {:.2}", ours / chacha);
     println!("  ratio results TCP / raw libp2p-stream:    {:.2}", ours / raw);
     println!("  ratio results TCP / disk alone:           {:.2}", ours / disk);
@@ -359,6 +489,15 @@ fn main() {
         println!("  ratio results tmpfs / rustls AES-GCM:     {:.2}", r / tls);
         println!("  ratio results tmpfs / raw libp2p-stream:  {:.2}", r / raw);
     }
+    let (wan_tls, wan_ours) = over_wan(dir.path(), &bundle, blob);
+    println!(
+        "WAN-like path: {} ms each way (per packet, user-space TUN delay), tbf {WAN_RATE_MBIT} Mbit/s each way, MTU {}:",
+        WAN_DELAY.as_millis(),
+        common::netns::WAN_MTU
+    );
+    let wan_tls = line("rustls TLS 1.3 AES-256-GCM stream, host a -> host b", size, wan_tls);
+    let wan_ours = line("/kaapana/results/1 TCP: runner in a -> owner daemon in b", size, wan_ours);
+    println!("  ratio results WAN / rustls WAN: {:.2} (goal 0.8)", wan_ours / wan_tls);
     assert!(daemon.stop());
     if let Some((_dir, _sites, daemon)) = shm {
         assert!(daemon.stop());

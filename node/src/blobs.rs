@@ -5,6 +5,7 @@
 //! ```text
 //! DATA_DIR/blobs/sha256/<64 hex>        complete blobs, verified against their digest, 0444
 //! DATA_DIR/blobs/partial/<64 hex>.part  uploads in progress (resumable), 0600
+//! DATA_DIR/blobs/partial/<64 hex>.part.synced  how many bytes of that file are durable
 //! DATA_DIR/blobs/partial/put-*.tmp      files being hashed in by `put_file`
 //! ```
 //!
@@ -17,9 +18,20 @@
 //!
 //! [`BlobStore::begin`] opens the partial file of the expected digest and hashes what it
 //! already holds, so the upload continues at [`Upload::offset`] with the digest state of the
-//! whole prefix. Nothing in a partial file is trusted: if its bytes were wrong (a crash can
-//! leave a torn tail), the final check fails with [`BlobError::DigestMismatch`], the partial
-//! file is deleted and the next upload starts from zero.
+//! whole prefix.
+//!
+//! Only durable bytes are offered: the prefix a *checkpoint* fsynced. A checkpoint fsyncs the
+//! partial file, then records its length in `<hex>.part.synced` (8 bytes, big-endian,
+//! written to a temporary file, fsynced and renamed over the old record). [`Upload::write`]
+//! starts one every [`CHECKPOINT_EVERY`] bytes on a thread of its own (the writer does not
+//! wait for the disk), and [`Upload::checkpoint`] takes one at a resume point (the results
+//! protocol when an upload stops short). `begin` offers `min(file length, record)` and cuts
+//! the file there: what was written after the last checkpoint (a crash can leave it torn or
+//! as zeros) is dropped, not hashed in; a partial file without a record starts from zero. A
+//! lost record update only makes the offer smaller. Beyond that nothing in a partial file is
+//! trusted: if its durable bytes were wrong, the final check fails with
+//! [`BlobError::DigestMismatch`], the partial file is deleted and the next upload starts
+//! from zero.
 //!
 //! The store takes no locks: at most one [`Upload`] per digest may be open at a time (the
 //! results protocol serialises uploads of the same digest). Everything here is blocking file
@@ -30,6 +42,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 
 use kaapana_protocol::{BlobRef, Sha256Digest};
 use ring::digest::{Context, SHA256};
@@ -38,6 +51,13 @@ use crate::data_dir::DataDir;
 
 /// How much is read at a time when hashing or copying a file.
 const READ_BUFFER: usize = 1 << 20;
+
+/// Chunks of at least this size are hashed on a second thread while they are written.
+const HASH_ASIDE: usize = 256 * 1024;
+
+/// An upload takes a checkpoint (fsync, then a durable record of the length) every this many
+/// bytes, in the background: at most this much is received again after a crash.
+pub const CHECKPOINT_EVERY: u64 = 64 << 20;
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,19 +141,23 @@ impl BlobStore {
         self.partial.join(format!("{}.part", digest.hex()))
     }
 
-    /// Deletes the partial file of `digest`, if there is one.
-    pub fn remove_partial(&self, digest: &Sha256Digest) -> Result<(), BlobError> {
-        let path = self.partial_path(digest);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot delete", &path)(e)),
-            _ => Ok(()),
-        }
+    /// Where the durable length of the partial file of `digest` is recorded.
+    fn record_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.partial.join(format!("{}.part.synced", digest.hex()))
     }
 
-    /// Starts or resumes the upload of `expected`: opens its partial file and hashes what it
-    /// already holds (a partial file longer than the blob is emptied).
+    /// Deletes the partial file of `digest` (and its record), if there is one.
+    pub fn remove_partial(&self, digest: &Sha256Digest) -> Result<(), BlobError> {
+        remove_if_there(&self.partial_path(digest))?;
+        remove_if_there(&self.record_path(digest))
+    }
+
+    /// Starts or resumes the upload of `expected`: opens its partial file, cuts it to its
+    /// last checkpoint (see the module docs) and hashes what it then holds (a partial file
+    /// longer than the blob is emptied).
     pub fn begin(&self, expected: BlobRef) -> Result<Upload, BlobError> {
         let partial = self.partial_path(&expected.digest);
+        let record = self.record_path(&expected.digest);
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -141,16 +165,30 @@ impl BlobStore {
             .mode(0o600)
             .open(&partial)
             .map_err(io_err("cannot open", &partial))?;
-        let mut ctx = Context::new(&SHA256);
-        let mut written =
-            hash_into(&mut file, &mut ctx).map_err(io_err("cannot read", &partial))?;
-        if written > expected.size {
-            file.set_len(0).map_err(io_err("cannot truncate", &partial))?;
-            ctx = Context::new(&SHA256);
-            written = 0;
+        let len = file.metadata().map_err(io_err("cannot read", &partial))?.len();
+        let durable = read_record(&record).map_err(io_err("cannot read", &record))?;
+        let mut keep = len.min(durable);
+        if keep > expected.size {
+            keep = 0;
         }
+        if keep < len {
+            file.set_len(keep).map_err(io_err("cannot truncate", &partial))?;
+        }
+        let mut ctx = Context::new(&SHA256);
+        let written = hash_into(&mut file, &mut ctx).map_err(io_err("cannot read", &partial))?;
         let target = self.complete_path(&expected.digest);
-        Ok(Upload { expected, file, ctx, written, partial, target, dir: self.complete.clone() })
+        Ok(Upload {
+            expected,
+            file,
+            ctx,
+            written,
+            next_checkpoint: written.saturating_add(CHECKPOINT_EVERY),
+            syncing: None,
+            partial,
+            record,
+            target,
+            dir: self.complete.clone(),
+        })
     }
 
     /// Copies the file at `path` into the store, hashing it on the way (a runner's finished
@@ -207,6 +245,36 @@ fn install(file: &File, from: &Path, to: &Path, dir: &Path) -> Result<(), BlobEr
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", dir))
 }
 
+fn remove_if_there(path: &Path) -> Result<(), BlobError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot delete", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The durable length recorded at `record`; 0 without a (whole) record.
+fn read_record(record: &Path) -> io::Result<u64> {
+    match fs::read(record) {
+        Ok(bytes) => Ok(<[u8; 8]>::try_from(bytes.as_slice()).map_or(0, u64::from_be_bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes the first `len` bytes of `file` durable, then records `len` at `record`.
+fn take_checkpoint(file: &File, len: u64, partial: &Path, record: &Path) -> Result<(), BlobError> {
+    file.sync_data().map_err(io_err("cannot fsync", partial))?;
+    let tmp = record.with_extension("synced.tmp");
+    let write = || -> io::Result<()> {
+        let mut f =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&len.to_be_bytes())?;
+        f.sync_data()?;
+        fs::rename(&tmp, record)
+    };
+    write().map_err(io_err("cannot record the durable length in", record))
+}
+
 /// Hashes a file without storing it: its [`BlobRef`].
 pub fn hash_file(path: &Path) -> Result<BlobRef, BlobError> {
     let mut file = File::open(path).map_err(io_err("cannot open", path))?;
@@ -252,7 +320,12 @@ pub struct Upload {
     file: File,
     ctx: Context,
     written: u64,
+    /// Where the next background checkpoint is due.
+    next_checkpoint: u64,
+    /// The background checkpoint running, if any.
+    syncing: Option<JoinHandle<Result<(), BlobError>>>,
     partial: PathBuf,
+    record: PathBuf,
     target: PathBuf,
     dir: PathBuf,
 }
@@ -289,49 +362,110 @@ impl Upload {
                 actual: after,
             });
         }
-        self.file.write_all(chunk).map_err(io_err("cannot write", &self.partial))?;
-        self.ctx.update(chunk);
+        if chunk.len() >= HASH_ASIDE {
+            // Hashing beside writing: the copy into the page cache (which can wait for
+            // writeback) and SHA-256 take about as long each.
+            let (file, ctx) = (&mut self.file, &mut self.ctx);
+            std::thread::scope(|s| {
+                s.spawn(|| ctx.update(chunk));
+                file.write_all(chunk)
+            })
+            .map_err(io_err("cannot write", &self.partial))?;
+        } else {
+            self.file.write_all(chunk).map_err(io_err("cannot write", &self.partial))?;
+            self.ctx.update(chunk);
+        }
         self.written = after;
+        if self.written >= self.next_checkpoint && self.written < self.expected.size {
+            self.start_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a checkpoint of what is written so far on a thread of its own, unless the
+    /// previous one is still running (then the next write tries again). A failed background
+    /// checkpoint fails the upload.
+    fn start_checkpoint(&mut self) -> Result<(), BlobError> {
+        if self.syncing.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Ok(());
+        }
+        self.wait_for_checkpoint()?;
+        let file = self.file.try_clone().map_err(io_err("cannot reopen", &self.partial))?;
+        let (len, partial, record) = (self.written, self.partial.clone(), self.record.clone());
+        self.syncing =
+            Some(std::thread::spawn(move || take_checkpoint(&file, len, &partial, &record)));
+        self.next_checkpoint = len.saturating_add(CHECKPOINT_EVERY);
+        Ok(())
+    }
+
+    /// Waits for the background checkpoint, if one runs.
+    fn wait_for_checkpoint(&mut self) -> Result<(), BlobError> {
+        match self.syncing.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(BlobError::Io {
+                what: "checkpoint thread failed on",
+                path: self.partial.clone(),
+                source: io::Error::other("panicked"),
+            }),
+        }
+    }
+
+    /// A resume point: makes everything written so far durable and records it, so that the
+    /// next [`BlobStore::begin`] offers all of it. (Dropping an upload without this keeps
+    /// only what the last checkpoint recorded.)
+    pub fn checkpoint(&mut self) -> Result<(), BlobError> {
+        self.wait_for_checkpoint()?;
+        take_checkpoint(&self.file, self.written, &self.partial, &self.record)?;
+        self.next_checkpoint = self.written.saturating_add(CHECKPOINT_EVERY);
         Ok(())
     }
 
     /// Checks size and digest, then makes the blob durable, read-only and visible under its
     /// digest; returns its path. A digest mismatch deletes the partial file; too few bytes
-    /// keep it.
-    pub fn finish(self) -> Result<PathBuf, BlobError> {
-        let Self { expected, file, ctx, written, partial, target, dir } = self;
-        if written != expected.size {
+    /// keep it (with a checkpoint: the next upload resumes after them).
+    pub fn finish(mut self) -> Result<PathBuf, BlobError> {
+        if self.written != self.expected.size {
+            self.checkpoint()?;
             return Err(BlobError::SizeMismatch {
-                digest: expected.digest,
-                expected: expected.size,
-                actual: written,
+                digest: self.expected.digest,
+                expected: self.expected.size,
+                actual: self.written,
             });
         }
-        let actual = digest_of(ctx);
-        if actual != expected.digest {
-            drop(file);
-            fs::remove_file(&partial).map_err(io_err("cannot delete", &partial))?;
-            return Err(BlobError::DigestMismatch { expected: expected.digest, actual });
+        // The final fsync covers everything; a background checkpoint only has to be over.
+        let _ = self.wait_for_checkpoint();
+        let actual = digest_of(self.ctx.clone());
+        if actual != self.expected.digest {
+            remove_if_there(&self.partial)?;
+            remove_if_there(&self.record)?;
+            return Err(BlobError::DigestMismatch { expected: self.expected.digest, actual });
         }
-        if target.is_file() {
+        if self.target.is_file() {
             // Stored meanwhile (e.g. by `put_file`): the same bytes, by their digest.
-            drop(file);
-            fs::remove_file(&partial).map_err(io_err("cannot delete", &partial))?;
-            return Ok(target);
+            remove_if_there(&self.partial)?;
+            remove_if_there(&self.record)?;
+            return Ok(self.target.clone());
         }
-        install(&file, &partial, &target, &dir)?;
-        Ok(target)
+        install(&self.file, &self.partial, &self.target, &self.dir)?;
+        // A record left by a crash here names a partial file that is gone: harmless.
+        remove_if_there(&self.record)?;
+        Ok(self.target.clone())
     }
 
     /// Abandons the upload and deletes its partial file.
-    pub fn discard(self) -> Result<(), BlobError> {
-        drop(self.file);
-        match fs::remove_file(&self.partial) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err("cannot delete", &self.partial)(e))
-            }
-            _ => Ok(()),
-        }
+    pub fn discard(mut self) -> Result<(), BlobError> {
+        let _ = self.wait_for_checkpoint();
+        remove_if_there(&self.partial)?;
+        remove_if_there(&self.record)
+    }
+}
+
+impl Drop for Upload {
+    /// Waits for a background checkpoint: a later upload of the same digest must not find
+    /// its record rewritten under it.
+    fn drop(&mut self) {
+        let _ = self.wait_for_checkpoint();
     }
 }
 
@@ -384,6 +518,7 @@ mod tests {
         let blob = blob_of(&bytes);
         let mut up = store.begin(blob).unwrap();
         up.write(&bytes[..400_000]).unwrap();
+        up.checkpoint().unwrap();
         drop(up);
         assert_eq!(mode(&store.partial_path(&blob.digest)), 0o600);
         let mut up = store.begin(blob).unwrap();
@@ -428,23 +563,81 @@ mod tests {
         assert_eq!(up.offset(), 600, "a refused write writes nothing");
         let err = up.finish().unwrap_err();
         assert!(matches!(err, BlobError::SizeMismatch { actual: 600, .. }), "{err:?}");
-        // Too short keeps the partial file: the upload can resume.
+        // Too short keeps the partial file (with a checkpoint): the upload can resume.
         assert_eq!(store.begin(blob).unwrap().offset(), 600);
-        // A partial file longer than the blob is emptied.
+        // A partial file longer than its durable record is cut back to it.
         fs::write(store.partial_path(&blob.digest), data(2000)).unwrap();
+        assert_eq!(store.begin(blob).unwrap().offset(), 600);
+        assert_eq!(fs::metadata(store.partial_path(&blob.digest)).unwrap().len(), 600);
+        // A record beyond the blob's size empties the file.
+        fs::write(store.partial_path(&blob.digest), data(2000)).unwrap();
+        fs::write(store.record_path(&blob.digest), 2000u64.to_be_bytes()).unwrap();
         let mut up = store.begin(blob).unwrap();
         assert_eq!(up.offset(), 0);
+        assert_eq!(fs::metadata(store.partial_path(&blob.digest)).unwrap().len(), 0);
         up.write(&bytes).unwrap();
         up.finish().unwrap();
         assert!(store.path(&blob.digest).is_some());
+        assert!(!store.record_path(&blob.digest).exists(), "the record goes with the partial file");
     }
 
     #[test]
-    fn a_torn_partial_file_fails_once_then_starts_over() {
+    fn only_checkpointed_bytes_are_offered_after_a_crash() {
+        let (_dir, store) = store();
+        let bytes = data(100_000);
+        let blob = blob_of(&bytes);
+        // No checkpoint at all: nothing is trusted.
+        let mut up = store.begin(blob).unwrap();
+        up.write(&bytes[..30_000]).unwrap();
+        drop(up);
+        assert_eq!(store.begin(blob).unwrap().offset(), 0);
+        // A checkpoint at 40 000, then more bytes that a crash left as a torn tail (zeros,
+        // as after a power loss with the length updated but the data not written).
+        let mut up = store.begin(blob).unwrap();
+        up.write(&bytes[..40_000]).unwrap();
+        up.checkpoint().unwrap();
+        up.write(&bytes[40_000..55_000]).unwrap();
+        drop(up);
+        let partial = store.partial_path(&blob.digest);
+        let mut f = OpenOptions::new().append(true).open(&partial).unwrap();
+        f.write_all(&[0u8; 7_000]).unwrap();
+        drop(f);
+        let mut up = store.begin(blob).unwrap();
+        assert_eq!(up.offset(), 40_000, "the offer is what the last checkpoint made durable");
+        assert_eq!(fs::metadata(&partial).unwrap().len(), 40_000, "the tail is cut");
+        up.write(&bytes[40_000..]).unwrap();
+        assert_eq!(fs::read(up.finish().unwrap()).unwrap(), bytes);
+    }
+
+    #[test]
+    fn uploads_checkpoint_in_the_background_every_so_many_bytes() {
+        let (_dir, store) = store();
+        let size = usize::try_from(CHECKPOINT_EVERY).unwrap() * 2 + 1000;
+        let bytes = data(size);
+        let blob = blob_of(&bytes);
+        let mut up = store.begin(blob).unwrap();
+        for chunk in bytes[..size - 500].chunks(1 << 20) {
+            up.write(chunk).unwrap();
+        }
+        drop(up);
+        // Both due checkpoints ran (the second may have been deferred by one chunk while the
+        // first was still running, never skipped).
+        let offset = store.begin(blob).unwrap().offset();
+        assert!(
+            (2 * CHECKPOINT_EVERY..=2 * CHECKPOINT_EVERY + (1 << 20)).contains(&offset),
+            "{offset}"
+        );
+    }
+
+    #[test]
+    fn durable_but_wrong_bytes_fail_once_then_start_over() {
         let (_dir, store) = store();
         let bytes = data(10_000);
         let blob = blob_of(&bytes);
-        fs::write(store.partial_path(&blob.digest), vec![0u8; 4000]).unwrap();
+        let mut up = store.begin(blob).unwrap();
+        up.write(&[0u8; 4000]).unwrap();
+        up.checkpoint().unwrap();
+        drop(up);
         let mut up = store.begin(blob).unwrap();
         assert_eq!(up.offset(), 4000);
         up.write(&bytes[4000..]).unwrap();

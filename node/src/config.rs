@@ -166,6 +166,12 @@ pub struct WorkflowSection {
     /// move fail with that reason, so that their workflows end.
     #[serde(default = "default_runner_give_up_after")]
     pub runner_give_up_after_secs: u64,
+    /// The most result bytes (bundles and logs, counted once per blob) this owner keeps from
+    /// one runner instance: a result offer whose blob would take that runner's stored bytes
+    /// beyond it is refused before any byte is read (`quota_exceeded`, see
+    /// [`crate::net::results`]). Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_result_bytes_per_runner: Option<u64>,
 }
 
 const fn default_runner_give_up_after() -> u64 {
@@ -181,6 +187,7 @@ impl Default for WorkflowSection {
         Self {
             runner_lost_after_secs: default_runner_lost_after(),
             runner_give_up_after_secs: default_runner_give_up_after(),
+            max_result_bytes_per_runner: None,
         }
     }
 }
@@ -499,6 +506,9 @@ runner_lost_after_secs = {lost}
 # Seconds a runner may be out of reach before its jobs that cannot move fail (their workflow
 # then ends with that reason); a cancel waits for the runner in case it comes back.
 runner_give_up_after_secs = {give_up}
+# The most bytes of results (bundles and logs) kept from one runner instance; an offer beyond
+# it is refused (quota_exceeded) before any byte is sent. Unset: no limit.
+{result_quota}
 
 [datasets]
 # The most bytes kept in the cache of series fetched from the PACS for DICOMweb datasets
@@ -529,6 +539,10 @@ prune_interval_secs = {prune_interval}
             prune_interval = self.limits.prune_interval_secs,
             pacs_cache = self.datasets.pacs_cache_bytes,
             give_up = self.workflows.runner_give_up_after_secs,
+            result_quota = match self.workflows.max_result_bytes_per_runner {
+                Some(n) => format!("max_result_bytes_per_runner = {n}"),
+                None => "# max_result_bytes_per_runner = 1099511627776".to_owned(),
+            },
             lost = self.workflows.runner_lost_after_secs,
             name = self.instance.name,
             listen = list(&self.network.listen),

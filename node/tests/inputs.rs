@@ -49,8 +49,11 @@ fn only_the_jobs_runner_gets_an_input_and_a_partial_fetch_resumes() {
 
     // Half of it arrived in an earlier attempt: the fetch continues from there.
     let half = bytes.len() / 2;
-    let _ = std::fs::remove_file(store.partial_path(&digest));
-    std::fs::write(store.partial_path(&digest), &bytes[..half]).unwrap();
+    store.remove_partial(&digest).unwrap();
+    let mut earlier = store.begin(model).unwrap();
+    earlier.write(&bytes[..half]).unwrap();
+    earlier.checkpoint().unwrap();
+    drop(earlier);
     let (path, how) = fetch(peer, train, &store).unwrap();
     assert_eq!(
         how,
@@ -63,7 +66,10 @@ fn only_the_jobs_runner_gets_an_input_and_a_partial_fetch_resumes() {
     // A corrupt partial file: the digest does not match, nothing is kept, and the next
     // attempt fetches it whole.
     let fresh = BlobStore::open(&root.join("fresh-blobs")).unwrap();
-    std::fs::write(fresh.partial_path(&digest), vec![b'x'; half]).unwrap();
+    let mut earlier = fresh.begin(model).unwrap();
+    earlier.write(&vec![b'x'; half]).unwrap();
+    earlier.checkpoint().unwrap();
+    drop(earlier);
     match fetch(peer, train, &fresh) {
         Err(FetchError::Blob(BlobError::DigestMismatch { .. })) => {}
         other => panic!("a corrupt partial file was kept: {other:?}"),

@@ -66,10 +66,26 @@ struct Setup {
 
 impl Setup {
     fn new(quic: bool) -> Self {
+        Self::with_quota(quic, None)
+    }
+
+    /// [`Setup::new`] with `[workflows] max_result_bytes_per_runner` at the owner.
+    fn with_quota(quic: bool, quota: Option<u64>) -> Self {
         let dir = test_dir();
         let root = dir.path().to_owned();
         let mut sites = federation(&root, &["owner", "runner"]).into_iter();
         let (owner, runner) = (sites.next().unwrap(), sites.next().unwrap());
+        if let Some(q) = quota {
+            let path = owner.dir.join("config.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("# max_result_bytes_per_runner"))
+                .expect("config.toml documents max_result_bytes_per_runner")
+                .to_owned();
+            let text = text.replace(&line, &format!("max_result_bytes_per_runner = {q}"));
+            std::fs::write(&path, text).unwrap();
+        }
         let daemon = owner.start();
         let peer = TestPeer::new(&runner);
         if quic {
@@ -223,6 +239,11 @@ fn an_interrupted_transfer_resumes_where_the_owner_stands() {
     assert!(event.detail.contains("they are kept"), "{event:?}");
     let kept = std::fs::metadata(s.partial_path(&blob)).unwrap().len();
     assert!(kept > 0 && kept <= half, "{kept} bytes kept of {half} sent");
+    // A resume point: what came is fsynced and its length recorded, so that the offer after a
+    // crash is all of it and nothing that was not on disk.
+    let record = s.partial_path(&blob).with_extension("part.synced");
+    let durable = u64::from_be_bytes(std::fs::read(&record).unwrap().try_into().unwrap());
+    assert_eq!(durable, kept, "the owner made every kept byte durable");
     assert!(!s.stored_path(&blob).exists());
 
     let outcome = s.send(&signed, &file).unwrap();
@@ -338,4 +359,50 @@ fn a_result_for_a_job_the_owner_did_not_submit_to_that_runner_is_refused() {
     assert!(detail.contains("was not submitted to"), "{detail}");
     assert!(s.files_in("sha256").is_empty(), "nothing may be kept");
     assert_eq!(s.daemon().metric("kaapana_node_rejections_total{reason=\"not_your_job\"}"), 1.0);
+}
+
+#[test]
+fn an_owner_refuses_results_beyond_its_per_runner_quota() {
+    let quota = 3 * MIB as u64;
+    let s = Setup::with_quota(false, Some(quota));
+    let quota_metric = r#"kaapana_node_rejections_total{reason="quota_exceeded"}"#;
+
+    // 2 MiB of 3: stored.
+    let (first, first_blob) = s.bundle("first.tar", 2 * MIB);
+    let first_job = s.submitted_job();
+    let first_signed = s.signed(first_job, first_blob);
+    assert!(matches!(s.send(&first_signed, &first).unwrap(), SendOutcome::Stored { .. }));
+
+    // 2 MiB more would make 4 MiB: refused before any byte, nothing kept.
+    let (second, second_blob) = s.bundle("second.tar", 2 * MIB);
+    let second_job = s.submitted_job();
+    let before = s.daemon().last_event();
+    let (code, detail) = rejected(s.send(&s.signed(second_job, second_blob), &second));
+    assert_eq!(code, RejectCode::QuotaExceeded);
+    assert!(code.is_transient(), "a quota can be raised: the runner tries again later");
+    assert!(
+        detail.contains(&format!("{} bytes of results stored", 2 * MIB))
+            && detail.contains(&format!("quota of {quota} bytes")),
+        "{detail}"
+    );
+    let event = s.daemon().wait_for_event(before, WAIT, |e| e.kind == "result_rejected");
+    assert!(event.detail.starts_with("quota_exceeded: "), "{event:?}");
+    assert_eq!(s.daemon().metric(quota_metric), 1.0);
+    assert!(!s.stored_path(&second_blob).exists());
+    assert!(s.files_in("partial").is_empty(), "{:?}", s.files_in("partial"));
+
+    // 1 MiB fills the quota exactly: stored.
+    let (third, third_blob) = s.bundle("third.tar", MIB);
+    let third_job = s.submitted_job();
+    assert!(matches!(
+        s.send(&s.signed(third_job, third_blob), &third).unwrap(),
+        SendOutcome::Stored { .. }
+    ));
+    // A blob that is here already takes no more bytes: not refused.
+    assert_eq!(s.send(&first_signed, &first).unwrap(), SendOutcome::AlreadyStored);
+    // Anything more is refused.
+    let (fourth, fourth_blob) = s.bundle("fourth.tar", 1000);
+    let (code, _) = rejected(s.send(&s.signed(s.submitted_job(), fourth_blob), &fourth));
+    assert_eq!(code, RejectCode::QuotaExceeded);
+    assert_eq!(s.daemon().metric(quota_metric), 2.0);
 }

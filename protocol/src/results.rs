@@ -109,6 +109,10 @@ pub enum RejectCode {
     /// The result is of a job attempt the owner has replaced (e.g. after it took the runner
     /// for lost and ran the job elsewhere): recognised, and discarded.
     Superseded,
+    /// Storing the blob would take the result bytes the owner holds from this runner beyond
+    /// the owner's per-runner quota (nothing was read); later, once the owner freed space or
+    /// raised the quota, it may succeed.
+    QuotaExceeded,
 }
 
 impl RejectCode {
@@ -124,6 +128,7 @@ impl RejectCode {
             Self::Storage => "storage",
             Self::NotYourJob => "not_your_job",
             Self::Superseded => "superseded",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 
@@ -131,7 +136,7 @@ impl RejectCode {
     pub const fn is_transient(self) -> bool {
         match self {
             Self::Manifest(r) => r.is_transient(),
-            Self::Busy | Self::Incomplete | Self::Storage => true,
+            Self::Busy | Self::Incomplete | Self::Storage | Self::QuotaExceeded => true,
             Self::DigestMismatch
             | Self::SizeMismatch
             | Self::NoSuchPart

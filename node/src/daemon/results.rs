@@ -5,10 +5,37 @@
 use std::sync::Arc;
 
 use kaapana_federation::Expected;
-use kaapana_protocol::{InstanceId, RejectReason, ResultManifest, Signed};
+use std::collections::BTreeSet;
+
+use kaapana_protocol::{BlobRef, InstanceId, RejectReason, ResultManifest, Signed};
 
 use super::{EventKind, NodeState, now};
+use crate::blobs::BlobStore;
 use crate::net::results::{Refusal, RejectCode, ResultOwner};
+
+impl Owner {
+    /// The bytes of the blobs (bundles and logs, each digest once) of the results `runner`
+    /// signed that are stored here. Reads every recorded result: O(results).
+    fn stored_result_bytes(&self, runner: &InstanceId) -> Result<u64, String> {
+        let blobs = BlobStore::in_data_dir(&self.0.files.dir).map_err(|e| e.to_string())?;
+        let mut seen = BTreeSet::new();
+        let mut used = 0u64;
+        for (_, envelope) in self.0.store.results().map_err(|e| e.to_string())? {
+            let Ok(signed) = Signed::<ResultManifest>::from_bytes(&envelope) else { continue };
+            if signed.claimed_signer() != *runner {
+                continue;
+            }
+            let Ok(verified) = signed.verify_stored() else { continue };
+            let manifest = verified.payload();
+            for blob in std::iter::once(manifest.bundle).chain(manifest.log) {
+                if seen.insert(blob.digest) && blobs.path(&blob.digest).is_some() {
+                    used = used.saturating_add(blob.size);
+                }
+            }
+        }
+        Ok(used)
+    }
+}
 
 /// The node as the owner side of result transfers sees it.
 #[derive(Debug)]
@@ -69,6 +96,27 @@ impl ResultOwner for Owner {
         bundle_part: bool,
     ) -> Result<(), String> {
         self.0.result_stored(from, signed, manifest, bundle_part).await.map_err(|e| e.to_string())
+    }
+
+    fn within_quota(&self, signed: &Signed<ResultManifest>, blob: BlobRef) -> Result<(), Refusal> {
+        let Some(quota) = self.0.files.config.workflows.max_result_bytes_per_runner else {
+            return Ok(());
+        };
+        let runner = signed.claimed_signer();
+        let used = self.stored_result_bytes(&runner).map_err(|e| {
+            (RejectCode::Storage, format!("cannot count the result bytes stored: {e}"))
+        })?;
+        if used.saturating_add(blob.size) > quota {
+            return Err((
+                RejectCode::QuotaExceeded,
+                format!(
+                    "{runner} has {used} bytes of results stored here; {} more would exceed \
+                     the quota of {quota} bytes per runner",
+                    blob.size
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn report(&self, kind: EventKind, peer: &InstanceId, detail: String) {

@@ -165,22 +165,38 @@ pub async fn fetch_input(
     }
     let mut buf = vec![0u8; CHUNK];
     let mut received = 0u64;
-    while upload.offset() < bundle.size {
-        let n = match timeout(IDLE, stream.read(&mut buf)).await {
-            Err(_) => return Err(FetchError::Transfer("no data from the owner for 60 s".into())),
-            Ok(Err(e)) => return Err(FetchError::Transfer(e.to_string())),
-            Ok(Ok(0)) => {
-                return Err(FetchError::Transfer(format!(
-                    "the owner's stream ended at byte {} of {}",
-                    upload.offset(),
-                    bundle.size
-                )));
-            }
-            Ok(Ok(n)) => n,
-        };
-        // Small synchronous appends to the partial file: the hashing keeps up with a network.
-        upload.write(&buf[..n])?;
-        received += n as u64;
+    let transfer = async {
+        while upload.offset() < bundle.size {
+            let n = match timeout(IDLE, stream.read(&mut buf)).await {
+                Err(_) => {
+                    return Err(FetchError::Transfer("no data from the owner for 60 s".into()));
+                }
+                Ok(Err(e)) => return Err(FetchError::Transfer(e.to_string())),
+                Ok(Ok(0)) => {
+                    return Err(FetchError::Transfer(format!(
+                        "the owner's stream ended at byte {} of {}",
+                        upload.offset(),
+                        bundle.size
+                    )));
+                }
+                Ok(Ok(n)) => n,
+            };
+            // Small synchronous appends to the partial file: the hashing keeps up with a
+            // network (checkpoints run on a thread of their own).
+            upload.write(&buf[..n])?;
+            received += n as u64;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = transfer {
+        // A resume point: the next fetch continues after what came.
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut upload = upload;
+            upload.checkpoint()
+        })
+        .await;
+        return Err(e);
     }
     let path = tokio::task::spawn_blocking(move || upload.finish())
         .await

@@ -31,8 +31,15 @@
 //!   half-open connection does not wait for it.
 //! * **Flow control** is the transport's (yamux windows over TCP, QUIC's stream credit): the
 //!   sender's `write_all` waits while the owner is behind. Neither side holds a blob in memory:
-//!   the runner reads the file in [`CHUNK`]s on a blocking thread; the owner hashes
-//!   (SHA-256, incrementally) and writes chunks on a blocking thread while the next ones arrive.
+//!   the runner reads the file in [`CHUNK`]s (1 MiB) on a blocking thread; the owner writes
+//!   chunks on a blocking thread while the next ones arrive, hashing each (SHA-256,
+//!   incrementally) on a second thread while it is written ([`crate::blobs`]). Every 64 MiB the
+//!   partial file is checkpointed in the background (fsync and a durable length record), so
+//!   the final fsync before `Stored` has little left to do.
+//! * **Durable resume points.** When an upload stops short (broken or reset stream, idle,
+//!   preempted) the owner checkpoints the partial file before it answers or lets the digest
+//!   go, and `Resume { offset }` only ever offers the checkpointed prefix: after a crash it
+//!   never offers bytes that were not on disk (see [`crate::blobs`]).
 //! * **Checking.** After the runner's end of stream the owner compares size and SHA-256 with
 //!   the manifest's `BlobRef`. A mismatch is `Rejected { DigestMismatch | SizeMismatch }` and
 //!   the partial file is deleted: a tampered bundle leaves nothing stored. Otherwise the blob
@@ -46,8 +53,16 @@
 //! The frames ([`Offer`], [`Reply`], [`RejectCode`], [`ResultPart`]) and their limits are
 //! wire types of `kaapana-protocol` (its `results` module), re-exported here.
 //!
+//! * **Quota.** Before `Resume`, a blob that is not stored yet must fit the owner's
+//!   per-runner quota (`[workflows] max_result_bytes_per_runner`, [`ResultOwner::within_quota`]):
+//!   the result bytes already stored from the manifest's signer plus this blob. Otherwise
+//!   `Rejected { QuotaExceeded }` (transient: the owner may free space or raise the quota),
+//!   counted and reported like every rejection; no byte of the blob is read. Uploads in
+//!   progress are not counted: parallel uploads of one runner can together exceed the quota
+//!   by what they carry.
+//!
 //! Not checked here: that the job is one this owner submitted to that runner (the job
-//! records' business), and a quota on blob sizes.
+//! records' business).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -80,7 +95,7 @@ fn now() -> kaapana_protocol::Timestamp {
 use crate::metrics::{KindLabel, ReasonLabel};
 
 /// The size of the pieces a blob is read, sent and written in.
-pub const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 1024 * 1024;
 /// Uploads an owner receives at once; more are answered `Busy`.
 pub const MAX_UPLOADS: usize = 16;
 
@@ -92,9 +107,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a new upload waits for an older one of the same digest to let go.
 const PREEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks queued between the owner's network reader and its writer thread.
-const WRITE_QUEUE: usize = 16;
+const WRITE_QUEUE: usize = 8;
 /// Chunks queued between the runner's file reader thread and the stream.
-const READ_QUEUE: usize = 8;
+const READ_QUEUE: usize = 4;
 
 /// How a result was delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -488,6 +503,14 @@ pub trait ResultOwner: Send + Sync + 'static {
         bundle_part: bool,
     ) -> impl Future<Output = Result<(), String>> + Send;
 
+    /// Whether this owner may store `blob` (a part of `signed`'s result, not stored yet) within
+    /// its per-runner quota; why not. Blocking (it may read the store): called on a blocking
+    /// thread. The default takes everything.
+    fn within_quota(&self, signed: &Signed<ResultManifest>, blob: BlobRef) -> Result<(), Refusal> {
+        let _ = (signed, blob);
+        Ok(())
+    }
+
     /// Reports an event about `peer`.
     fn report(&self, kind: EventKind, peer: &InstanceId, detail: String);
 
@@ -646,6 +669,12 @@ impl<O: ResultOwner> Server<O> {
             return None;
         }
 
+        let (owner, offered) = (Arc::clone(&self.owner), signed.clone());
+        match tokio::task::spawn_blocking(move || owner.within_quota(&offered, blob)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return Some(refusal),
+            Err(e) => return Some((RejectCode::Storage, e.to_string())),
+        }
         let blobs = self.blobs.clone();
         let upload = match tokio::task::spawn_blocking(move || blobs.begin(blob)).await {
             Ok(Ok(upload)) => upload,
@@ -778,6 +807,12 @@ async fn receive(
                 return (upload, Err(e));
             }
             let _ = free_tx.send(chunk);
+        }
+        if upload.offset() < upload.expected().size {
+            // A resume point: the next offer is all that came (see `crate::blobs`).
+            if let Err(e) = upload.checkpoint() {
+                tracing::warn!(error = %e, "cannot make a partial upload durable");
+            }
         }
         (upload, Ok(()))
     });

@@ -694,6 +694,22 @@ impl Site {
         std::fs::write(&path, text).unwrap();
     }
 
+    /// `init`s a site listening (TCP) on the multiaddress `listen`, its API on `api`
+    /// (`IP:PORT`), no executor: for hosts of other topologies (e.g. a [`netns::WanPath`]).
+    pub fn init_at(root: &Path, name: &str, listen: &str, api: &str) -> Self {
+        let site = Self::new(root, name);
+        site.ok(&["init", "--name", name, "--listen", listen, "--api-listen", api]);
+        site.set_executor(None);
+        site
+    }
+
+    /// Starts `kaapana-node run` through `cmd`, a command that runs the node binary (e.g.
+    /// [`netns::WanPath::command`] with [`node_binary`]), and waits until it says it runs.
+    pub fn start_command(&self, mut cmd: Command) -> Daemon {
+        cmd.env_remove("KAAPANA_NODE_DATA_DIR").env("NO_COLOR", "1");
+        self.spawn_daemon(cmd, Duration::from_secs(60))
+    }
+
     /// Starts `kaapana-node run` inside node `k`'s namespace of `net` and waits until it says
     /// it runs. The process is the daemon itself (`nsenter` execs it), so [`Daemon::pid`],
     /// [`Daemon::pause`] and [`Daemon::kill`] act on it.

@@ -686,3 +686,293 @@ impl Drop for Relay {
         }
     }
 }
+
+// ----- a WAN-like path: delay and rate limit between two hosts -----
+
+/// Two hosts joined by a router that delays every packet and limits the rate, for
+/// measurements over a long fat path (this kernel has no `netem`):
+///
+/// ```text
+///   namespace `kwXXXX-a`          router `kwXXXX-r`                 namespace `kwXXXX-b`
+///   eth0 10.S.T.2/26 ─ veth ─ ra 10.S.T.1    rb 10.S.T.65 ─ veth ─ eth0 10.S.T.66/26
+///                              kd0 (tun): every packet between ra and rb goes through it
+///                              hr 10.S.T.129 ─ veth ─ root `kwXXXXh` 10.S.T.130/26
+/// ```
+///
+/// The router's policy routing sends what arrives on `ra` or `rb` for the other side to the
+/// TUN device `kd0`; a thread of the test process (inside the router's namespace) reads each
+/// packet and writes it back `delay` after it arrived (order kept), and the kernel routes it
+/// on. So the delay is per packet and end to end: TCP's own windows and congestion control
+/// see it (no TCP-terminating proxy). `tbf` on the router's `ra` and `rb` limits each
+/// direction to `rate_mbit` (queue: one bandwidth-delay product). The links have an MTU of
+/// [`WAN_MTU`] so that the delaying thread handles few packets. TCP's buffer limits in `a`
+/// and `b` are raised to 32 MiB (net.ipv4.tcp_rmem/tcp_wmem), so that the socket buffers
+/// can hold the path's bandwidth-delay product. The test process reaches both hosts through
+/// the router's `hr` link (route 10.S.T.0/24), undelayed except for the router's own path.
+///
+/// Code runs inside a host with [`WanPath::enter`] (this thread's network namespace) or
+/// [`WanPath::command`]. Cleanup as for [`Net`] (`Drop`, and the sweep of a dead test's
+/// prefix).
+#[derive(Debug)]
+pub struct WanPath {
+    prefix: String,
+    subnet: String,
+    stop: Arc<AtomicBool>,
+    delayer: Option<JoinHandle<()>>,
+    registry_file: PathBuf,
+}
+
+/// The MTU of a [`WanPath`]'s links.
+pub const WAN_MTU: u32 = 64_000;
+
+/// TUNSETIFF, `_IOW('T', 202, int)`.
+const TUNSETIFF: u64 = 0x4004_54ca;
+
+impl WanPath {
+    /// Builds the path: `delay` each way, `rate_mbit` Mbit/s each way.
+    pub fn new(delay: Duration, rate_mbit: u32) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        sweep_dead();
+        let pid = std::process::id();
+        let existing = run("ip", &["netns", "list"]);
+        let addresses = run("ip", &["-o", "-4", "addr", "show"]);
+        let routes = run("ip", &["-4", "route", "show", "table", "all"]);
+        let (prefix, subnet) = loop {
+            let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let tag = (pid.wrapping_mul(2_654_435_761) >> 8).wrapping_add(k.wrapping_mul(40_503));
+            let prefix = format!("kw{:04x}", tag & 0xffff);
+            let subnet = format!("10.{}.{}", 250 + (pid + k / 256) % 5, k % 256);
+            let busy = existing.lines().any(|l| l.starts_with(&format!("{prefix}-")))
+                || addresses.contains(&format!(" {subnet}."))
+                || routes.contains(&format!("{subnet}."));
+            if !busy {
+                break (prefix, subnet);
+            }
+            assert!(k < 100_000, "no free subnet or prefix");
+        };
+        std::fs::create_dir_all(REGISTRY).unwrap();
+        let registry_file = Path::new(REGISTRY).join(&prefix);
+        std::fs::write(&registry_file, pid.to_string()).unwrap();
+        let mut me = Self {
+            prefix,
+            subnet,
+            stop: Arc::new(AtomicBool::new(false)),
+            delayer: None,
+            registry_file,
+        };
+        me.build(delay, rate_mbit);
+        me
+    }
+
+    /// Host `a`'s address.
+    pub fn ip_a(&self) -> String {
+        format!("{}.2", self.subnet)
+    }
+
+    /// Host `b`'s address.
+    pub fn ip_b(&self) -> String {
+        format!("{}.66", self.subnet)
+    }
+
+    /// The namespace of host `side` (`'a'` or `'b'`).
+    pub fn ns(&self, side: char) -> String {
+        assert!(side == 'a' || side == 'b', "hosts are a and b");
+        format!("{}-{side}", self.prefix)
+    }
+
+    fn build(&mut self, delay: Duration, rate_mbit: u32) {
+        let (p, s) = (self.prefix.clone(), self.subnet.clone());
+        let r = format!("{p}-r");
+        let mtu = WAN_MTU.to_string();
+        run("ip", &["netns", "add", &r]);
+        run("ip", &["-n", &r, "link", "set", "lo", "up"]);
+        for (side, host, router, net) in [('a', 2, 1, 0), ('b', 66, 65, 64)] {
+            let ns = self.ns(side);
+            let (inner, outer) = (format!("{p}{side}"), format!("{p}r{side}"));
+            run("ip", &["netns", "add", &ns]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+            run(
+                "ip",
+                &["link", "add", &inner, "mtu", &mtu, "type", "veth", "peer", "name", &outer],
+            );
+            run("ip", &["link", "set", &inner, "netns", &ns]);
+            run("ip", &["link", "set", &outer, "netns", &r]);
+            run("ip", &["-n", &ns, "link", "set", &inner, "name", "eth0"]);
+            run("ip", &["-n", &ns, "addr", "add", &format!("{s}.{host}/26"), "dev", "eth0"]);
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+            run("ip", &["-n", &ns, "route", "add", "default", "via", &format!("{s}.{router}")]);
+            let name = format!("r{side}");
+            run("ip", &["-n", &r, "link", "set", &outer, "name", &name]);
+            run("ip", &["-n", &r, "addr", "add", &format!("{s}.{router}/26"), "dev", &name]);
+            run("ip", &["-n", &r, "link", "set", &name, "up"]);
+            for (key, value) in [
+                ("net.ipv4.tcp_rmem", "4096 131072 33554432"),
+                ("net.ipv4.tcp_wmem", "4096 16384 33554432"),
+            ] {
+                run("ip", &["netns", "exec", &ns, "sysctl", "-q", "-w", &format!("{key}={value}")]);
+            }
+            // One bandwidth-delay product of queue (at least 1 MB), bursts of a few packets.
+            let bdp = u64::from(rate_mbit) * 125_000 * delay.as_micros() as u64 * 2 / 1_000_000;
+            let limit = bdp.max(1 << 20).to_string();
+            let rate = format!("{rate_mbit}mbit");
+            let burst = (4 * WAN_MTU).to_string();
+            run(
+                "ip",
+                &[
+                    "netns", "exec", &r, "tc", "qdisc", "add", "dev", &name, "root", "tbf", "rate",
+                    &rate, "burst", &burst, "limit", &limit,
+                ],
+            );
+            let _ = net;
+        }
+        let (host, host_peer) = (format!("{p}h"), format!("{p}hr"));
+        run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &host_peer]);
+        run("ip", &["link", "set", &host_peer, "netns", &r]);
+        run("ip", &["-n", &r, "link", "set", &host_peer, "name", "hr"]);
+        run("ip", &["-n", &r, "addr", "add", &format!("{s}.129/26"), "dev", "hr"]);
+        run("ip", &["-n", &r, "link", "set", "hr", "up"]);
+        run("ip", &["addr", "add", &format!("{s}.130/26"), "dev", &host]);
+        run("ip", &["link", "set", &host, "up"]);
+        run("ip", &["route", "add", &format!("{s}.0/24"), "via", &format!("{s}.129")]);
+        for key in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+            run("ip", &["netns", "exec", &r, "sysctl", "-q", "-w", key]);
+        }
+
+        // The delaying TUN device, opened by a thread inside the router's namespace.
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let (stop, r2) = (Arc::clone(&self.stop), r.clone());
+        self.delayer = Some(std::thread::spawn(move || {
+            enter_netns(&r2);
+            match open_tun("kd0") {
+                Ok(fd) => {
+                    opened_tx.send(Ok(())).unwrap();
+                    delay_packets(fd, delay, &stop);
+                    // SAFETY: `fd` is this thread's own descriptor, closed once.
+                    unsafe { nix::libc::close(fd) };
+                }
+                Err(e) => opened_tx.send(Err(e)).unwrap(),
+            }
+        }));
+        opened_rx.recv().unwrap().expect("cannot open a TUN device in the router's namespace");
+        run("ip", &["-n", &r, "link", "set", "kd0", "mtu", &mtu, "up"]);
+        for key in ["net.ipv4.conf.kd0.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+            run("ip", &["netns", "exec", &r, "sysctl", "-q", "-w", key]);
+        }
+        run("ip", &["-n", &r, "route", "add", "default", "dev", "kd0", "table", "100"]);
+        for (from, to) in [("ra", format!("{s}.64/26")), ("rb", format!("{s}.0/26"))] {
+            run(
+                "ip",
+                &["-n", &r, "rule", "add", "iif", from, "to", &to, "lookup", "100", "pref", "100"],
+            );
+        }
+        // The path works end to end (a TCP connect to a closed port is refused: an answer).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let target: SocketAddr = format!("{}:9", self.ip_b()).parse().unwrap();
+        let a = self.ns('a');
+        let reachable = std::thread::spawn(move || {
+            enter_netns(&a);
+            loop {
+                match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+                    Ok(_) => return true,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                    Err(_) if Instant::now() > deadline => return false,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        assert!(reachable.join().unwrap(), "{target} not reachable over {}", self.prefix);
+    }
+
+    /// `program` to be run inside host `side`'s namespace.
+    pub fn command(&self, side: char, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns(side))).arg("--").arg(program);
+        c
+    }
+
+    /// Moves the calling thread into host `side`'s network namespace: the sockets it (and
+    /// threads it starts later) creates are that host's. For threads of their own.
+    pub fn enter(&self, side: char) {
+        enter_netns(&self.ns(side));
+    }
+}
+
+impl Drop for WanPath {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.delayer.take() {
+            let _ = t.join();
+        }
+        let route = format!("{}.0/24", self.subnet);
+        let _ = try_run("ip", &["route", "del", &route]);
+        remove(&self.prefix);
+        let _ = std::fs::remove_file(&self.registry_file);
+    }
+}
+
+fn enter_netns(ns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    // SAFETY: a valid namespace descriptor; setns changes only this thread.
+    let rc =
+        unsafe { nix::libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), nix::libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
+/// Creates TUN device `name` (IPv4 packets, no packet information header) in this thread's
+/// namespace; its descriptor.
+fn open_tun(name: &str) -> std::io::Result<i32> {
+    // SAFETY: plain open/ioctl with an ifreq of the kernel's layout (name, then flags).
+    unsafe {
+        let fd = nix::libc::open(c"/dev/net/tun".as_ptr(), nix::libc::O_RDWR);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (nix::libc::IFF_TUN | nix::libc::IFF_NO_PI) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        if nix::libc::ioctl(fd, TUNSETIFF as _, ifr.as_mut_ptr()) < 0 {
+            let e = std::io::Error::last_os_error();
+            nix::libc::close(fd);
+            return Err(e);
+        }
+        Ok(fd)
+    }
+}
+
+/// Reads packets from the TUN device `fd` and writes each back `delay` after it arrived,
+/// until `stop`.
+fn delay_packets(fd: i32, delay: Duration, stop: &AtomicBool) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for (at, packet) in rx {
+                let due = at + delay;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                // SAFETY: writes one packet from a live buffer.
+                unsafe { nix::libc::write(fd, packet.as_ptr().cast(), packet.len()) };
+            }
+        });
+        let mut buf = vec![0u8; 65_536];
+        while !stop.load(Ordering::SeqCst) {
+            let mut pfd = nix::libc::pollfd { fd, events: nix::libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd; a read into a live buffer.
+            let ready = unsafe { nix::libc::poll(&mut pfd, 1, 100) };
+            if ready <= 0 {
+                continue;
+            }
+            let n = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let at = Instant::now();
+            if tx.send((at, buf[..n as usize].to_vec())).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+    });
+}
