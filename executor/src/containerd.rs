@@ -1,13 +1,29 @@
 //! [`ContainerdExecutor`]: jobs as containers on containerd, through its v1 gRPC API.
 //!
-//! A job's container is `kn-<job id hex>` in the executor's namespace (default
-//! `kaapana-node`), labelled `kaapana-node/job=<id>` and `kaapana-node/deadline-ms`; its
-//! root filesystem is an active snapshot of the same name on top of the image's layers. The
+//! Each start of a job gets a container of its own, `kn-<job id hex>-<start nonce>` (8 random
+//! hex digits; see [`new_container_id`]) in the executor's namespace (default `kaapana-node`),
+//! labelled `kaapana-node/job=<id>` and `kaapana-node/deadline-ms`; its root filesystem is an
+//! active snapshot of the same name on top of the image's layers. The executor finds a job's
+//! containers by the label (`Containers.List` with `labels."kaapana-node/job"==<id>`), never by
+//! deriving the id, so kill, cleanup and re-attach after a restart work for any start. The
 //! sequence (containerd 1.6): `Containers.Create` (the OCI spec, built with serde_json) →
 //! `Snapshots.Prepare` (after the container, so the snapshot is referenced and safe from GC)
 //! → `Tasks.Create` (stdout and stderr appended to the log file by the shim) → `Tasks.Wait`
 //! (issued before the start) → `Tasks.Start` → exit or timeout (SIGKILL) → `Tasks.Delete` →
 //! `Snapshots.Remove` → `Containers.Delete`.
+//!
+//! Why a fresh id per start (the "shim race", issue 19): a node killed while containerd runs
+//! its `Tasks.Create` can leave the runtime v2 bundle
+//! (`<state>/io.containerd.runtime.v2.task/<namespace>/<id>`) behind without a task.
+//! containerd then refuses every later `Tasks.Create` of that id ("failed to start shim:
+//! mkdir …: file exists"), and its API cannot remove the bundle: `Tasks.Delete` answers "not
+//! found", and containerd's own clean-up at its next start skips a bundle whose container
+//! still exists. A new id per start is never blocked by such a leftover. After the restart
+//! the executor sees the old container by its label, finds no started task
+//! ([`Executor::reattach`] returns [`ExecError::JobNotFound`], so the node starts the job
+//! again: it never ran) and deletes that container; containerd removes the stray bundle at
+//! its next start (checked with containerd 1.6.20). A job never has two containers at once:
+//! [`Executor::run`] refuses a job that still has one.
 //!
 //! Out-of-memory kills are seen through containerd's `/tasks/oom` events: one subscription
 //! per executor, confirmed live by a ping event it publishes to itself, so no event between
@@ -31,8 +47,8 @@ use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateNamespaceRequest, CreateTaskRequest,
-    DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest as GetTaskRequest,
-    KillRequest, ListContainersRequest, Namespace, PublishRequest, StartRequest, SubscribeRequest,
+    DeleteContainerRequest, DeleteTaskRequest, GetRequest as GetTaskRequest, KillRequest,
+    ListContainersRequest, Namespace, PublishRequest, StartRequest, SubscribeRequest,
     UpdateContainerRequest, WaitRequest, WaitResponse,
 };
 use containerd_client::tonic::transport::Channel;
@@ -149,8 +165,22 @@ impl Drop for ContainerdExecutor {
     }
 }
 
-/// The container id of a job.
-pub fn container_id(job: &JobId) -> String {
+/// A new container id for one start of a job: `kn-<job id hex>-<8 random hex digits>` (see
+/// the [module docs](self) for why each start gets its own).
+pub fn new_container_id(job: &JobId) -> String {
+    let mut nonce = [0u8; 4];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).is_err() {
+        // No system randomness: the clock still differs between two starts of one job.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        nonce = nanos.to_be_bytes();
+    }
+    format!("kn-{job}-{}", kaapana_protocol::hex(&nonce))
+}
+
+/// The folder name of a job's scratch files (one per job, shared by its starts).
+fn scratch_name(job: &JobId) -> String {
     format!("kn-{job}")
 }
 
@@ -277,8 +307,26 @@ impl ContainerdExecutor {
         Ok(r)
     }
 
-    fn scratch(&self, cid: &str) -> PathBuf {
-        self.config.scratch_dir.join(cid)
+    fn scratch(&self, job: &JobId) -> PathBuf {
+        self.config.scratch_dir.join(scratch_name(job))
+    }
+
+    /// The ids of the job's containers (found by their job label; normally none or one).
+    pub async fn containers_of(&self, job: &JobId) -> Result<Vec<String>, ExecError> {
+        Ok(self.job_containers(job).await?.into_iter().map(|c| c.id).collect())
+    }
+
+    async fn job_containers(&self, job: &JobId) -> Result<Vec<Container>, ExecError> {
+        let filter = format!("labels.{}=={}", quote(LABEL_JOB), quote(&job.to_string()));
+        let resp = self
+            .api
+            .containers()
+            .list(self.api.req(ListContainersRequest { filters: vec![filter] }))
+            .await
+            .map_err(err("Containers.List"))?;
+        let mut containers = resp.into_inner().containers;
+        containers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(containers)
     }
 
     fn cgroups_path(&self, cid: &str) -> String {
@@ -293,7 +341,12 @@ impl ContainerdExecutor {
                     .into(),
             });
         };
-        let cid = container_id(&job.job_id);
+        // At most one container per job: one left by an earlier start must be re-attached to
+        // or cleaned up first.
+        if !self.job_containers(&job.job_id).await?.is_empty() {
+            return Err(already_has_container(&job.job_id));
+        }
+        let cid = new_container_id(&job.job_id);
         // The log first: the shim appends to an existing file.
         if let Some(dir) = job.log.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| ExecError::io(dir, e))?;
@@ -309,7 +362,7 @@ impl ContainerdExecutor {
         let args = spec::args(command, &image.config)?;
         let env = spec::env(&image.config, env)?;
         let user = spec::user(&image.config)?;
-        let stub = self.scratch(&cid).join("input");
+        let stub = self.scratch(&job.job_id).join("input");
         if stub.exists() {
             std::fs::remove_dir_all(&stub).map_err(|e| ExecError::io(&stub, e))?;
         }
@@ -318,7 +371,7 @@ impl ContainerdExecutor {
         let mounts = match mounts {
             Ok(m) => m,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(self.scratch(&cid));
+                let _ = std::fs::remove_dir_all(self.scratch(&job.job_id));
                 return Err(e);
             }
         };
@@ -375,17 +428,11 @@ impl ContainerdExecutor {
         match created {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {
-                let _ = std::fs::remove_dir_all(self.scratch(&cid));
-                return Err(ExecError::BadJob {
-                    detail: format!(
-                        "job {} already has a container in containerd; reattach to it or clean \
-                         it up",
-                        job.job_id
-                    ),
-                });
+                let _ = std::fs::remove_dir_all(self.scratch(&job.job_id));
+                return Err(already_has_container(&job.job_id));
             }
             Err(s) => {
-                let _ = std::fs::remove_dir_all(self.scratch(&cid));
+                let _ = std::fs::remove_dir_all(self.scratch(&job.job_id));
                 return Err(err("Containers.Create")(s));
             }
         }
@@ -592,10 +639,23 @@ impl ContainerdExecutor {
         cgroup_oom_kills(&self.cgroups_path(cid)).is_some_and(|n| n > 0)
     }
 
-    /// Deletes the task (killing it first if it runs), the snapshot, the container and the
-    /// scratch folder. Idempotent.
+    /// Deletes each of the job's containers with its task (killing it first if it runs) and
+    /// snapshot, and the job's scratch folder. Idempotent.
     async fn cleanup_job(&self, job: &JobId) -> Result<(), ExecError> {
-        let cid = container_id(job);
+        for container in self.job_containers(job).await? {
+            self.cleanup_container(&container.id).await?;
+        }
+        let scratch = self.scratch(job);
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch).map_err(|e| ExecError::io(&scratch, e))?;
+        }
+        guard(&self.shared.ended_by).remove(job);
+        Ok(())
+    }
+
+    /// Deletes one container with its task (killing it first if it runs) and snapshot.
+    async fn cleanup_container(&self, cid: &str) -> Result<(), ExecError> {
+        let cid = cid.to_owned();
         let task = self
             .api
             .tasks()
@@ -638,37 +698,42 @@ impl ContainerdExecutor {
             .delete(self.api.req(DeleteContainerRequest { id: cid.clone() }))
             .await;
         not_found_ok(deleted, "Containers.Delete")?;
-        let scratch = self.scratch(&cid);
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch).map_err(|e| ExecError::io(&scratch, e))?;
-        }
         guard(&self.shared.seen).remove(&cid);
-        guard(&self.shared.ended_by).remove(job);
         Ok(())
     }
 
     async fn reattach_job(&self, job: &JobId, log: &Path) -> Result<JobOutcome, ExecError> {
-        let cid = container_id(job);
-        let got =
-            self.api.containers().get(self.api.req(GetContainerRequest { id: cid.clone() })).await;
-        let Some(container) =
-            not_found_ok(got, "Containers.Get")?.and_then(|c| c.into_inner().container)
-        else {
+        let containers = self.job_containers(job).await?;
+        if containers.is_empty() {
             append_note(log, "the job's container is gone (the node lost track of it)");
             return Err(ExecError::JobNotFound { job: *job });
-        };
-        let task = self
-            .api
-            .tasks()
-            .get(self.api.req(GetTaskRequest { container_id: cid.clone(), exec_id: String::new() }))
-            .await;
-        let task = not_found_ok(task, "Tasks.Get")?.and_then(|t| t.into_inner().process);
-        let started = task.as_ref().is_some_and(|t| t.status != TaskStatus::Created as i32);
-        if !started {
+        }
+        // The container whose task started, if any; the others (a start interrupted before
+        // its task ran, e.g. inside Tasks.Create) never ran the job and go.
+        let mut followed = None;
+        for container in containers {
+            let task = self
+                .api
+                .tasks()
+                .get(self.api.req(GetTaskRequest {
+                    container_id: container.id.clone(),
+                    exec_id: String::new(),
+                }))
+                .await;
+            let task = not_found_ok(task, "Tasks.Get")?.and_then(|t| t.into_inner().process);
+            let started = task.as_ref().is_some_and(|t| t.status != TaskStatus::Created as i32);
+            if started && followed.is_none() {
+                followed = Some(container);
+            } else {
+                self.cleanup_container(&container.id).await?;
+            }
+        }
+        let Some(container) = followed else {
             self.cleanup_job(job).await?;
             append_note(log, "the job never started (the node stopped while starting it)");
             return Err(ExecError::JobNotFound { job: *job });
-        }
+        };
+        let cid = container.id.clone();
         if let Some(why) = match container.labels.get(LABEL_ENDED_BY).map(String::as_str) {
             Some("killed") => Some(EndedBy::Killed),
             Some("timeout") => Some(EndedBy::Timeout),
@@ -703,11 +768,32 @@ impl ContainerdExecutor {
             .filter_map(|c| c.labels.get(LABEL_JOB)?.parse().ok())
             .collect();
         jobs.sort();
+        jobs.dedup();
         Ok(jobs)
     }
 
     async fn kill_job(&self, job: &JobId) -> Result<(), ExecError> {
-        self.mark_and_kill(job, &container_id(job), EndedBy::Killed).await
+        let containers = self.job_containers(job).await?;
+        if containers.is_empty() {
+            // Not created yet (or gone): a start in progress acts on the mark.
+            guard(&self.shared.ended_by).insert(*job, EndedBy::Killed);
+            return Err(ExecError::JobNotFound { job: *job });
+        }
+        let mut result = Ok(());
+        for container in containers {
+            if let Err(e) = self.mark_and_kill(job, &container.id, EndedBy::Killed).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+fn already_has_container(job: &JobId) -> ExecError {
+    ExecError::BadJob {
+        detail: format!(
+            "job {job} already has a container in containerd; reattach to it or clean it up"
+        ),
     }
 }
 
@@ -869,9 +955,15 @@ impl Executor for ContainerdExecutor {
     }
 }
 
-/// Whether a containerd container id is that of a job (`kn-` and 32 hex digits).
+/// Whether a containerd container id is that of a job: `kn-`, 32 hex digits, `-` and 8 hex
+/// digits (or without the start nonce, as node versions before issue 19 named them).
 pub fn is_job_container(id: &str) -> bool {
-    id.starts_with("kn-") && id.len() == 3 + 32
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    match id.strip_prefix("kn-").map(|rest| rest.split_once('-')) {
+        Some(Some((job, nonce))) => job.len() == 32 && hex(job) && nonce.len() == 8 && hex(nonce),
+        Some(None) => id.len() == 3 + 32 && hex(&id[3..]),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -890,10 +982,16 @@ mod tests {
     }
 
     #[test]
-    fn container_ids_name_the_job() {
+    fn container_ids_name_the_job_and_differ_per_start() {
         let job = JobId::from_bytes([0xab; 16]);
-        let cid = container_id(&job);
-        assert_eq!(cid, format!("kn-{}", "ab".repeat(16)));
+        let cid = new_container_id(&job);
+        let prefix = format!("kn-{}-", "ab".repeat(16));
+        assert!(cid.starts_with(&prefix), "{cid}");
+        assert_eq!(cid.len(), prefix.len() + 8);
         assert!(is_job_container(&cid));
+        assert_ne!(new_container_id(&job), cid, "a second start gets another id");
+        assert!(is_job_container(&format!("kn-{}", "ab".repeat(16))), "the older form");
+        assert!(!is_job_container(&format!("kn-{}-xyz", "ab".repeat(16))));
+        assert!(!is_job_container("kaapana-node-ping"));
     }
 }

@@ -23,6 +23,9 @@
 //! per job id: `duplicate runs`); every finished job's result is stored at the owner under its
 //! current attempt's id and hashes to the digest the workflow recorded (`bad results`), and the
 //! runner's record agrees; results of replaced attempts are not stored (`late results stored`).
+//! Failures by the shim race (issue 19: containerd's "failed to start shim", e.g. "… file
+//! exists" after a node was killed inside `Tasks.Create`) are counted on their own, as runner
+//! jobs and as workflows whose reason names it (`shim race`); they make the run fail too.
 //! It prints the counts and exits non-zero if anything is lost, duplicated or wrong.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -192,9 +195,14 @@ struct Counts {
     late_results_stored: usize,
     runner_disagrees: usize,
     jobs_checked: usize,
+    shim_race_jobs: usize,
+    shim_race_workflows: usize,
     faults: BTreeMap<String, usize>,
     failure_reasons: BTreeMap<String, usize>,
 }
+
+/// containerd's error when it cannot start a task's shim (the shim race of issue 19).
+const SHIM_RACE: &str = "failed to start shim";
 
 fn main() {
     let args = args();
@@ -382,6 +390,16 @@ fn main() {
     let mut jobs_of_workflow: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (i, v) in views.iter().enumerate() {
         for r in &v.running_here {
+            if r.reason.as_deref().is_some_and(|t| t.contains(SHIM_RACE)) {
+                counts.shim_race_jobs += 1;
+                println!(
+                    "SHIM RACE: job {} ({}) at {}: {}",
+                    r.job_name,
+                    r.job_id,
+                    NAMES[i],
+                    r.reason.as_deref().unwrap_or_default()
+                );
+            }
             jobs_of_workflow.entry(r.workflow_id.clone()).or_default().push(r.job_id.clone());
             let runs = s.runs(i, &r.job_id);
             if runs > 1 {
@@ -423,6 +441,9 @@ fn main() {
             if w.state != "finished" {
                 match w.reason.as_deref().filter(|r| !r.is_empty()) {
                     Some(r) => {
+                        if r.contains(SHIM_RACE) {
+                            counts.shim_race_workflows += 1;
+                        }
                         // Group reasons by their shape (ids and names vary).
                         let shape: String = r
                             .split_whitespace()
@@ -510,25 +531,33 @@ fn main() {
     println!("bad results:              {}", counts.bad_results);
     println!("runner disagrees:         {}", counts.runner_disagrees);
     println!("late results stored:      {}", counts.late_results_stored);
+    println!(
+        "shim race failures:       {} jobs, {} workflows (\"{SHIM_RACE}\")",
+        counts.shim_race_jobs, counts.shim_race_workflows
+    );
     for (reason, n) in &counts.failure_reasons {
         println!("  {n:>4} × {reason}");
     }
     println!(
-        "SOAK submitted={} completed={} failed={} cancelled={} lost={lost} duplicated={duplicated} bad_results={} disagree={} late_stored={}",
+        "SOAK submitted={} completed={} failed={} cancelled={} lost={lost} duplicated={duplicated} bad_results={} disagree={} late_stored={} shim_race_jobs={} shim_race_workflows={}",
         counts.submitted,
         counts.completed,
         counts.failed,
         counts.cancelled,
         counts.bad_results,
         counts.runner_disagrees,
-        counts.late_results_stored
+        counts.late_results_stored,
+        counts.shim_race_jobs,
+        counts.shim_race_workflows
     );
     let ok = lost == 0
         && duplicated == 0
         && counts.bad_results == 0
         && counts.failed_without_reason == 0
         && counts.runner_disagrees == 0
-        && counts.late_results_stored == 0;
+        && counts.late_results_stored == 0
+        && counts.shim_race_jobs == 0
+        && counts.shim_race_workflows == 0;
     drop(s);
     if args.keep.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::containerd::{TestContainerd, build_busybox_image};
-use kaapana_node::executor::containerd::container_id;
+use kaapana_node::executor::containerd::{LABEL_JOB, new_container_id};
 use kaapana_node::executor::{
     Containerd, ContainerdExecutor, ExecError, Executor, JobOutcome, JobRun, JobWork, lifecycle,
 };
@@ -255,7 +255,9 @@ async fn kill_aborts_a_running_job() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The CPU limit is the cgroup's CFS quota (cgroup v1 or v2).
-    let cg = format!("kaapana-node/{}", container_id(&id));
+    let cids = exec.containers_of(&id).await.unwrap();
+    assert_eq!(cids.len(), 1, "one container per start: {cids:?}");
+    let cg = format!("kaapana-node/{}", cids[0]);
     let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{cg}/cpu.cfs_quota_us"))
         .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{cg}/cpu.max")))
         .unwrap();
@@ -417,7 +419,7 @@ async fn reattach_to_a_job_that_never_started_cleans_it_up() {
 
     // Replace the running task by one that was created but never started, as if the node
     // had died between Tasks.Create and Tasks.Start.
-    let cid = container_id(&id);
+    let cid = ctd.inventory().await.containers.pop().unwrap();
     let mut tasks = TasksClient::new(ctd.channel());
     let wait = {
         let mut tasks = tasks.clone();
@@ -455,5 +457,100 @@ async fn reattach_to_a_job_that_never_started_cleans_it_up() {
     assert_eq!(second.running().await.unwrap(), vec![id]);
     assert!(matches!(second.reattach(&id, &log).await, Err(ExecError::JobNotFound { .. })));
     assert!(read(&log).contains("never started"));
+    ctd.assert_clean().await;
+}
+
+/// The shim race (issue 19): a node killed while containerd runs its `Tasks.Create` can leave
+/// the job's container and snapshot without a task, but with the runtime's bundle directory,
+/// and containerd then refuses any task of that container id ("failed to start shim: mkdir
+/// …: file exists"). The next start of the job uses a fresh id, runs the job once and leaves
+/// nothing in containerd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_killed_inside_tasks_create_does_not_block_the_next_start() {
+    use common::containerd::req;
+    use containerd_client::services::v1::container::Runtime;
+    use containerd_client::services::v1::containers_client::ContainersClient;
+    use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
+    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+    use containerd_client::services::v1::tasks_client::TasksClient;
+    use containerd_client::services::v1::{Container, CreateContainerRequest, CreateTaskRequest};
+
+    let ctd = TestContainerd::start().await;
+    let first = ctd.executor().await;
+    let image = ctd.busybox(&first).await;
+    drop(first);
+    let job = ctd.job("shim-race", image, "echo run >> /output/runs");
+    let (id, log, output) = (job.job_id, job.log.clone(), job.output.clone());
+
+    // What the killed node's start left: the container (labelled with the job) and its rootfs
+    // snapshot, created in the executor's order, and the bundle of the interrupted shim start.
+    let cid = new_container_id(&id);
+    let layer = ctd.inventory().await.snapshots.into_keys().next().unwrap();
+    let spec = br#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["sh","-c","echo run >> /output/runs"],"cwd":"/"}}"#;
+    ContainersClient::new(ctd.channel())
+        .create(req(CreateContainerRequest {
+            container: Some(Container {
+                id: cid.clone(),
+                labels: [(LABEL_JOB.to_owned(), id.to_string())].into(),
+                runtime: Some(Runtime { name: "io.containerd.runc.v2".into(), options: None }),
+                spec: Some(prost_types::Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+                    value: spec.to_vec(),
+                }),
+                snapshotter: "overlayfs".into(),
+                snapshot_key: cid.clone(),
+                ..Container::default()
+            }),
+        }))
+        .await
+        .unwrap();
+    let mounts = SnapshotsClient::new(ctd.channel())
+        .prepare(req(PrepareSnapshotRequest {
+            snapshotter: "overlayfs".into(),
+            key: cid.clone(),
+            parent: layer,
+            labels: Default::default(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let bundle = ctd
+        .dir
+        .path()
+        .join("containerd/state/io.containerd.runtime.v2.task")
+        .join(common::containerd::NAMESPACE)
+        .join(&cid);
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), spec).unwrap();
+    // This is the state of the race: no task of this id can be created any more.
+    let refused = TasksClient::new(ctd.channel())
+        .create(req(CreateTaskRequest {
+            container_id: cid.clone(),
+            rootfs: mounts,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("failed to start shim")
+            && refused.message().contains("file exists"),
+        "{refused:?}"
+    );
+    assert!(ctd.inventory().await.tasks.is_empty());
+
+    // The restarted node: recovery finds the job's container by its label, sees that it never
+    // started and removes it; the job starts again.
+    let second = ctd.executor().await;
+    assert_eq!(second.running().await.unwrap(), vec![id]);
+    assert_eq!(second.containers_of(&id).await.unwrap(), vec![cid.clone()]);
+    assert!(matches!(second.reattach(&id, &log).await, Err(ExecError::JobNotFound { .. })));
+    assert!(read(&log).contains("never started"));
+    ctd.assert_clean().await;
+    assert!(bundle.exists(), "containerd's API cannot remove the stray bundle");
+
+    let out = second.run(job.clone()).await.unwrap();
+    assert_eq!(out.exit, ExitStatus::Exited(0), "log: {}", read(&log));
+    assert_eq!(read(&output.join("runs")), "run\n", "the job ran exactly once");
     ctd.assert_clean().await;
 }

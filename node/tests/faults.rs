@@ -370,6 +370,80 @@ fn a_runner_frozen_mid_job_delivers_its_result_exactly_once_after_thawing() {
     crash_mid_job(Crash::Freeze);
 }
 
+/// The shim race (issue 19): a runner's daemon is killed while containerd creates its job's
+/// task and leaves the container with the shim's bundle directory but no task (made here from
+/// a started job: its task is deleted and the bundle written back while the daemon is down;
+/// the job's work waits for `/output/go`, so it had not begun). The restarted runner finds the
+/// container by its label, sees that the job never started, and starts it again under a fresh
+/// container id: it runs once and the owner gets its result once.
+fn a_runner_killed_inside_tasks_create_starts_the_job_again_and_it_runs_once() {
+    use common::containerd::{NAMESPACE, req};
+    use containerd_client::services::v1::tasks_client::TasksClient;
+    use containerd_client::services::v1::{DeleteTaskRequest, KillRequest, WaitRequest};
+
+    let mut f = Fed::new(&["site-a", "site-b"], &Options::default());
+    f.start_all();
+    f.wait_capabilities(0, &[1], T);
+    let w = f.submit(
+        0,
+        r#"
+name = "shim-race"
+[[job]]
+name = "work"
+runner = "site-b"
+image = "IMAGE"
+command = ["sh", "-c", "until [ -e /output/go ]; do sleep 0.05; done; echo run >> /output/runs; echo done > /output/status"]
+timeout = "1m"
+"#,
+    );
+    let id = w.workflow_id.clone();
+    let job = w.jobs[0].job_id.clone();
+    f.wait_job(0, &id, "work", "running", T);
+    let deadline = Instant::now() + T;
+    let cid = loop {
+        let inv = f._rt.block_on(f._ctd.inventory());
+        if let ([c], [_]) = (&inv.containers[..], &inv.tasks[..]) {
+            break c.clone();
+        }
+        assert!(Instant::now() < deadline, "the job's task never appeared: {inv:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    f.kill(1);
+    f._rt.block_on(async {
+        let mut tasks = TasksClient::new(f._ctd.channel());
+        let wait = {
+            let mut tasks = tasks.clone();
+            let r = req(WaitRequest { container_id: cid.clone(), exec_id: String::new() });
+            tokio::spawn(async move { tasks.wait(r).await })
+        };
+        let kill = KillRequest { container_id: cid.clone(), signal: 9, ..Default::default() };
+        tasks.kill(req(kill)).await.unwrap();
+        wait.await.unwrap().unwrap();
+        tasks.delete(req(DeleteTaskRequest { container_id: cid.clone() })).await.unwrap();
+    });
+    let bundle = f
+        ._ctd
+        .dir
+        .path()
+        .join("containerd/state/io.containerd.runtime.v2.task")
+        .join(NAMESPACE)
+        .join(&cid);
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), b"{}").unwrap();
+    let output = f.sites[1].dir.join("jobs").join(&job).join("output");
+    assert!(!output.join("runs").exists(), "the job's work had not begun");
+    std::fs::write(output.join("go"), b"").unwrap();
+    f.start(1);
+
+    let w = f.wait_workflow(0, &id, "finished", T);
+    f.check_final(0, &w);
+    assert_eq!(w.jobs[0].attempt, 0, "the runner started it again, not the owner");
+    assert_eq!(f.runs(1, &job), 1);
+    assert_eq!(results_stored(f.d(0), &job), 1);
+    let inv = f._rt.block_on(f._ctd.inventory());
+    assert!(!inv.containers.contains(&cid), "the old container is gone: {inv:?}");
+}
+
 enum Crash {
     Kill,
     Freeze,
@@ -1246,6 +1320,10 @@ fn main() {
         (
             "a_runner_killed_mid_job_reattaches_and_delivers_its_result_exactly_once",
             a_runner_killed_mid_job_reattaches_and_delivers_its_result_exactly_once,
+        ),
+        (
+            "a_runner_killed_inside_tasks_create_starts_the_job_again_and_it_runs_once",
+            a_runner_killed_inside_tasks_create_starts_the_job_again_and_it_runs_once,
         ),
         (
             "a_runner_frozen_mid_job_delivers_its_result_exactly_once_after_thawing",
