@@ -531,6 +531,22 @@ pub fn revocation_of(
     Ok(store.revocations()?.into_iter().find(|r| r.instance_id == *id))
 }
 
+/// The instance `instance revoke` names: a registered one (by name or id), or any instance
+/// by its id.
+pub fn revocation_target(
+    registry: &kaapana_federation::Registry,
+    which: &kaapana_federation::InstanceRef,
+) -> Result<(InstanceId, Option<RegisteredInstance>), AdminError> {
+    let inst = registry.resolve(which).cloned();
+    match (&inst, which) {
+        (Some(i), _) => Ok((i.instance_id, inst)),
+        (None, kaapana_federation::InstanceRef::Id(id)) => Ok((*id, None)),
+        (None, kaapana_federation::InstanceRef::Name(n)) => Err(AdminError::BadArgument(format!(
+            "no registered instance `{n}`; name an unregistered instance by its id"
+        ))),
+    }
+}
+
 /// `instance revoke` without a running daemon.
 pub fn revoke_offline(
     dir: &DataDir,
@@ -540,17 +556,7 @@ pub fn revoke_offline(
 ) -> Result<RevocationRecord, AdminError> {
     let files = NodeFiles::open(dir)?;
     let store = files.audited_store()?;
-    let registry = store.load_registry()?;
-    let inst = registry.resolve(which).cloned();
-    let id = match (&inst, which) {
-        (Some(i), _) => i.instance_id,
-        (None, kaapana_federation::InstanceRef::Id(id)) => *id,
-        (None, kaapana_federation::InstanceRef::Name(n)) => {
-            return Err(AdminError::BadArgument(format!(
-                "no registered instance `{n}`; name an unregistered instance by its id"
-            )));
-        }
-    };
+    let (id, inst) = revocation_target(&store.load_registry()?, which)?;
     let record = revocation_record(id, inst.as_ref(), None, reason, RevocationSource::Local, now);
     store.write(revocation_ops(&record, inst.as_ref()))?;
     Ok(record)

@@ -140,16 +140,7 @@ impl NodeState {
         which: &InstanceRef,
         reason: &str,
     ) -> Result<RevocationRecord, AdminError> {
-        let inst = self.registry().resolve(which).cloned();
-        let id = match (&inst, which) {
-            (Some(i), _) => i.instance_id,
-            (None, InstanceRef::Id(id)) => *id,
-            (None, InstanceRef::Name(n)) => {
-                return Err(AdminError::BadArgument(format!(
-                    "no registered instance `{n}`; name an unregistered instance by its id"
-                )));
-            }
-        };
+        let (id, inst) = trust::revocation_target(&self.registry(), which)?;
         let record = trust::revocation_record(
             id,
             inst.as_ref(),
